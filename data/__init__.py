@@ -1,0 +1,1 @@
+"""mmpretrain.data: shards, decoding, resize, patchify, tokens, packing, the synthetic dataset."""

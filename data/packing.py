@@ -1,0 +1,119 @@
+"""Packing: token sequences -> fixed-length decoder rows, all images -> one encoder stream.
+
+One `PackedBatch` describes the packing (sample ids, positions, image grid sizes); every mask is
+derived from it, so the encoder's block-diagonal mask, the decoder's block-diagonal causal mask and
+the loss mask cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from mmpretrain.data.sequence import TokenSequence
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch: `b` packed rows of `s` tokens and the images they reference."""
+
+    tokens: torch.Tensor  # [b, s] int64
+    labels: torch.Tensor  # [b, s] int64, the next token within the same sample (0 elsewhere)
+    loss_mask: torch.Tensor  # [b, s] float32, 1 where labels[i] is a text token of the same sample
+    position_ids: torch.Tensor  # [b, s] int64, restarting at 0 for each sample
+    sample_ids: torch.Tensor  # [b, s] int64, sample index within the row, -1 on padding
+    patches: torch.Tensor  # [n_patches, 3*p*p] float32, all images back to back
+    image_sizes: torch.Tensor  # [n_images, 2] int64 patch grid (rows, cols), in placeholder order
+
+    def to(self, device) -> "PackedBatch":
+        """The batch on `device`."""
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def image_cu_seqlens(self) -> torch.Tensor:
+        """[n_images + 1] offsets of each image's patches in the encoder stream."""
+        n = self.image_sizes[:, 0] * self.image_sizes[:, 1]
+        return torch.cat([n.new_zeros(1), n.cumsum(0)])
+
+    @property
+    def patch_positions(self) -> torch.Tensor:
+        """[n_patches, 2] (row, col) of each patch within its own image."""
+        out = [torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), -1)
+               .reshape(-1, 2) for r, c in self.image_sizes.tolist()]
+        return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+    def encoder_attention_mask(self) -> torch.Tensor:
+        """[1, 1, n, n] bool, True where a patch may NOT attend (another image)."""
+        n = self.image_sizes[:, 0] * self.image_sizes[:, 1]
+        image_of = torch.repeat_interleave(torch.arange(len(n)), n)  # [n_patches]
+        return (image_of[:, None] != image_of[None, :])[None, None]
+
+    def decoder_attention_mask(self) -> torch.Tensor:
+        """[b, 1, s, s] bool, True where a token may NOT attend (other sample or future)."""
+        sid = self.sample_ids
+        s = sid.shape[1]
+        same = sid[:, :, None] == sid[:, None, :]  # [b, s, s]
+        causal = torch.ones(s, s, dtype=torch.bool, device=sid.device).tril()
+        return ~(same & causal)[:, None]
+
+
+def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> PackedBatch:
+    """Lay out rows of sequences (each row's total length <= seq_len) as a PackedBatch."""
+    b = len(rows)
+    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.zeros(b, seq_len, dtype=torch.long)
+    loss_mask = torch.zeros(b, seq_len)
+    position_ids = torch.zeros(b, seq_len, dtype=torch.long)
+    sample_ids = torch.full((b, seq_len), -1, dtype=torch.long)
+    patches, sizes = [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for k, seq in enumerate(row):
+            n = len(seq)
+            assert at + n <= seq_len, "row overflows seq_len"
+            ids = torch.tensor(seq.ids)
+            tokens[r, at:at + n] = ids
+            labels[r, at:at + n - 1] = ids[1:]
+            loss_mask[r, at:at + n - 1] = torch.tensor(seq.is_text[1:], dtype=torch.float32)
+            position_ids[r, at:at + n] = torch.arange(n)
+            sample_ids[r, at:at + n] = k
+            for img in seq.images:
+                patches.append(img.patches)
+                sizes.append((img.rows, img.cols))
+            at += n
+    return PackedBatch(
+        tokens, labels, loss_mask, position_ids, sample_ids,
+        torch.cat(patches) if patches else torch.zeros(0, 0),
+        torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+    )
+
+
+class RowPacker:
+    """Greedy packer: fills rows in arrival order; emits `rows_per_batch` rows at a time."""
+
+    def __init__(self, seq_len: int, rows_per_batch: int, pad_id: int):
+        self.seq_len, self.rows_per_batch, self.pad_id = seq_len, rows_per_batch, pad_id
+        self.rows: list[list[TokenSequence]] = []
+        self.current: list[TokenSequence] = []
+        self.used = 0
+
+    def add(self, seq: TokenSequence) -> PackedBatch | None:
+        """Add one sequence (len <= seq_len); return a batch when one is complete."""
+        if self.used + len(seq) > self.seq_len:
+            self.rows.append(self.current)
+            self.current, self.used = [], 0
+        self.current.append(seq)
+        self.used += len(seq)
+        if len(self.rows) == self.rows_per_batch:
+            batch = pack_rows(self.rows, self.seq_len, self.pad_id)
+            self.rows = []
+            return batch
+        return None
+
+    def flush(self) -> PackedBatch | None:
+        """The pending rows as a last batch, padded with empty rows; None when nothing waits."""
+        rows = self.rows + ([self.current] if self.current else [])
+        self.rows, self.current, self.used = [], [], 0
+        if not rows:
+            return None
+        return pack_rows(rows + [[]] * (self.rows_per_batch - len(rows)), self.seq_len, self.pad_id)

@@ -1,0 +1,144 @@
+"""Text tokenizer: byte-level BPE (Hugging Face `tokenizers`) with a fixed block of special tokens.
+
+The special tokens always take ids 0..len(SPECIAL_TOKENS)-1 in the order below, are never split by
+the BPE model, and are never inserted automatically: `encode` returns exactly the ids of the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+MAX_TILES = 12
+
+SPECIAL_TOKENS: list[str] = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "<image>",
+    *[f"<tile_{i}>" for i in range(1, MAX_TILES + 1)],
+    "<tile_global_thumbnail>",
+]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`; the specials get ids 0.. in SPECIAL_TOKENS order."""
+    min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size={vocab_size} is below the minimum {min_size} (specials + 256 bytes)")
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    _check_specials(tok)
+    return tok
+
+
+def _check_specials(tok: Tokenizer) -> None:
+    """Raise ValueError unless every special token has its fixed id."""
+    for want, name in enumerate(SPECIAL_TOKENS):
+        got = tok.token_to_id(name)
+        if got != want:
+            raise ValueError(f"special token {name!r} has id {got}, expected {want}")
+
+
+class TextTokenizer:
+    """A byte-level BPE tokenizer with the project's special tokens at fixed ids."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        _check_specials(tokenizer)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextTokenizer:
+        """Load a `tokenizer.json` file."""
+        return cls(Tokenizer.from_file(str(path)))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> TextTokenizer:
+        """Train a new tokenizer on `texts` (see `train_tokenizer`)."""
+        return cls(train_tokenizer(texts, vocab_size))
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as a `tokenizer.json` file."""
+        self.tokenizer.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no BOS/EOS is added, specials in the text map to their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; special tokens are written out unless `skip_special`."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, name: str) -> int:
+        """Id of the special token `name`; ValueError naming it if it is not a special token."""
+        if name not in SPECIAL_TOKENS:
+            raise ValueError(f"{name!r} is not a special token (known: {', '.join(SPECIAL_TOKENS)})")
+        tid = self.tokenizer.token_to_id(name)
+        if tid is None:
+            raise ValueError(f"special token {name!r} is missing from the tokenizer")
+        return tid
+
+    def tile_id(self, index: int) -> int:
+        """Id of `<tile_{index}>` (1-based, up to MAX_TILES)."""
+        return self.token_id(f"<tile_{index}>")
+
+    @property
+    def pad_id(self) -> int:
+        """Id of `<pad>`."""
+        return self.token_id("<pad>")
+
+    @property
+    def bos_id(self) -> int:
+        """Id of `<s>`."""
+        return self.token_id("<s>")
+
+    @property
+    def eos_id(self) -> int:
+        """Id of `</s>`."""
+        return self.token_id("</s>")
+
+    @property
+    def img_id(self) -> int:
+        """Id of `[IMG]`, the image placeholder token."""
+        return self.token_id("[IMG]")
+
+    @property
+    def img_break_id(self) -> int:
+        """Id of `[IMG_BREAK]`, the end of a row of image patches."""
+        return self.token_id("[IMG_BREAK]")
+
+    @property
+    def img_end_id(self) -> int:
+        """Id of `[IMG_END]`, the last token of an image."""
+        return self.token_id("[IMG_END]")
+
+    @property
+    def image_marker_id(self) -> int:
+        """Id of `<image>`, the one-token image marker of the cross-attention design."""
+        return self.token_id("<image>")
+
+    @property
+    def thumbnail_id(self) -> int:
+        """Id of `<tile_global_thumbnail>`."""
+        return self.token_id("<tile_global_thumbnail>")

@@ -1,0 +1,1 @@
+"""mmpretrain: distributed pretraining of NVLM-style vision-language models on megatron-core."""

@@ -1,0 +1,324 @@
+"""The job config: one typed tree of dataclasses, loaded strictly from YAML.
+
+Every field carries a one-line docstring (the string literal under it). Unknown keys and wrong
+types are `ConfigError`s naming the dotted key; `--set a.b=value` overrides go through the same
+checks. The resolved tree is written to the run directory as `config.yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    design: Literal["d"] = "d"
+    """NVLM design: 'd' (decoder-only); 'x' and 'h' come with the cross-attention decoders."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of all weight matrices."""
+    spec: Literal["local"] = "local"
+    """Layer implementation: 'local' (megatron-core modules, CPU and GPU)."""
+
+
+@dataclass
+class VisionConfig:
+    num_layers: int = 2
+    """Transformer layers of the vision encoder."""
+    hidden_size: int = 64
+    """Width of the vision encoder."""
+    num_attention_heads: int = 4
+    """Attention heads of the vision encoder."""
+    ffn_hidden_size: int = 128
+    """Inner width of the encoder's SwiGLU MLP."""
+    patch_size: int = 16
+    """Side of a square image patch, in pixels."""
+    rope_theta: float = 10000.0
+    """Base of the 2-D rotary embedding's frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of the encoder's RMSNorms."""
+    freeze: bool = False
+    """Keep the vision encoder's weights fixed."""
+
+
+@dataclass
+class ProjectorConfig:
+    merge: int = 1
+    """Patch merge (pixel shuffle) factor per side: 1 (none) or 2 (2x2 patches become one token)."""
+    hidden_size: Optional[int] = None
+    """Inner width of the 2-layer GELU MLP; None means the decoder's hidden size."""
+    freeze: bool = False
+    """Keep the projector's weights fixed."""
+
+
+@dataclass
+class DecoderConfig:
+    num_layers: int = 2
+    """Transformer layers of the language decoder."""
+    hidden_size: int = 128
+    """Width of the decoder."""
+    num_attention_heads: int = 4
+    """Query heads of the decoder."""
+    num_query_groups: int = 2
+    """Key/value heads (grouped-query attention); equal to the heads for plain multi-head."""
+    ffn_hidden_size: int = 256
+    """Inner width of the decoder's SwiGLU MLP."""
+    rope_theta: float = 10000.0
+    """Base of the decoder's rotary embedding."""
+    norm_eps: float = 1e-5
+    """Epsilon of the decoder's RMSNorms."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; None takes it from the dataset's tokenizer."""
+    freeze: bool = False
+    """Keep the decoder's weights (embeddings and output layer included) fixed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data-synth"
+    """Dataset directory holding train/, heldout/ and tokenizer.json (as `data synth` writes)."""
+    seq_length: int = 256
+    """Length of a packed decoder sequence, in tokens."""
+    micro_batch_size: int = 4
+    """Packed sequences per micro-batch."""
+    image_token_budget: int = 64
+    """Largest number of patches one image may take (native-resolution resize)."""
+    max_upscale: float = 2.0
+    """Largest factor by which a small image may be enlarged."""
+    shuffle_seed: int = 0
+    """Seed of the sample order."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 4
+    """Packed sequences per optimizer step, over all data-parallel ranks."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Steps of linear warmup."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Parameter/compute dtype; 'auto' is bf16 on GPU and fp32 on CPU."""
+    seed: int = 1234
+    """Seed of initialisation and dropout."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved schedule); None for none."""
+    sequence_parallel: bool = False
+    """Split the decoder's activations along the sequence over the tensor-parallel group."""
+    distributed_optimizer: bool = False
+    """Shard optimizer states over the data-parallel group."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 2
+    """Checkpoints to keep (the newest ones)."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 5
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run>/tb."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model design and initialisation."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Vision encoder."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Vision-to-language projector."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """Language decoder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data source and packing."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and console output."""
+
+
+# ---------------------------------------------------------------- strict conversion
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key {prefix + str(k)!r} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None) -> Config:
+    """Build a Config from a plain mapping (as read from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must be a mapping of sections")
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as a plain mapping."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` to a plain mapping; the value is read as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r}: {e}") from None
+    node, cls = data, Config
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in --set")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML job config strictly and apply `dotted.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the config file must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(data)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields that the types cannot express."""
+    positive = {
+        "vision.num_layers": cfg.vision.num_layers, "vision.hidden_size": cfg.vision.hidden_size,
+        "vision.patch_size": cfg.vision.patch_size, "decoder.num_layers": cfg.decoder.num_layers,
+        "decoder.hidden_size": cfg.decoder.hidden_size, "data.seq_length": cfg.data.seq_length,
+        "data.micro_batch_size": cfg.data.micro_batch_size, "train.steps": cfg.train.steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "data.image_token_budget": cfg.data.image_token_budget,
+        "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be positive, got {v}")
+    if cfg.projector.merge not in (1, 2):
+        raise ConfigError(f"projector.merge: must be 1 or 2, got {cfg.projector.merge}")
+    for sec in ("vision", "decoder"):
+        c = getattr(cfg, sec)
+        if c.hidden_size % c.num_attention_heads:
+            raise ConfigError(f"{sec}.hidden_size {c.hidden_size} is not divisible by "
+                              f"{sec}.num_attention_heads {c.num_attention_heads}")
+    head_dim = cfg.vision.hidden_size // cfg.vision.num_attention_heads
+    if head_dim % 4:
+        raise ConfigError(f"vision head dim {head_dim} must be a multiple of 4 for 2-D RoPE")
+    d = cfg.decoder
+    if d.num_attention_heads % d.num_query_groups:
+        raise ConfigError(f"decoder.num_attention_heads {d.num_attention_heads} is not divisible by "
+                          f"decoder.num_query_groups {d.num_query_groups}")
+    if cfg.data.image_token_budget < cfg.projector.merge ** 2:
+        raise ConfigError("data.image_token_budget is smaller than one merged token")

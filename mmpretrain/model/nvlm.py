@@ -1,0 +1,56 @@
+"""NVLM-D: vision encoder -> projector -> image embeddings placed in the decoder's token stream."""
+from __future__ import annotations
+
+import torch
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from mmpretrain.data.packing import PackedBatch
+from mmpretrain.model.decoder import LanguageDecoder
+from mmpretrain.model.projector import Projector
+from mmpretrain.model.vision import VisionEncoder
+
+
+class NVLMDecoderOnly(MegatronModule):
+    """The D design. `forward(batch)` returns the per-token loss [b, s] (or logits)."""
+
+    def __init__(self, vision: VisionEncoder, projector: Projector, language_model: LanguageDecoder,
+                 image_token_id: int):
+        super().__init__(language_model.config)  # the schedules read the decoder's config
+        self.vision, self.projector, self.language_model = vision, projector, language_model
+        self.image_token_id = image_token_id
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook; with one stage there is nothing to receive."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.language_model.block.set_input_tensor(input_tensor)
+
+    def image_embeddings(self, batch: PackedBatch) -> torch.Tensor:
+        """All images of the micro-batch as one stream -> [n_image_tokens, h_decoder]."""
+        features = self.vision(batch.patches, batch.patch_positions.to(batch.patches.device),
+                               batch.encoder_attention_mask().to(batch.patches.device))  # [n, hv]
+        return self.projector(features, batch.image_sizes)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings with image embeddings in place of the [IMG] tokens -> [s, b, h]."""
+        emb = self.language_model.embed(batch.tokens)  # [s, b, h]
+        slots = (batch.tokens == self.image_token_id).t()  # [s, b]
+        n_slots = int(slots.sum())
+        if len(batch.image_sizes) == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} image tokens in the batch but no images")
+            return emb
+        images = self.image_embeddings(batch).to(emb.dtype)  # [n_slots, h]
+        if images.shape[0] != n_slots:
+            raise ValueError(f"{n_slots} image tokens but {images.shape[0]} image embeddings")
+        # The [s, b] order of slots differs from the images' [b, s] order: place in [b, s, h].
+        emb = emb.transpose(0, 1).masked_scatter(slots.t()[..., None], images)  # [b, s, h]
+        return emb.transpose(0, 1).contiguous()
+
+    def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
+        """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp]."""
+        mask = batch.decoder_attention_mask()  # [b, 1, s, s]
+        return self.language_model(self.embed(batch), batch.position_ids, mask,
+                            batch.labels if with_loss else None)

@@ -1,0 +1,42 @@
+"""Vision-to-language projector: optional 2x2 patch merge, then a 2-layer GELU MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def merge_patches(features: torch.Tensor, sizes: torch.Tensor, merge: int) -> torch.Tensor:
+    """Pixel shuffle per image: [n, h] -> [n / merge^2, h * merge^2], grids row-major."""
+    if merge == 1:
+        return features
+    out, at = [], 0
+    for rows, cols in sizes.tolist():
+        x = features[at:at + rows * cols].reshape(rows // merge, merge, cols // merge, merge, -1)
+        out.append(x.permute(0, 2, 1, 3, 4).reshape((rows // merge) * (cols // merge), -1))
+        at += rows * cols
+    return torch.cat(out)
+
+
+class Projector(MegatronModule):
+    """linear_1 (column-parallel) -> GELU -> linear_2 (row-parallel), with biases (LLaVA)."""
+
+    def __init__(self, config: TransformerConfig, in_size: int, hidden: int, out_size: int,
+                 merge: int = 1):
+        super().__init__(config)
+        self.merge = merge
+        self.linear_1 = tensor_parallel.ColumnParallelLinear(
+            in_size * merge * merge, hidden, config=config, init_method=config.init_method,
+            bias=True, gather_output=False)
+        self.linear_2 = tensor_parallel.RowParallelLinear(
+            hidden, out_size, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, features: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """features [n, h_vision], grid sizes [n_images, 2] -> [n / merge^2, h_decoder]."""
+        x = merge_patches(features, sizes, self.merge)[:, None, :]  # [t, 1, h*m*m]
+        x, _ = self.linear_1(x)
+        x, _ = self.linear_2(F.gelu(x))
+        return x[:, 0]

@@ -1,0 +1,48 @@
+"""Transformer configs and layer specs for the encoder and decoder (local megatron-core spec)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
+                       ffn_hidden_size: int, norm_eps: float, init_std: float, dtype: torch.dtype,
+                       tp: int, pp: int, num_query_groups: int | None = None,
+                       sequence_parallel: bool = False, rotary_interleaved: bool = False,
+                       on_gpu: bool = False) -> TransformerConfig:
+    """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use."""
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=init_std,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel, rotary_interleaved=rotary_interleaved,
+        # Fused kernels come from apex/TE on GPU; these are the portable paths.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        # CPU init makes a TP-sharded init identical to the unsharded one.
+        use_cpu_initialization=not on_gpu,
+        calculate_per_token_loss=True,
+    )
+
+
+def decoder_layer_spec() -> ModuleSpec:
+    """Decoder layer: causal self-attention (packing supplies a block-diagonal causal mask)."""
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def vision_layer_spec() -> ModuleSpec:
+    """Encoder layer: bidirectional self-attention (block-diagonal across packed images)."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    return spec

@@ -1,0 +1,106 @@
+"""`mmpretrain train`: set up, resume if the run has a checkpoint, train, log, checkpoint."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from mmpretrain import checkpoint
+from mmpretrain.config import Config, ConfigError, dump
+from mmpretrain.dataset import make_loader, open_tokenizer
+from mmpretrain.model.build import build_model
+from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
+from mmpretrain.train.metrics import MetricsLogger
+from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
+from mmpretrain.train.step import train_step
+
+log = logging.getLogger("mmpretrain")
+
+
+class CountingIterator:
+    """Wraps the batch iterator; counts the packed samples handed to the model."""
+
+    def __init__(self, batches):
+        self.batches, self.samples = iter(batches), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.samples += int((batch.sample_ids.max(dim=1).values + 1).sum())
+        return batch
+
+
+def microbatches_per_step(cfg: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    per_step = cfg.data.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible "
+                          f"by data.micro_batch_size x data-parallel size = {per_step}")
+    return cfg.train.global_batch_size // per_step
+
+
+def setup(cfg: Config):
+    """Process groups, tokenizer, model, DDP, optimizer and schedule."""
+    p = cfg.parallel
+    init_distributed(p.tp, p.pp, p.vpp, seed=cfg.train.seed)
+    tok = open_tokenizer(cfg)
+    with cuda_to_cpu():
+        model = build_model(cfg, tok.vocab_size, tok.img_id)
+        ddp = wrap_ddp(model, cfg)
+        optimizer = build_optimizer(ddp, cfg)
+    return tok, model, ddp, optimizer, build_scheduler(optimizer, cfg)
+
+
+def train(cfg: Config, run_dir: str | Path) -> dict:
+    """Train per `cfg` into `run_dir`; return the last logged record."""
+    run_dir = Path(run_dir)
+    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    n_micro = microbatches_per_step(cfg, dp)
+    loader = make_loader(cfg, "train", tok, dp_rank, dp)
+    start, consumed = 0, 0
+    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+        with cuda_to_cpu():
+            meta = checkpoint.load_training(ckpt, model, optimizer, scheduler)
+        start, consumed = meta["step"], meta["consumed_samples"]
+        if meta["loader"] is not None:
+            loader.load_state_dict(meta["loader"])
+        if is_rank0():
+            log.info("resumed from %s at step %d", ckpt, start)
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(cfg, run_dir / "config.yaml")
+        log.info("model: %.2fM trainable parameters on rank 0; %d micro-batches x %d sequences x "
+                 "%d tokens per step per dp rank", trainable_parameters(model) / 1e6, n_micro,
+                 cfg.data.micro_batch_size, cfg.data.seq_length)
+    metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard) if is_rank0() else None
+    batches = CountingIterator(loader)
+    record: dict = {}
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    for step in range(start + 1, cfg.train.steps + 1):
+        t0 = time.time()
+        loss, _, grad_norm, _ = train_step(ddp, optimizer, batches, n_micro, cfg.data.seq_length,
+                                           cfg.data.micro_batch_size)
+        scheduler.step(1)
+        dt = time.time() - t0
+        seen = torch.tensor([batches.samples], dtype=torch.long)
+        dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
+        if metrics and (step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1):
+            record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                      "samples_seen": consumed + int(seen), "step_time": dt}
+            metrics.log(record)
+        every = cfg.checkpoint.every
+        if step == cfg.train.steps or (every and step % every == 0):
+            with cuda_to_cpu():
+                checkpoint.save(run_dir, step, model, optimizer, scheduler, loader.state_dict(),
+                                cfg, consumed + int(seen), cfg.checkpoint.keep)
+    if metrics:
+        metrics.close()
+    return record

@@ -1,0 +1,69 @@
+"""One optimizer step through megatron-core's schedule, and the loss it reports."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mmpretrain.parallel import cuda_to_cpu
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    """Sum of the loss over text tokens, the token count, and both for reporting."""
+    total = (per_token.float() * loss_mask).sum()
+    count = loss_mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+
+def forward_step(data_iterator, model, with_loss: bool = True):
+    """megatron's forward_step_func: next micro-batch -> (per-token loss, loss function)."""
+    batch = next(data_iterator).to(device())
+    return model(batch), partial(loss_func, batch.loss_mask)
+
+
+def reduce_losses(outputs: list[dict]) -> tuple[float, float]:
+    """(mean loss per text token, text tokens) over micro-batches and data-parallel ranks."""
+    if not outputs:  # not the last pipeline stage
+        totals = torch.zeros(2)
+    else:
+        totals = torch.stack([o["lm loss"] for o in outputs]).sum(0).float().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item(), totals[1].item()
+
+
+def train_step(ddp, optimizer, batches, num_microbatches: int, seq_len: int, micro_batch: int):
+    """Forward/backward over `num_microbatches`, then the optimizer step.
+
+    Returns (loss, text tokens, grad norm, update applied)."""
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    with cuda_to_cpu():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+            num_microbatches=num_microbatches, seq_length=seq_len, micro_batch_size=micro_batch,
+            forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+    loss, tokens = reduce_losses(outputs)
+    return loss, tokens, float(grad_norm or 0.0), bool(ok)
+
+
+@torch.no_grad()
+def eval_losses(model, batches) -> tuple[float, float]:
+    """(summed loss, text tokens) of `model` over an iterable of batches, no grad."""
+    total, count = 0.0, 0.0
+    with cuda_to_cpu():
+        for batch in batches:
+            batch = batch.to(device())
+            t, n, _ = loss_func(batch.loss_mask, model(batch))
+            total, count = total + t.item(), count + n.item()
+    return total, count
