@@ -44,9 +44,10 @@ def _train(args) -> None:
     from pathlib import Path
 
     from mmpretrain.config import load
+
+    cfg = load(args.config, args.set)  # config errors surface before the slow imports
     from mmpretrain.train.loop import train
 
-    cfg = load(args.config, args.set)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     train(cfg, run_dir)
 

@@ -164,13 +164,15 @@ def patch_rng_tracker() -> None:
     """
     from megatron.core.tensor_parallel import random as mp_random
 
-    cpu_tracker = _make_cpu_tracker_class(
-        mp_random.CudaRNGStatesTracker, mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME
-    )
-    _replace(mp_random, "CudaRNGStatesTracker", cpu_tracker)
+    if "megatron.core.tensor_parallel.random.CudaRNGStatesTracker" not in UPSTREAM:
+        cpu_tracker = _make_cpu_tracker_class(
+            mp_random.CudaRNGStatesTracker, mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME
+        )
+        _replace(mp_random, "CudaRNGStatesTracker", cpu_tracker)
     _replace(mp_random, "_get_cuda_rng_state", _cpu_get_rng_state)
     _replace(mp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
-    mp_random.initialize_rng_tracker(force_reset=True)
+    if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, mp_random.CudaRNGStatesTracker):
+        mp_random.initialize_rng_tracker(force_reset=True)  # drop a tracker built before install
 
 
 # --------------------------------------------------------------------------------------------

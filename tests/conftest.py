@@ -1,0 +1,30 @@
+"""Shared fixtures: a megatron world of one process on CPU, and a small synthetic dataset."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def megatron_world():
+    """megatron-core initialised as a world of one (tp=pp=1), seeded."""
+    from mmpretrain.parallel import init_distributed
+
+    init_distributed(1, 1, None, seed=1234)
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A synthetic dataset of 160 training samples (built once per test session)."""
+    from mmpretrain.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    synthesize(out, samples=160, seed=3, heldout=32, progress=False)
+    return out

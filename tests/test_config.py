@@ -1,0 +1,84 @@
+"""The config loads strictly: unknown keys and wrong types are errors naming the key."""
+import ast
+import dataclasses
+import inspect
+
+import pytest
+
+from mmpretrain import config as C
+from mmpretrain.config import ConfigError, load
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_job_configs_load():
+    from pathlib import Path
+    jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        load(job)
+        assert job.read_text().startswith("#"), f"{job} must start with its launch command"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("decoder:\n  hidden_sise: 64\n", "decoder.hidden_sise"),
+    ("trian:\n  steps: 3\n", "trian"),
+    ("train:\n  steps: three\n", "train.steps"),
+    ("train:\n  steps: 2.5\n", "train.steps"),
+    ("train:\n  lr: fast\n", "train.lr"),
+    ("logging:\n  tensorboard: 1\n", "logging.tensorboard"),
+    ("train:\n  precision: fp8\n", "train.precision"),
+    ("decoder: 3\n", "decoder"),
+])
+def test_bad_keys_and_types_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(write(tmp_path, text))
+
+
+def test_set_overrides_with_the_same_checks(tmp_path):
+    p = write(tmp_path, "train:\n  steps: 3\n")
+    cfg = load(p, ["train.steps=7", "train.lr=1e-4", "projector.hidden_size=null",
+                   "data.path=/x/y"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.data.path) == (7, 1e-4, "/x/y")
+    assert cfg.projector.hidden_size is None
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load(p, ["train.stepz=7"])
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load(p, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load(p, ["train.steps"])
+    with pytest.raises(ConfigError, match=r"train\.steps\.x"):
+        load(p, ["train.steps.x=1"])
+
+
+def test_cross_field_validation(tmp_path):
+    with pytest.raises(ConfigError, match="num_query_groups"):
+        load(write(tmp_path, "decoder:\n  num_attention_heads: 4\n  num_query_groups: 3\n"))
+    with pytest.raises(ConfigError, match="projector.merge"):
+        load(write(tmp_path, "projector:\n  merge: 3\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load(None, ["train.steps=11", "vision.freeze=true"])
+    C.dump(cfg, tmp_path / "config.yaml")
+    assert load(tmp_path / "config.yaml") == cfg
+
+
+def test_every_field_has_a_docstring():
+    tree = ast.parse(inspect.getsource(C))
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and dataclasses.is_dataclass(getattr(C, node.name))):
+            continue
+        body = node.body
+        for i, stmt in enumerate(body):
+            if isinstance(stmt, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                ok = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                    and isinstance(nxt.value.value, str)
+                assert ok, f"{node.name}.{stmt.target.id} has no docstring"
