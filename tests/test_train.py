@@ -1,0 +1,47 @@
+"""Training through megatron-core's schedule, DDP and optimizer, in-process on CPU."""
+import itertools
+
+import torch
+
+from mmpretrain.config import load
+from mmpretrain.dataset import make_loader
+from mmpretrain.train.loop import setup
+from mmpretrain.train.step import train_step
+
+
+def small_cfg(path, *sets):
+    return load(None, [f"data.path={path}", "data.seq_length=128", "data.micro_batch_size=2",
+                       "data.image_token_budget=16", "train.global_batch_size=2",
+                       "train.warmup_steps=0", "train.steps=10", *sets])
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(module, before):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_alignment_stage_trains_only_the_projector(megatron_world, small_dataset):
+    cfg = small_cfg(small_dataset, "vision.freeze=true", "decoder.freeze=true")
+    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    before = {name: snapshot(getattr(model, name)) for name in ("vision", "projector", "language_model")}
+    batches = iter(make_loader(cfg, "train", tok))
+    loss, tokens, grad_norm, ok = train_step(ddp, optimizer, batches, 1, 128, 2)
+    assert ok and tokens > 0 and grad_norm > 0 and loss > 0
+    assert not changed(model.vision, before["vision"])
+    assert not changed(model.language_model, before["language_model"])
+    assert changed(model.projector, before["projector"]) == set(before["projector"])
+
+
+def test_loss_falls_on_a_repeated_batch(megatron_world, small_dataset):
+    cfg = small_cfg(small_dataset, "train.lr=3e-3")
+    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    batch = next(iter(make_loader(cfg, "train", tok)))
+    losses = []
+    for _ in range(8):
+        loss, *_ = train_step(ddp, optimizer, itertools.repeat(batch), 1, 128, 2)
+        scheduler.step(1)
+        losses.append(loss)
+    assert losses[-1] < 0.7 * losses[0], losses
