@@ -1,6 +1,8 @@
 """Build the model named by a Config; the one place that turns config into modules."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mmpretrain.config import Config
@@ -11,9 +13,10 @@ from mmpretrain.model.specs import transformer_config
 from mmpretrain.model.vision import VisionEncoder
 
 
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
-    """Round the vocabulary up so each tensor-parallel shard is a multiple of `multiple`."""
-    unit = multiple * tp
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Round the vocabulary up to a multiple of `multiple` (and of tp). Independent of tp for
+    the usual power-of-two sizes, so weights and checkpoints do not depend on the layout."""
+    unit = math.lcm(multiple, tp)
     return (vocab_size + unit - 1) // unit * unit
 
 
