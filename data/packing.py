@@ -40,12 +40,13 @@ class PackedBatch:
         """[n_patches, 2] (row, col) of each patch within its own image."""
         out = [torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), -1)
                .reshape(-1, 2) for r, c in self.image_sizes.tolist()]
-        return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+        pos = torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+        return pos.to(self.image_sizes.device)
 
     def encoder_attention_mask(self) -> torch.Tensor:
         """[1, 1, n, n] bool, True where a patch may NOT attend (another image)."""
         n = self.image_sizes[:, 0] * self.image_sizes[:, 1]
-        image_of = torch.repeat_interleave(torch.arange(len(n)), n)  # [n_patches]
+        image_of = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)  # [n_patches]
         return (image_of[:, None] != image_of[None, :])[None, None]
 
     def decoder_attention_mask(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+PLACES = {c: "in the center" if c == "center" else f"on the {c}" if c in ("left", "right") else f"at the {c}"
+          for c in CELLS}  # "top left" -> "at the top left", "left" -> "on the left"
 KINDS = ("caption", "qa", "interleaved")
 KIND_WEIGHTS = (0.4, 0.35, 0.25)
 TEXTURES = ("noise", "stripes", "gradient")
@@ -45,22 +47,29 @@ SPLITS = {"train": 0, "heldout": 1}
 SIDE_RANGE = (32, 512)  # pixels, each side
 FORMAT_VERSION = 1
 
+_T = 0.35  # half-width of the cross's arms
+_STAR = [(-np.pi / 2 + k * np.pi / 5, 1.0 if k % 2 == 0 else 0.45) for k in range(10)]  # (angle, radius)
+POLYGONS: dict[str, list[tuple[float, float]]] = {  # vertices on the unit radius, y pointing down
+    "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
+    "triangle": [(0, -1), (1, 0.8), (-1, 0.8)],
+    "diamond": [(0, -1), (0.75, 0), (0, 1), (-0.75, 0)],
+    "cross": [(_T, 1), (_T, _T), (1, _T), (1, -_T), (_T, -_T), (_T, -1),
+              (-_T, -1), (-_T, -_T), (-1, -_T), (-1, _T), (-_T, _T), (-_T, 1)],
+    "star": [(r * float(np.cos(a)), r * float(np.sin(a))) for a, r in _STAR],
+}
+
 
 @dataclass(frozen=True)
 class Shape:
-    """One drawn shape: colour and shape names, grid cell (0..8, row-major), centre and size in px."""
+    """One drawn shape: names of colour and shape, grid cell (0..8, row-major) and its name, centre, size."""
 
     color: str
     shape: str
     cell: int
-    cx: int
-    cy: int
-    size: int
-
-    @property
-    def where(self) -> str:
-        """Grid position name, e.g. "top left"."""
-        return CELLS[self.cell]
+    where: str  # CELLS[cell], e.g. "top left"
+    cx: int  # px
+    cy: int  # px
+    size: int  # px, bounding-box side
 
 
 @dataclass(frozen=True)
@@ -81,24 +90,16 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     short = max(SIDE_RANGE[0], int(long * rng.uniform(0.4, 1.0)))
     w, h = (long, short) if rng.random() < 0.5 else (short, long)
     n = int(rng.integers(1, 4))
-    colors = rng.choice(list(COLORS), n, replace=False)
-    shapes = rng.choice(SHAPES, n, replace=False)
+    colors, shapes = rng.choice(list(COLORS), n, replace=False), rng.choice(SHAPES, n, replace=False)
     shapes_out = []
     for color, shape, cell in zip(colors, shapes, sorted(rng.choice(9, n, replace=False))):
         size = int(min(w, h) * rng.uniform(0.22, 0.33))
         x0, y0 = (cell % 3) * w / 3, (cell // 3) * h / 3  # cell's top-left corner
         cx = int(rng.uniform(x0 + size / 2, x0 + w / 3 - size / 2))
         cy = int(rng.uniform(y0 + size / 2, y0 + h / 3 - size / 2))
-        shapes_out.append(Shape(str(color), str(shape), int(cell), cx, cy, size))
-    texture = str(rng.choice(TEXTURES))
+        shapes_out.append(Shape(str(color), str(shape), int(cell), CELLS[cell], cx, cy, size))
     fmt = "PNG" if rng.random() < 0.3 else "JPEG"
-    return Scene(w, h, tuple(shapes_out), texture, int(rng.integers(2**31)), fmt)
-
-
-def _muted(rng: np.random.Generator) -> np.ndarray:
-    """A low-saturation mid-grey colour, far from every shape colour."""
-    grey = rng.uniform(100, 155)
-    return grey + rng.uniform(-12, 12, 3)  # [3]
+    return Scene(w, h, tuple(shapes_out), str(rng.choice(TEXTURES)), int(rng.integers(2**31)), fmt)
 
 
 def _background(scene: Scene) -> np.ndarray:
@@ -106,7 +107,7 @@ def _background(scene: Scene) -> np.ndarray:
     rng = np.random.default_rng(scene.texture_seed)
     h, w = scene.height, scene.width
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)  # [h, w] each
-    a, b = _muted(rng), _muted(rng)
+    a, b = rng.uniform(100, 155, (2, 1)) + rng.uniform(-12, 12, (2, 3))  # two muted colours, [3] each
     if scene.texture == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         t = x * np.cos(angle) + y * np.sin(angle)
@@ -114,8 +115,7 @@ def _background(scene: Scene) -> np.ndarray:
         img = a + (b - a) * t[..., None]
     elif scene.texture == "stripes":
         angle = rng.choice([0.0, np.pi / 2, np.pi / 4, 3 * np.pi / 4])
-        period = rng.uniform(6, 24)
-        on = ((x * np.cos(angle) + y * np.sin(angle)) // (period / 2)) % 2
+        on = ((x * np.cos(angle) + y * np.sin(angle)) // rng.uniform(3, 12)) % 2  # half-period 3-12 px
         img = np.where(on[..., None] > 0, a, b)
     else:
         coarse = rng.normal(0, 1, (max(2, h // 8), max(2, w // 8)))
@@ -125,68 +125,29 @@ def _background(scene: Scene) -> np.ndarray:
     return np.clip(img, 70, 185).astype(np.uint8)
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Vertices of a polygonal shape of radius r centred at (cx, cy)."""
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    if shape == "cross":
-        t = 0.35 * r
-        pts = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r)]
-        pts = pts + [(-px, -py) for px, py in pts]
-        return [(cx + px, cy + py) for px, py in pts]
-    if shape == "star":
-        ang = -np.pi / 2 + np.arange(10) * np.pi / 5
-        rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-        return list(zip(cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
-    raise ValueError(f"unknown polygon shape {shape!r}")
-
-
 def render(scene: Scene) -> bytes:
     """Encoded image bytes (JPEG or PNG) of a scene; deterministic."""
     img = Image.fromarray(_background(scene))
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         r, fill = s.size / 2, COLORS[s.color]
-        box = (s.cx - r, s.cy - r, s.cx + r, s.cy + r)
         if s.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif s.shape == "square":
-            draw.rectangle((s.cx - 0.85 * r, s.cy - 0.85 * r, s.cx + 0.85 * r, s.cy + 0.85 * r), fill=fill)
+            draw.ellipse((s.cx - r, s.cy - r, s.cx + r, s.cy + r), fill=fill)
         else:
-            draw.polygon(_polygon(s.shape, s.cx, s.cy, r), fill=fill)
+            draw.polygon([(s.cx + r * x, s.cy + r * y) for x, y in POLYGONS[s.shape]], fill=fill)
     buf = io.BytesIO()
-    if scene.fmt == "PNG":
-        img.save(buf, format="PNG", compress_level=1)
-    else:
-        img.save(buf, format="JPEG", quality=90)
+    options = {"compress_level": 1} if scene.fmt == "PNG" else {"quality": 90}
+    img.save(buf, format=scene.fmt, **options)
     return buf.getvalue()
-
-
-# ---- texts -------------------------------------------------------------------------------------
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _place(where: str) -> str:
-    """Prepositional phrase of a grid position: "at the top left", "on the left", "in the center"."""
-    if where == "center":
-        return "in the center"
-    if where in ("left", "right"):
-        return f"on the {where}"
-    return f"at the {where}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{NUMBERS[n]} {word}" + ("" if n == 1 else "s")
-
-
 def describe(scene: Scene) -> str:
     """Caption listing every shape with its colour and position, in reading order."""
-    parts = [f"{_article(s.color)} {s.color} {s.shape} {_place(s.where)}" for s in scene.shapes]
+    parts = [f"{_article(s.color)} {s.color} {s.shape} {PLACES[s.where]}" for s in scene.shapes]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return body + "."
 
@@ -198,7 +159,7 @@ def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     if kind == 0:
         return f"what color is the {s.shape}?", f"{s.color}."
     if kind == 1:
-        return f"what is {_place(s.where)}?", f"{_article(s.color)} {s.color} {s.shape}."
+        return f"what is {PLACES[s.where]}?", f"{_article(s.color)} {s.color} {s.shape}."
     if kind == 2:
         return "how many shapes are there?", f"{NUMBERS[len(scene.shapes)]}."
     if kind == 3:
@@ -231,11 +192,7 @@ def _outro(scenes: list[Scene], rng: np.random.Generator) -> str:
         if unique:
             s = unique[int(rng.integers(len(unique)))]
             return f"the {s.color} {s.shape} is in the {ORDINALS[k]} picture."
-    verb = "is" if total == 1 else "are"
-    return f"in all there {verb} {_plural(total, 'shape')}."
-
-
-# ---- samples -----------------------------------------------------------------------------------
+    return "in all there is one shape." if total == 1 else f"in all there are {NUMBERS[total]} shapes."
 
 
 def make_sample(seed: int, split: str, index: int) -> tuple[dict[str, Any], list[Scene]]:
@@ -261,58 +218,32 @@ def make_sample(seed: int, split: str, index: int) -> tuple[dict[str, Any], list
     return sample, scenes
 
 
-def default_heldout(samples: int) -> int:
-    """Held-out sample count for a given train count: 5%, at least 64."""
-    return max(64, round(0.05 * samples))
-
-
 def is_complete(path: str | Path) -> bool:
     """Whether `path` holds a finished synthetic dataset."""
     return (Path(path) / ".complete").is_file() and (Path(path) / "meta.json").is_file()
 
 
-def _progress(total: int, enabled: bool) -> Callable[[], None]:
-    """A tick function printing a line on stderr at every 10% of `total`."""
-    state = {"done": 0, "shown": 0, "t0": time.perf_counter()}
-
-    def tick() -> None:
-        state["done"] += 1
-        pct = 100 * state["done"] // total
-        if enabled and pct >= state["shown"] + 10:
-            state["shown"] = pct - pct % 10
-            dt = time.perf_counter() - state["t0"]
-            print(f"synth: {pct:3d}% ({state['done']}/{total} samples, {dt:.1f} s)", file=sys.stderr)
-
-    return tick
-
-
-def _samples(seed: int, split: str, n: int, tick: Callable[[], None]) -> Iterator[dict[str, Any]]:
+def _samples(seed: int, split: str, n: int, progress: bool, kinds: Counter, texts: list[str],
+             ) -> Iterator[dict[str, Any]]:
+    """Samples 0..n-1 of a split, counting kinds, collecting texts and printing progress on stderr."""
+    t0 = time.perf_counter()
     for i in range(n):
         sample, _ = make_sample(seed, split, i)
-        tick()
+        kinds[sample["kind"]] += 1
+        texts.extend(seg["text"] for seg in sample["segments"] if "text" in seg)
         yield sample
-
-
-def _tap(samples: Iterable[dict], kinds: Counter, texts: list[str] | None) -> Iterator[dict]:
-    """Pass samples through, counting kinds and (if `texts` is a list) collecting text segments."""
-    for s in samples:
-        kinds[s["kind"]] += 1
-        if texts is not None:
-            texts.extend(seg["text"] for seg in s["segments"] if "text" in seg)
-        yield s
+        if progress and 10 * (i + 1) // n > 10 * i // n:
+            print(f"synth: {split} {i + 1}/{n} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
 
 def _build(tmp: Path, request: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Write the whole dataset into `tmp`; return its meta."""
     counts = {"train": request["samples"], "heldout": request["heldout"]}
-    tick = _progress(sum(counts.values()), progress)
-    texts: list[str] = []
-    kinds: dict[str, Counter] = {}
+    kinds = {split: Counter() for split in counts}
+    texts: dict[str, list[str]] = {split: [] for split in counts}
     for split, n in counts.items():
-        kinds[split] = Counter()
-        stream = _tap(_samples(request["seed"], split, n, tick), kinds[split], texts if split == "train" else None)
-        write_shards(tmp / split, stream)
-    tok = train_tokenizer(texts, request["vocab_size"])
+        write_shards(tmp / split, _samples(request["seed"], split, n, progress, kinds[split], texts[split]))
+    tok = train_tokenizer(texts["train"], request["vocab_size"])
     tok.save(str(tmp / "tokenizer.json"))
     meta = {**request, "train_samples": counts["train"], "heldout_samples": counts["heldout"],
             "tokenizer_vocab_size": tok.get_vocab_size(with_added_tokens=True),
@@ -324,52 +255,37 @@ def _build(tmp: Path, request: dict[str, Any], progress: bool) -> dict[str, Any]
 
 def _existing(out: Path, request: dict[str, Any]) -> dict[str, Any] | None:
     """Meta of a complete dataset at `out` made by `request`; None if `out` is absent or empty."""
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
-    if not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
-    if is_complete(out):
-        meta = json.loads((out / "meta.json").read_text())
-        if all(meta.get(k) == v for k, v in request.items()):
-            return meta
-        theirs = {k: meta.get(k) for k in request}
-        raise ValueError(f"{out} holds a synthetic dataset made with {theirs}, not {request}")
-    if any(out.iterdir()):
-        raise ValueError(f"{out} exists, is not empty and is not a complete dataset; refusing to overwrite")
-    return None
+    if not is_complete(out):
+        raise ValueError(f"{out} exists and is neither empty nor a complete dataset; refusing to overwrite")
+    meta = json.loads((out / "meta.json").read_text())
+    if any(meta.get(k) != v for k, v in request.items()):
+        raise ValueError(f"{out} holds a synthetic dataset made with {({k: meta.get(k) for k in request})}, "
+                         f"not {request}")
+    return meta
 
 
-def synthesize(
-    out_dir: str | Path,
-    samples: int = 4000,
-    seed: int = 0,
-    heldout: int | None = None,
-    vocab_size: int = 1024,
-    progress: bool = True,
-) -> dict[str, Any]:
+def synthesize(out_dir: str | Path, samples: int = 4000, seed: int = 0, heldout: int | None = None,
+               vocab_size: int = 1024, progress: bool = True) -> dict[str, Any]:
     """Write `samples` train + `heldout` held-out samples, tokenizer.json and meta.json; return meta."""
     out = Path(out_dir).absolute()
-    heldout = default_heldout(samples) if heldout is None else heldout
+    heldout = max(64, round(0.05 * samples)) if heldout is None else heldout
     request = {"version": FORMAT_VERSION, "seed": seed, "samples": samples, "heldout": heldout,
                "vocab_size": vocab_size}
-    meta = _existing(out, request)
-    if meta is not None:
+    if (meta := _existing(out, request)) is not None:
         return meta
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
         meta = _build(tmp, request, progress)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         try:
             tmp.rename(out)
-        except OSError:  # another process finished first
-            meta = _existing(out, request)
-            if meta is None:
+        except OSError:  # a concurrent run finished first: keep its dataset if it is the same
+            if _existing(out, request) is None:
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
     return meta

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from mmpretrain.config import ConfigError
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core warns at import about each missing optional kernel library (TE, apex).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "eval": _eval, "data": _synth}[args.command]
     try:

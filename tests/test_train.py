@@ -36,12 +36,34 @@ def test_alignment_stage_trains_only_the_projector(megatron_world, small_dataset
 
 
 def test_loss_falls_on_a_repeated_batch(megatron_world, small_dataset):
-    cfg = small_cfg(small_dataset, "train.lr=3e-3")
+    cfg = small_cfg(small_dataset, "train.lr=1e-3", "train.steps=20")
     tok, model, ddp, optimizer, scheduler = setup(cfg)
     batch = next(iter(make_loader(cfg, "train", tok)))
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         loss, *_ = train_step(ddp, optimizer, itertools.repeat(batch), 1, 128, 2)
         scheduler.step(1)
         losses.append(loss)
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_bf16_step_checkpoint_and_reload(megatron_world, small_dataset, tmp_path):
+    """The bf16 path (mixed-precision optimizer with fp32 main params) saves and loads back."""
+    from mmpretrain import checkpoint
+    from mmpretrain.model.build import build_model
+    from mmpretrain.parallel import cuda_to_cpu
+
+    cfg = small_cfg(small_dataset, "train.precision=bf16")
+    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    loader = make_loader(cfg, "train", tok)
+    loss, *_ = train_step(ddp, optimizer, iter(loader), 1, 128, 2)
+    assert loss == loss  # not NaN
+    with cuda_to_cpu():
+        path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, loader.state_dict(), cfg,
+                               consumed_samples=2)
+        fresh = build_model(cfg, tok.vocab_size, tok.img_id)
+        checkpoint.load_model(path, fresh)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name

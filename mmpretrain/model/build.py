@@ -54,6 +54,9 @@ def build_model(cfg: Config, vocab_size: int, image_token_id: int) -> NVLMDecode
     decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, tp), cfg.data.seq_length,
                               d.rope_theta)
     model = NVLMDecoderOnly(vision, projector, decoder, image_token_id)
+    # megatron's torch-norm fallback makes fp32 weights; the mixed-precision optimizer expects
+    # every parameter in the model dtype (megatron's own trainer casts through Float16Module).
+    model.to(dtype)
     set_frozen(vision, v.freeze)
     set_frozen(projector, cfg.projector.freeze)
     set_frozen(decoder, d.freeze)

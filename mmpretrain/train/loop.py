@@ -16,7 +16,7 @@ from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
-from mmpretrain.train.step import train_step
+from mmpretrain.train.step import device, train_step
 
 log = logging.getLogger("mmpretrain")
 
@@ -89,7 +89,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                                            cfg.data.micro_batch_size)
         scheduler.step(1)
         dt = time.time() - t0
-        seen = torch.tensor([batches.samples], dtype=torch.long)
+        seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
         if metrics and (step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1):
             record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],

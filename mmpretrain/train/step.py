@@ -33,12 +33,13 @@ def forward_step(data_iterator, model, with_loss: bool = True):
 def reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     """(mean loss per text token, text tokens) over micro-batches and data-parallel ranks."""
     if not outputs:  # not the last pipeline stage
-        totals = torch.zeros(2)
+        totals = torch.zeros(2, device=device())
     else:
-        totals = torch.stack([o["lm loss"] for o in outputs]).sum(0).float().cpu()
-    if dist.is_initialized():
+        totals = torch.stack([o["lm loss"] for o in outputs]).sum(0).float()
+    if dist.is_initialized():  # NCCL reduces device tensors only
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item(), totals[1].item()
+    loss, tokens = totals.tolist()
+    return loss / max(tokens, 1.0), tokens
 
 
 def train_step(ddp, optimizer, batches, num_microbatches: int, seq_len: int, micro_batch: int):

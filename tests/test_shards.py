@@ -1,0 +1,95 @@
+"""MDS shards: write/read round trip, image framing, errors, several processes reading at once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+
+import pytest
+from mmpretrain.data.shards import ShardReader, pack_images, unpack_images, write_shards
+
+
+def _samples(n: int) -> list[dict]:
+    """Samples with 0..3 images of varied byte content, unicode text and images between texts."""
+    out = []
+    for i in range(n):
+        images = [bytes([i % 256, k]) * (50 * i + k) for k in range(i % 4)]
+        segments = [{"text": f"sample {i} — ünïcode"}]
+        for k in range(len(images)):
+            segments += [{"image": k}, {"text": f"image {k}"}]
+        out.append({"id": f"s{i}", "kind": ["caption", "qa", "interleaved"][i % 3],
+                    "segments": segments, "images": images})
+    return out
+
+
+def test_image_framing():
+    for blobs in ([], [b""], [b"abc"], [b"\x00" * 7, b"", b"xyz" * 100]):
+        assert unpack_images(pack_images(blobs)) == blobs
+    with pytest.raises(ValueError, match="trailing"):
+        unpack_images(pack_images([b"ab"]) + b"!")
+
+
+def test_roundtrip_across_shards(tmp_path):
+    samples = _samples(40)
+    assert write_shards(tmp_path / "ds", samples, size_limit=4096) == 40
+    assert len(list((tmp_path / "ds").glob("shard.*.mds"))) > 1
+    reader = ShardReader(tmp_path / "ds")
+    assert len(reader) == 40
+    assert [reader[i] for i in range(40)] == samples
+    assert list(reader) == samples
+    assert reader[-1] == samples[-1]
+    assert reader[0]["images"] == [] and len(reader[3]["images"]) == 3
+
+
+def test_index_errors(tmp_path):
+    write_shards(tmp_path, _samples(3))
+    reader = ShardReader(tmp_path)
+    with pytest.raises(IndexError):
+        reader[3]
+    with pytest.raises(IndexError):
+        reader[-4]
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nothing"))):
+        ShardReader(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no MDS index"):
+        ShardReader(tmp_path / "empty")
+
+
+def test_bad_samples_are_rejected(tmp_path):
+    bad = {"id": "x", "kind": "caption", "segments": [{"image": 1}], "images": [b"1"]}
+    with pytest.raises(ValueError, match="bad segment"):
+        write_shards(tmp_path / "a", [bad])
+    with pytest.raises(ValueError, match="missing keys"):
+        write_shards(tmp_path / "b", [{"id": "x"}])
+
+
+def test_failed_write_leaves_no_index(tmp_path):
+    def broken():
+        yield from _samples(5)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_shards(tmp_path / "ds", broken(), size_limit=2048)
+    assert not (tmp_path / "ds" / "index.json").exists()
+    with pytest.raises(ValueError):
+        ShardReader(tmp_path / "ds")
+
+
+def _read_all(path: str) -> list[str]:
+    reader = ShardReader(path)
+    return [reader[i]["id"] for i in range(len(reader))]
+
+
+def test_several_processes_read_at_once(tmp_path):
+    write_shards(tmp_path / "ds", _samples(30), size_limit=4096)
+    before = set(os.listdir(tmp_path))
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_read_all, [str(tmp_path / "ds")] * 4)
+    assert all(r == [f"s{i}" for i in range(30)] for r in results)
+    assert set(os.listdir(tmp_path)) == before
+    assert "index.json" in os.listdir(tmp_path / "ds")
+    assert not [n for n in os.listdir(tmp_path / "ds") if n.endswith((".lock", ".tmp"))]
