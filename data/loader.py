@@ -3,12 +3,11 @@ micro-batches. Its position is a pair of integers, so a checkpoint can restore i
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import numpy as np
-
 from mmpretrain.data.images import prepare
 from mmpretrain.data.packing import PackedBatch, RowPacker
 from mmpretrain.data.sequence import build_sequence, truncate

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-
 from mmpretrain.data.sequence import TokenSequence
 
 
@@ -25,7 +24,7 @@ class PackedBatch:
     patches: torch.Tensor  # [n_patches, 3*p*p] float32, all images back to back
     image_sizes: torch.Tensor  # [n_images, 2] int64 patch grid (rows, cols), in placeholder order
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         """The batch on `device`."""
         return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

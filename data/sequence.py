@@ -1,8 +1,8 @@
 """A sample as decoder tokens: text ids and image placeholders, with the text-token flags."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from mmpretrain.data.images import ImagePatches
 

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -54,7 +54,7 @@ class VisionConfig:
 class ProjectorConfig:
     merge: int = 1
     """Patch merge (pixel shuffle) factor per side: 1 (none) or 2 (2x2 patches become one token)."""
-    hidden_size: Optional[int] = None
+    hidden_size: int | None = None
     """Inner width of the 2-layer GELU MLP; None means the decoder's hidden size."""
     freeze: bool = False
     """Keep the projector's weights fixed."""
@@ -76,7 +76,7 @@ class DecoderConfig:
     """Base of the decoder's rotary embedding."""
     norm_eps: float = 1e-5
     """Epsilon of the decoder's RMSNorms."""
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Vocabulary size; None takes it from the dataset's tokenizer."""
     freeze: bool = False
     """Keep the decoder's weights (embeddings and output layer included) fixed."""
@@ -130,7 +130,7 @@ class ParallelConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
-    vpp: Optional[int] = None
+    vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None for none."""
     sequence_parallel: bool = False
     """Split the decoder's activations along the sequence over the tensor-parallel group."""

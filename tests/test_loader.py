@@ -2,9 +2,9 @@
 import itertools
 
 import torch
+from mmpretrain.data.loader import sample_order
 
 from mmpretrain.config import load
-from mmpretrain.data.loader import sample_order
 from mmpretrain.dataset import make_loader, open_tokenizer
 
 

@@ -1,15 +1,14 @@
 """Packing changes nothing: the packed encoder stream equals each image encoded alone, and packed
 decoder rows give each sample the logits it gets alone."""
 import torch
-
-from mmpretrain.config import Config
 from mmpretrain.data.images import ImagePatches
 from mmpretrain.data.packing import pack_rows
 from mmpretrain.data.sequence import build_sequence
-from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu
-
 from test_packing import FakeTok, sample
+
+from mmpretrain.config import Config
+from mmpretrain.model.build import build_model
 
 PATCH = 4
 

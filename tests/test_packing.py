@@ -1,6 +1,5 @@
 """Token sequences, truncation, packing, the masks derived from a packed batch, the loader."""
 import torch
-
 from mmpretrain.data.images import ImagePatches
 from mmpretrain.data.packing import RowPacker, pack_rows
 from mmpretrain.data.sequence import TokenSequence, build_sequence, image_placeholder, truncate
