@@ -68,17 +68,12 @@ def _replace(owner, name: str, new, wrap=None) -> None:
     setattr(owner, name, wrap(new) if wrap else new)
 
 
-# --------------------------------------------------------------------------------------------
-# torch.cuda functions
-# --------------------------------------------------------------------------------------------
-
-
 def _cpu_current_device() -> torch.device:
     return _CPU
 
 
 def _noop(*args, **kwargs) -> None:
-    return None
+    """Stands in for `torch.cuda.synchronize`: CPU kernels are done when they return."""
 
 
 def patch_current_device() -> None:
@@ -101,11 +96,6 @@ def patch_synchronize() -> None:
     `_communicate` (with `batch_p2p_sync`).
     """
     _replace(torch.cuda, "synchronize", _noop)
-
-
-# --------------------------------------------------------------------------------------------
-# RNG tracker
-# --------------------------------------------------------------------------------------------
 
 
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -175,11 +165,6 @@ def patch_rng_tracker() -> None:
         mp_random.initialize_rng_tracker(force_reset=True)  # drop a tracker built before install
 
 
-# --------------------------------------------------------------------------------------------
-# WrappedTorchNorm with sequence parallelism
-# --------------------------------------------------------------------------------------------
-
-
 def _sequence_parallel_norm_new(cls, config, hidden_size, *args, **kwargs):
     upstream_new = UPSTREAM["megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__"]
     if not config.sequence_parallel:
@@ -202,11 +187,6 @@ def patch_torch_norm_sequence_parallel() -> None:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     _replace(WrappedTorchNorm, "__new__", _sequence_parallel_norm_new, wrap=staticmethod)
-
-
-# --------------------------------------------------------------------------------------------
-# param.type() == 'torch.cuda.FloatTensor'
-# --------------------------------------------------------------------------------------------
 
 
 def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
@@ -233,13 +213,7 @@ def patch_tensor_type_checks() -> None:
     _replace(torch.Tensor, "type", _tensor_type)
 
 
-# --------------------------------------------------------------------------------------------
-# literal CUDA devices
-# --------------------------------------------------------------------------------------------
-
-_TENSOR_CUDA = torch.Tensor.cuda
-_TENSOR_TO = torch.Tensor.to
-_TENSOR_PIN = torch.Tensor.pin_memory
+_TENSOR_CUDA, _TENSOR_TO, _TENSOR_PIN = torch.Tensor.cuda, torch.Tensor.to, torch.Tensor.pin_memory
 
 
 def _is_cuda(device) -> bool:
@@ -293,10 +267,6 @@ def patch_autograd_backward_mode() -> None:
     _replace(BackwardCFunction, "apply", _backward_apply)
 
 
-# --------------------------------------------------------------------------------------------
-# entry points
-# --------------------------------------------------------------------------------------------
-
 PATCHES = (
     patch_current_device,
     patch_synchronize,
@@ -315,11 +285,6 @@ def install() -> None:
     for patch in PATCHES:
         patch()
     _INSTALLED[0] = True
-
-
-def is_installed() -> bool:
-    """Whether `install()` has patched this process."""
-    return _INSTALLED[0]
 
 
 @contextlib.contextmanager

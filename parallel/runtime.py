@@ -13,6 +13,7 @@ import torch.distributed as dist
 from . import cpu_shim
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+_INIT_COUNT = [0]  # process-group starts in this process; all ranks start and stop together
 
 
 def launched_by_torchrun() -> bool:
@@ -28,14 +29,18 @@ def _init_process_group(timeout_s: int) -> None:
     if launched_by_torchrun():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        # torch names the default group the same on every init, so a re-init on the launcher's
+        # store would read the previous group's gloo/NCCL addresses: give each init its own prefix.
+        _INIT_COUNT[0] += 1
+        store = dist.PrefixStore(f"mmpretrain_init_{_INIT_COUNT[0]}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         return
     if use_cuda:
         torch.cuda.set_device(0)
     # An in-memory store: no network port, so concurrent single-process runs cannot collide.
-    dist.init_process_group(
-        backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-    )
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def _current_layout() -> tuple[int, int, int | None]:
@@ -66,7 +71,7 @@ def init_distributed(
 
     Under torchrun the world comes from the environment; otherwise it is a world of one.
     On CPU the megatron-core CPU shim is installed first. Calling it again with the same layout
-    does nothing; with another layout it raises (call `destroy_distributed()` first).
+    only re-seeds; with another layout it raises (call `destroy_distributed()` first).
     """
     from megatron.core import parallel_state as ps
 
@@ -77,6 +82,7 @@ def init_distributed(
                 f"megatron-core is already initialised with (tp, pp, vpp)={layout}; "
                 f"asked for {(tp, pp, vpp)}. Call destroy_distributed() first."
             )
+        seed_everything(seed)
         return
     if not torch.cuda.is_available():
         cpu_shim.install()

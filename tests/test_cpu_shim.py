@@ -7,48 +7,37 @@ Run as a script under torchrun, this file is the worker of the 2-process test.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import os
+import pkgutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from mmpretrain.parallel import cpu_shim, cuda_to_cpu, destroy_distributed, init_distributed, runtime
 
 if torch.cuda.is_available():
     pytest.skip("the CPU shim is installed only where CUDA is absent", allow_module_level=True)
 
-import megatron.core  # noqa: E402
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
+import megatron.core
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
 
 SEED, SEQ, BATCH, VOCAB = 1234, 32, 2, 128
-TOL = dict(rtol=0, atol=1e-5)
-
-
-def source(obj) -> str:
-    return inspect.getsource(obj)
-
-
-def upstream(name: str):
-    return cpu_shim.UPSTREAM[name]
-
-
-# ------------------------------------------------------------------ a tiny GPT, TP=1 or TP=2
+TOL = {"rtol": 0, "atol": 1e-5}
 
 
 def tiny_gpt(tp: int = 1, sp: bool = False, dist_opt: bool = False, dropout: float = 0.0):
@@ -71,7 +60,7 @@ def tiny_gpt(tp: int = 1, sp: bool = False, dist_opt: bool = False, dropout: flo
 def batch() -> dict:
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    return dict(tokens=tokens, positions=positions, labels=torch.roll(tokens, -1, 1))
+    return {"tokens": tokens, "positions": positions, "labels": torch.roll(tokens, -1, 1)}
 
 
 def forward_step(data_iterator, model):
@@ -116,7 +105,7 @@ def run_case(tp: int = 1, sp: bool = False, dist_opt: bool = False) -> dict:
     model, optimizer = tiny_gpt(tp, sp, dist_opt)
     logits = full_logits(model)
     losses, norms = train(model, optimizer, steps=2)
-    return dict(logits=logits, losses=losses, norms=norms)
+    return {"logits": logits, "losses": losses, "norms": norms}
 
 
 @pytest.fixture
@@ -126,7 +115,85 @@ def world_of_one():
     destroy_distributed()
 
 
-# ------------------------------------------------------------------ version pin
+CURRENT_DEVICE, SYNCHRONIZE = "device=torch.cuda.current_device()", "torch.cuda.synchronize()"
+SITES = {  # patch -> [(upstream site under megatron.core, the code it covers there)]
+    "current_device": [
+        ("tensor_parallel.layers.ColumnParallelLinear.__init__", CURRENT_DEVICE),
+        ("tensor_parallel.layers.RowParallelLinear.__init__", CURRENT_DEVICE),
+        ("distributed.param_and_grad_buffer._ParamAndGradBuffer.__init__", CURRENT_DEVICE),
+    ],
+    "synchronize": [
+        ("dist_checkpointing.strategies.filesystem_async.FileSystemWriterAsync.preload_tensors", SYNCHRONIZE),
+        ("dist_checkpointing.strategies.async_utils.TemporalAsyncCaller.schedule_async_call", SYNCHRONIZE),
+        ("dist_checkpointing.strategies.fully_parallel.FullyParallelLoadStrategyWrapper.load", SYNCHRONIZE),
+        ("pipeline_parallel.p2p_communication.P2PCommunicator._communicate_shapes", SYNCHRONIZE),
+    ],
+    "rng_tracker": [
+        ("tensor_parallel.random.CudaRNGStatesTracker.add", "torch.cuda.get_rng_state()"),
+        ("tensor_parallel.random.CudaRNGStatesTracker.add", "torch.cuda.manual_seed(seed)"),
+        ("tensor_parallel.random.CudaRNGStatesTracker.fork", "_get_cuda_rng_state(graph_safe="),
+        ("tensor_parallel.random._get_cuda_rng_state", "torch.cuda.random.get_rng_state(device=device)"),
+        ("tensor_parallel.random._set_cuda_rng_state", "torch.cuda.default_generators[idx]"),
+        ("tensor_parallel.random.initialize_rng_tracker", "base_tracker = CudaRNGStatesTracker"),
+        ("tensor_parallel.random.model_parallel_cuda_manual_seed", "_CUDA_RNG_STATE_TRACKER.add("),
+        ("tensor_parallel.random._get_all_rng_states", "_get_cuda_rng_state("),
+    ],
+    "torch_norm_sequence_parallel": [
+        ("transformer.torch_norm.WrappedTorchNorm.__new__", "assert not config.sequence_parallel"),
+        (
+            "distributed.finalize_model_grads._allreduce_non_tensor_model_parallel_grads",
+            'getattr(param, "sequence_parallel", False)',
+        ),
+    ],
+    "tensor_type_checks": [
+        (
+            "optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+            "param.grad.type() == 'torch.cuda.FloatTensor'",
+        ),
+        (
+            "optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+            "type() == 'torch.cuda.FloatTensor'",
+        ),
+        (
+            "optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+            "model_param.type() == 'torch.cuda.FloatTensor'",
+        ),
+    ],
+    "autograd_backward_mode": [
+        (
+            "tensor_parallel.random.CheckpointFunction.backward",
+            "outputs = ctx.run_function(*detached_inputs)",
+        ),
+    ],
+    "cuda_to_cpu": [
+        ("transformer.utils.get_default_causal_mask", 'device="cuda"'),
+        ("pipeline_parallel.schedules.forward_backward_no_pipelining", 'device="cuda"'),
+        ("optimizer.optimizer.FP32Optimizer.__init__", "device='cuda'"),
+        ("optimizer.clip_grads.get_grad_norm_fp32", "device='cuda'"),
+        ("optimizer.clip_grads.clip_grad_by_total_norm_fp32", "device='cuda'"),
+    ],
+}
+SITE_CASES = [(patch, site, code) for patch, sites in SITES.items() for site, code in sites]
+
+
+def resolve(site: str):
+    """The upstream object at `megatron.core.<site>`, as it was before the shim replaced it."""
+    dotted = "megatron.core." + site
+    head, _, attr = dotted.rpartition(".")
+    if dotted in cpu_shim.UPSTREAM:
+        return cpu_shim.UPSTREAM[dotted]
+    if head in cpu_shim.UPSTREAM:
+        return getattr(cpu_shim.UPSTREAM[head], attr)
+    return pkgutil.resolve_name(dotted)
+
+
+@pytest.mark.parametrize(("patch", "site", "code"), SITE_CASES, ids=[f"{p}-{s}" for p, s, _ in SITE_CASES])
+def test_upstream_site_unchanged(patch, site, code):
+    cpu_shim.install()
+    obj = resolve(site)
+    assert code in inspect.getsource(obj), f"{site} changed under the `{patch}` patch of the CPU shim"
+    if patch == "tensor_type_checks":
+        assert obj.__module__ in cpu_shim.TYPE_CHECK_MODULES
 
 
 def test_version_pin(monkeypatch):
@@ -143,21 +210,10 @@ def test_install_is_idempotent():
     cpu_shim.install()
     for patch in cpu_shim.PATCHES:
         patch()
-    assert cpu_shim.UPSTREAM == patched and cpu_shim.is_installed()
+    assert cpu_shim.UPSTREAM == patched and cpu_shim._INSTALLED[0]
     assert torch.cuda.current_device is cpu_shim._cpu_current_device
-
-
-# ------------------------------------------------------------------ torch.cuda.current_device
-
-
-def test_current_device_upstream_sites():
-    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    for site in (ColumnParallelLinear.__init__, RowParallelLinear.__init__, _ParamAndGradBuffer.__init__):
-        assert "device=torch.cuda.current_device()" in source(site)
-    original = upstream("torch.cuda.current_device")
-    assert (original.__module__, original.__name__) == ("torch.cuda", "current_device")
+    names = {f"patch_{patch}" for patch in SITES if patch != "cuda_to_cpu"}
+    assert names == {patch.__name__ for patch in cpu_shim.PATCHES}  # every patch has its sites
 
 
 def test_current_device_patched(world_of_one):
@@ -165,22 +221,6 @@ def test_current_device_patched(world_of_one):
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)  # GPU-style init
     layer = tensor_parallel.ColumnParallelLinear(8, 16, config=config, init_method=torch.nn.init.ones_)
     assert layer.weight.device.type == "cpu" and torch.equal(layer.weight, torch.ones(16, 8))
-
-
-# ------------------------------------------------------------------ torch.cuda.synchronize
-
-
-def test_synchronize_upstream_sites():
-    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, fully_parallel
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-
-    for site in (
-        filesystem_async.FileSystemWriterAsync.preload_tensors,
-        async_utils.TemporalAsyncCaller.schedule_async_call,
-        fully_parallel.FullyParallelLoadStrategyWrapper.load,
-        P2PCommunicator._communicate_shapes,
-    ):
-        assert "torch.cuda.synchronize()" in source(site)
 
 
 def test_synchronize_patched():
@@ -194,42 +234,21 @@ def test_synchronize_patched():
     assert torch.equal(tensor, torch.ones(2))
 
 
-# ------------------------------------------------------------------ RNG tracker
-
-
-def test_rng_tracker_upstream_sites():
-    from megatron.core.tensor_parallel import random as mp_random
-
-    tracker = upstream("megatron.core.tensor_parallel.random.CudaRNGStatesTracker")
-    assert "torch.cuda.get_rng_state()" in source(tracker.add)
-    assert "torch.cuda.manual_seed(seed)" in source(tracker.add)
-    assert "_get_cuda_rng_state(graph_safe=" in source(tracker.fork)
-    get_state = upstream("megatron.core.tensor_parallel.random._get_cuda_rng_state")
-    set_state = upstream("megatron.core.tensor_parallel.random._set_cuda_rng_state")
-    assert "torch.cuda.random.get_rng_state(device=device)" in source(get_state)
-    assert "torch.cuda.default_generators[idx]" in source(set_state)
-    assert "base_tracker = CudaRNGStatesTracker" in source(mp_random.initialize_rng_tracker)
-    assert "_CUDA_RNG_STATE_TRACKER.add(" in source(mp_random.model_parallel_cuda_manual_seed)
-    assert "_get_cuda_rng_state(" in source(mp_random._get_all_rng_states)
-    assert "_set_all_rng_states(*ctx.rng_states)" in source(mp_random.CheckpointFunction.backward)
-
-
 def _dropout_mask(tracker) -> torch.Tensor:
     with tracker.fork():
         return torch.nn.functional.dropout(torch.ones(256), p=0.5)
 
 
 def test_rng_tracker_patched(world_of_one):
-    upstream_class = upstream("megatron.core.tensor_parallel.random.CudaRNGStatesTracker")
     tensor_parallel.model_parallel_cuda_manual_seed(7)
     tracker = tensor_parallel.get_cuda_rng_tracker()
-    assert isinstance(tracker, upstream_class) and tracker.is_initialized()
+    assert isinstance(tracker, resolve("tensor_parallel.random.CudaRNGStatesTracker"))
+    assert tracker.is_initialized()
     assert set(tracker.get_states()) == {"data-parallel-rng", "model-parallel-rng", "expert-parallel-rng"}
     expected = torch.Generator().manual_seed(7 + 2718).get_state()  # tp_rank 0
     assert torch.equal(tracker.get_states()["model-parallel-rng"], expected)
 
-    outer = torch.get_rng_state()
-    states = tracker.get_states()
+    outer, states = torch.get_rng_state(), tracker.get_states()
     first = _dropout_mask(tracker)
     assert torch.equal(torch.get_rng_state(), outer)  # fork() restores the default stream
     assert not torch.equal(_dropout_mask(tracker), first)  # the forked stream advanced
@@ -256,48 +275,18 @@ def test_activation_recompute_replays_dropout(world_of_one):
     assert torch.equal(x.grad, (y != 0).float() * 6)  # the recompute drew the same mask
 
 
-# ------------------------------------------------------------------ WrappedTorchNorm + SP
-
-
-def test_torch_norm_upstream_sites():
-    fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
-    assert "assert not config.sequence_parallel" in source(
-        upstream("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__")
-    )
-    assert 'getattr(param, "sequence_parallel", False)' in source(
-        fmg._allreduce_non_tensor_model_parallel_grads
-    )
-
-
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_torch_norm_patched(normalization):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     cpu_shim.install()
-    kw = dict(num_layers=1, hidden_size=8, num_attention_heads=2, normalization=normalization)
+    kw = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "normalization": normalization}
     config = TransformerConfig(tensor_model_parallel_size=2, sequence_parallel=True, **kw)
     norm = WrappedTorchNorm(config, 8)
     assert config.sequence_parallel  # the caller's config is untouched
     assert all(p.sequence_parallel for p in norm.parameters())
     plain = WrappedTorchNorm(TransformerConfig(**kw), 8)
     assert not any(hasattr(p, "sequence_parallel") for p in plain.parameters())
-
-
-# ------------------------------------------------------------------ param.type() checks
-
-
-def test_tensor_type_upstream_sites():
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
-
-    sites = (
-        clip_grads.clip_grad_by_total_norm_fp32,
-        optimizer.Float16OptimizerWithFloat16Params.__init__,
-        distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups,
-    )
-    for site in sites:
-        assert "type() == 'torch.cuda.FloatTensor'" in source(site)
-        assert site.__module__ in cpu_shim.TYPE_CHECK_MODULES
-    assert "'torch.cuda.BFloat16Tensor'" in source(sites[1])
 
 
 def test_tensor_type_patched():
@@ -314,21 +303,6 @@ def test_tensor_type_patched():
     with cuda_to_cpu():
         clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=20.0)
     assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-6)
-
-
-# ------------------------------------------------------------------ literal CUDA devices
-
-
-def test_cuda_literal_upstream_sites():
-    from megatron.core.optimizer import clip_grads, optimizer
-    from megatron.core.pipeline_parallel import schedules
-    from megatron.core.transformer import utils
-
-    assert 'device="cuda"' in source(utils.get_default_causal_mask)
-    assert 'device="cuda"' in source(schedules.forward_backward_no_pipelining)
-    assert "device='cuda'" in source(optimizer.FP32Optimizer.__init__)
-    assert "device='cuda'" in source(clip_grads.clip_grad_by_total_norm_fp32)
-    assert "device='cuda'" in source(clip_grads.get_grad_norm_fp32)
 
 
 def test_cuda_to_cpu_maps_devices():
@@ -350,12 +324,7 @@ def test_cuda_to_cpu_maps_devices():
         torch.zeros(1, device="cuda")
 
 
-def test_backward_upstream_site_and_patch():
-    from megatron.core.tensor_parallel.random import CheckpointFunction
-
-    assert "outputs = ctx.run_function(*detached_inputs)" in source(CheckpointFunction.backward)
-    cpu_shim.install()
-
+def test_backward_mode_patched():
     class MakesCudaInBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -365,13 +334,11 @@ def test_backward_upstream_site_and_patch():
         def backward(ctx, grad):
             return grad * torch.full((1,), 2.0, device="cuda")
 
+    cpu_shim.install()
     x = torch.ones(3, requires_grad=True)
     with cuda_to_cpu():
         MakesCudaInBackward.apply(x).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 2.0))
-
-
-# ------------------------------------------------------------------ end to end
 
 
 def test_single_process_training(world_of_one):
@@ -384,7 +351,9 @@ def test_single_process_training(world_of_one):
 
 def test_destroy_then_reinit():
     init_distributed(seed=SEED)
-    init_distributed(seed=SEED)  # same layout: nothing to do
+    first = torch.rand(3)
+    init_distributed(seed=SEED)  # same layout: only re-seeds
+    assert torch.equal(torch.rand(3), first)
     with pytest.raises(RuntimeError, match="already initialised"):
         init_distributed(tp=2)
     destroy_distributed()
@@ -405,14 +374,19 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     worker = subprocess.Popen(
-        [*cmd, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    init_distributed(seed=SEED)
+        [*cmd, __file__, str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     try:
-        reference = run_case()
+        init_distributed(seed=SEED)
+        try:
+            reference = run_case()
+        finally:
+            destroy_distributed()
+        output = worker.communicate(timeout=240)[0].decode(errors="replace")
     finally:
-        destroy_distributed()
-    output = worker.communicate(timeout=300)[0].decode(errors="replace")
+        if worker.poll() is None:  # the launcher and its two ranks share a fresh process group
+            os.killpg(worker.pid, signal.SIGKILL)
     assert worker.returncode == 0, output[-4000:]
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt")
@@ -424,10 +398,10 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _worker(out_dir: Path) -> None:
-    init_distributed(tp=2, seed=SEED)
+    init_distributed(tp=2, seed=SEED, timeout_s=120)
     results = {"tp2": run_case(tp=2), "tp2_sp": run_case(tp=2, sp=True)}
     destroy_distributed()
-    init_distributed(tp=1, seed=SEED)
+    init_distributed(tp=1, seed=SEED, timeout_s=120)
     assert parallel_state.get_data_parallel_world_size() == 2
     results["dp2_distopt"] = run_case(dist_opt=True)
     torch.save(results, out_dir / f"rank{runtime.rank()}.pt")

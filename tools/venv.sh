@@ -24,6 +24,7 @@ if [ "$(cat .venv/.layered-on 2>/dev/null)" != "$shared" ]; then
     > "$(purelib .venv/bin/python)/_shared_venv.pth"
   printf '#!%s\nfrom torch.distributed.run import main\nmain()\n' "$(pwd)/.venv/bin/python" > .venv/bin/torchrun
   chmod +x .venv/bin/torchrun
+  ln -s "$shared/bin/ruff" .venv/bin/ruff  # a native binary
   echo "$shared" > .venv/.layered-on
 fi
 stamp=$(sha256sum pyproject.toml | cut -c1-16)
