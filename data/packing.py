@@ -6,10 +6,15 @@ the loss mask cannot disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
+from mmpretrain.data.resize import normalize
 from mmpretrain.data.sequence import TokenSequence
+
+
+def _no_tiles() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
 
 
 @dataclass
@@ -23,10 +28,17 @@ class PackedBatch:
     sample_ids: torch.Tensor  # [b, s] int64, sample index within the row, -1 on padding
     patches: torch.Tensor  # [n_patches, 3*p*p] float32, all images back to back
     image_sizes: torch.Tensor  # [n_images, 2] int64 patch grid (rows, cols), in placeholder order
+    image_tiles: torch.Tensor = field(default_factory=_no_tiles)  # [n_images] int64: 0 a whole
+    # image, k >= 1 its k-th tile, -1 a global thumbnail (NVLM tiles policy)
 
     def to(self, device) -> PackedBatch:
         """The batch on `device`."""
         return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def efficiency(self) -> float:
+        """Share of the b * s token slots that hold a sample (not padding)."""
+        return float((self.sample_ids >= 0).float().mean())
 
     @property
     def image_cu_seqlens(self) -> torch.Tensor:
@@ -57,6 +69,15 @@ class PackedBatch:
         return ~(same & causal)[:, None]
 
 
+def encoder_stream(patches: list[torch.Tensor]) -> torch.Tensor:
+    """All images' patches back to back as float32 [n, 3*p*p]; uint8 pixels normalised here."""
+    if not patches:
+        return torch.zeros(0, 0)
+    if all(p.dtype == torch.uint8 for p in patches):
+        return normalize(torch.cat(patches))  # one pass over the micro-batch's stream
+    return torch.cat([normalize(p) if p.dtype == torch.uint8 else p for p in patches])
+
+
 def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> PackedBatch:
     """Lay out rows of sequences (each row's total length <= seq_len) as a PackedBatch."""
     b = len(rows)
@@ -65,7 +86,7 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
     loss_mask = torch.zeros(b, seq_len)
     position_ids = torch.zeros(b, seq_len, dtype=torch.long)
     sample_ids = torch.full((b, seq_len), -1, dtype=torch.long)
-    patches, sizes = [], []
+    patches, sizes, tiles = [], [], []
     for r, row in enumerate(rows):
         at = 0
         for k, seq in enumerate(row):
@@ -80,11 +101,12 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
             for img in seq.images:
                 patches.append(img.patches)
                 sizes.append((img.rows, img.cols))
+                tiles.append(img.tile)
             at += n
     return PackedBatch(
-        tokens, labels, loss_mask, position_ids, sample_ids,
-        torch.cat(patches) if patches else torch.zeros(0, 0),
+        tokens, labels, loss_mask, position_ids, sample_ids, encoder_stream(patches),
         torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(tiles, dtype=torch.long),
     )
 
 

@@ -11,6 +11,7 @@ The images column frames the list of blobs without pickle:
 
 `ShardReader` reads a local MDS directory through streaming's per-shard `MDSReader`: plain file
 reads, no shared memory, no cache directory, so any number of processes may open it at once.
+A remote dataset is read through the same class over a local cache (`remote.py`).
 """
 
 from __future__ import annotations
@@ -108,19 +109,50 @@ def write_shards(
     return count
 
 
-def _load_index(path: Path) -> list[MDSReader]:
-    """Per-shard readers of the MDS index in `path`."""
+class ShardError(ValueError):
+    """A sample whose stored bytes cannot be read; `reason` is a short metric name."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _read_index(path: Path) -> dict:
+    """The parsed index.json of `path`; a clear error naming the file when it is unusable."""
     index_file = path / get_index_basename()
     if not index_file.is_file():
-        raise ValueError(f"{path}: no MDS index ({get_index_basename()}) found; not a shard directory")
-    with open(index_file) as f:
-        index = json.load(f)
+        raise FileNotFoundError(f"{path}: no MDS index ({index_file} not found); not a shard directory")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index_file}: unreadable MDS index: {e}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{index_file}: not an MDS index (no 'shards' list)")
+    return index
+
+
+def _check_shard_file(path: Path, obj: dict) -> None:
+    """A clear error naming the shard file when it is missing, unreadable or of the wrong size."""
+    shard = path / obj["raw_data"]["basename"]
+    if not shard.is_file():
+        raise FileNotFoundError(f"{shard}: shard file listed in {path / get_index_basename()} is missing")
+    if not os.access(shard, os.R_OK):
+        raise PermissionError(f"{shard}: shard file is not readable")
+    want, got = obj["raw_data"].get("bytes"), shard.stat().st_size
+    if want is not None and want != got:
+        raise ValueError(f"{shard}: shard file has {got} bytes, the index says {want} (truncated?)")
+
+
+def _load_index(path: Path, check_files: bool = True) -> list[MDSReader]:
+    """Per-shard readers of the MDS index in `path`."""
     readers = []
-    for obj in index.get("shards", []):
+    for obj in _read_index(path)["shards"]:
         if obj.get("format") != "mds":
             raise ValueError(f"{path}: shard format {obj.get('format')!r} is not mds")
         if obj.get("compression"):
             raise ValueError(f"{path}: compressed shards are not supported by ShardReader")
+        if check_files:
+            _check_shard_file(path, obj)
         reader = reader_from_json(str(path), None, obj)
         reader.validate(allow_unsafe_types=False)  # refuses pickle columns
         readers.append(reader)
@@ -128,11 +160,15 @@ def _load_index(path: Path) -> list[MDSReader]:
 
 
 class ShardReader:
-    """Random access to the samples of a local MDS directory written by `write_shards`."""
+    """Random access to the samples of a local MDS directory written by `write_shards`.
 
-    def __init__(self, path: str | Path) -> None:
+    Every shard file is checked at open (present, readable, of the indexed size). With `fetch`
+    (see `remote.py`) shards are instead fetched on first use into `path`, a local cache."""
+
+    def __init__(self, path: str | Path, fetch=None) -> None:
         self.path = Path(path)
-        self.shards = _load_index(self.path)
+        self.fetch = fetch  # callable(basename) that makes path/basename present, or None
+        self.shards = _load_index(self.path, check_files=fetch is None)
         self._starts: list[int] = []  # global index of each shard's first sample
         total = 0
         for shard in self.shards:
@@ -147,12 +183,30 @@ class ShardReader:
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _where(self, index: int) -> tuple[int, int]:
+        """(shard number, row within it) of sample `index`."""
         i = index + self._len if index < 0 else index
         if not 0 <= i < self._len:
             raise IndexError(f"sample {index} out of range for {self._len} samples in {self.path}")
         k = bisect.bisect_right(self._starts, i) - 1
-        return from_row(self.shards[k].get_item(i - self._starts[k]))
+        return k, i - self._starts[k]
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard file name, row within it) of sample `index`."""
+        k, row = self._where(index)
+        return self.shards[k].raw_data.basename, row
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        k, row = self._where(index)
+        name = self.shards[k].raw_data.basename
+        if self.fetch is not None:
+            self.fetch(name)
+        try:
+            return from_row(self.shards[k].get_item(row))
+        except UnicodeDecodeError as e:
+            raise ShardError("bad_text", f"{self.path / name} row {row}: text is not UTF-8: {e}") from None
+        except (ValueError, struct.error) as e:
+            raise ShardError("corrupt_sample", f"{self.path / name} row {row}: {e}") from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(self._len):

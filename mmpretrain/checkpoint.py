@@ -44,7 +44,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: str | Path, step: int, model, optimizer, scheduler, loader_state: dict,
+def model_state(chunks) -> dict:
+    """Sharded state of this rank's model chunks, as {"model0": ..., "model1": ...}. The tensors
+    carry global keys, so any layout (tp, pp, virtual stages) can load what another saved."""
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_into(chunks, state: dict) -> None:
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"model{i}"])
+
+
+def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,
          cfg: Config, consumed_samples: int, keep: int = 2) -> Path:
     """Save on all ranks; rank 0 publishes it as `latest` once every rank has written."""
     root = checkpoint_root(run_dir)
@@ -55,8 +68,8 @@ def save(run_dir: str | Path, step: int, model, optimizer, scheduler, loader_sta
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    state = model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(dict(state))
     dist_checkpointing.save(state, str(tmp))
     if parallel_state.get_tensor_model_parallel_rank() == 0 and \
             parallel_state.get_pipeline_model_parallel_rank() == 0:
@@ -85,22 +98,48 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_model(path: Path, model) -> None:
-    """Load only the model weights of a checkpoint into `model` (any layout)."""
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model"])
+def load_model(path: Path, chunks) -> None:
+    """Load only the model weights of a checkpoint into a model or list of chunks (any layout)."""
+    _load_into(chunks, dist_checkpointing.load(model_state(chunks), str(path)))
 
 
-def load_training(path: Path, model, optimizer, scheduler) -> dict:
-    """Load model, optimizer and schedule; return state.json plus this rank's loader position."""
-    model_sd = model.sharded_state_dict()
-    state = dist_checkpointing.load(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)},
-        str(path))
-    model.load_state_dict(state["model"])
+def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
+    """Load model, optimizer and schedule; return state.json plus this rank's loader position.
+    A weights-only checkpoint (`save_weights`) loads the model and keeps the fresh optimizer."""
+    if json.loads((path / "state.json").read_text()).get("weights_only"):
+        return _load_weights_only(path, chunks, optimizer)
+    request = model_state(chunks)
+    request["optimizer"] = optimizer.sharded_state_dict(dict(request), is_loading=True)
+    state = dist_checkpointing.load(request, str(path))
+    _load_into(chunks, state)
     optimizer.load_state_dict(state["optimizer"])
     meta = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
     loader = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
     meta["loader"] = json.loads(loader.read_text()) if loader.is_file() else None
     return meta
+
+
+def _load_weights_only(path: Path, chunks, optimizer) -> dict:
+    """Model weights into the chunks and the optimizer's main copies; schedule and data start."""
+    load_model(path, chunks)
+    optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
+    return {**json.loads((path / "state.json").read_text()), "loader": None}
+
+
+def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: str) -> Path:
+    """A weights-only checkpoint (no optimizer, schedule or data position) published as
+    `latest`, from one process; `mmpretrain train` on the run directory starts from it.
+    `source` says where the weights came from (recorded in state.json)."""
+    root = checkpoint_root(run_dir)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dist_checkpointing.save(model_state(chunks), str(tmp))
+    meta = {"step": step, "consumed_samples": 0, "weights_only": True, "source": source}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    dump(cfg, tmp / "config.yaml")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(root / LATEST, final.name + "\n")
+    return final

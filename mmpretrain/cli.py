@@ -1,4 +1,4 @@
-"""The `mmpretrain` command line: train, eval, data synth."""
+"""The `mmpretrain` command line: train, eval, data synth, convert, plan, slurm render."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,10 @@ import sys
 import warnings
 
 from mmpretrain.config import ConfigError
+from mmpretrain.hf import VerificationError
 
 USAGE_ERROR = 2
+VERIFY_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +40,98 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--samples", type=int, default=4000, help="training samples")
     s.add_argument("--seed", type=int, default=0, help="seed (same seed, same dataset)")
+    b = dsub.add_parser("build", help="convert JSONL / LLaVA / WebDataset / interleaved data to MDS shards")
+    b.add_argument("--input", required=True, action="append", metavar="SPEC",
+                   help="a .jsonl file, a WebDataset .tar, or a directory of them (repeatable)")
+    b.add_argument("--out", required=True, help="output directory (absent or empty)")
+    b.add_argument("--workers", type=int, default=0, help="worker processes (default 0: inline)")
+    b.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
+                   help="skip images with more pixels (default 64 Mi)")
+    _add_convert(sub)
+    _add_plan(sub)
+    _add_slurm(sub)
     return p
+
+
+def _add_convert(sub) -> None:
+    """`convert to-hf | from-hf | verify`: Hugging Face export, import and verification."""
+    c = sub.add_parser("convert", help="Hugging Face export, import and verification")
+    csub = c.add_subparsers(dest="convert_command", required=True, parser_class=_Parser)
+    tol = dict(type=float, default=1e-3, help="largest allowed max abs logit difference (default 1e-3)")
+    tok = dict(default=None, help="tokenizer.json to use instead of the one under data.path")
+    t = csub.add_parser("to-hf", help="a checkpoint -> transformers LlavaForConditionalGeneration")
+    t.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_N) or run dir (its latest)")
+    t.add_argument("out", help="output directory")
+    t.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="weight dtype (default: the checkpoint's)")
+    t.add_argument("--tokenizer", **tok)
+    t.add_argument("--no-verify", action="store_true", help="skip comparing logits after the export")
+    t.add_argument("--tol", **tol)
+    f = csub.add_parser("from-hf", help="HF LLaVA / Llama / Mistral (+ Pixtral tower) -> a run dir "
+                                        "that `mmpretrain train` starts from")
+    f.add_argument("hf_dir", help="HF model directory (LLaVA with a Pixtral tower, or a causal LM)")
+    f.add_argument("out", help="output run directory (gets checkpoints/step_00000000 and latest)")
+    f.add_argument("--config", required=True, help="the job config the weights must fit")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    f.add_argument("--vision-tower", default=None, help="HF Pixtral vision model (or LLaVA) directory")
+    f.add_argument("--trust-pickle", action="store_true",
+                   help="allow pickle .bin weights (loading a pickle can run arbitrary code)")
+    v = csub.add_parser("verify", help="compare the logits of a checkpoint and its HF export")
+    v.add_argument("ckpt", help="checkpoint dir or run dir")
+    v.add_argument("hf_dir", help="HF model directory")
+    v.add_argument("--tokenizer", **tok)
+    v.add_argument("--tol", **tol)
+
+
+def _add_plan(sub) -> None:
+    """`plan CONFIG --nodes N`: memory, FLOPs and step time of a job config on a cluster."""
+    p = sub.add_parser("plan", help="parameters, memory per GPU, FLOPs and step time of a config "
+                                    "on N nodes (exit 1 when it does not fit)")
+    p.add_argument("config", help="YAML job config")
+    p.add_argument("--nodes", type=int, required=True, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "b200"],
+                   help="GPU kind (default h100)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model-FLOPs utilisation of a busy GPU assumed for the step time (default 0.4)")
+    p.add_argument("--image-fraction", type=float, default=1.0,
+                   help="share of decoder positions that are image tokens (default 1: the worst case)")
+    p.add_argument("--spec", choices=["te", "local"], default="te",
+                   help="kernels: te (Transformer Engine, flash attention; GPUs) or local "
+                        "(megatron-core's portable spec, dense attention scores)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--suggest", type=int, default=3, metavar="K",
+                   help="when it does not fit, list the K fastest layouts that do (default 3)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def _add_slurm(sub) -> None:
+    """`slurm render CONFIG --nodes N`: an sbatch script for the config."""
+    s = sub.add_parser("slurm", help="Slurm job scripts")
+    ssub = s.add_subparsers(dest="slurm_command", required=True, parser_class=_Parser)
+    r = ssub.add_parser("render", help="write an sbatch script for a config (layout checked first)")
+    r.add_argument("config", help="YAML job config")
+    r.add_argument("--nodes", type=int, required=True, help="nodes")
+    r.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node (default 8)")
+    r.add_argument("--partition", default=None, help="Slurm partition")
+    r.add_argument("--account", default=None, help="Slurm account")
+    r.add_argument("--time", default="04:00:00", help="time limit (default 04:00:00)")
+    r.add_argument("--signal-seconds", type=int, default=600,
+                   help="send USR1 (checkpoint, stop, requeue) this long before the limit (default 600)")
+    r.add_argument("--container", default=None, help="container image (pyxis/enroot srun flags)")
+    r.add_argument("--mounts", action="append", default=[], metavar="SRC:DST[,SRC:DST]",
+                   help="container mounts (repeatable)")
+    r.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    r.add_argument("--python", default=None,
+                   help="python on the nodes (default: this interpreter; 'python' in a container)")
+    r.add_argument("--job-name", default=None, help="job name (default mmp-<config name>)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field in the job (repeatable)")
+    r.add_argument("-o", "--output", default=None,
+                   help="write the script to this file instead of stdout")
 
 
 def _train(args) -> None:
@@ -59,6 +152,18 @@ def _eval(args) -> None:
     eval_main(args.run, args.samples)
 
 
+def _data(args) -> None:
+    if args.data_command == "build":
+        import json
+
+        from mmpretrain.data.build import build
+
+        summary = build(args.input, args.out, args.workers, args.max_pixels)
+        print(json.dumps(summary))
+    else:
+        _synth(args)
+
+
 def _synth(args) -> None:
     from mmpretrain.data.synth import synthesize
 
@@ -66,6 +171,69 @@ def _synth(args) -> None:
         raise ConfigError(f"--samples must be positive, got {args.samples}")
     meta = synthesize(args.out, samples=args.samples, seed=args.seed)
     print(f"dataset ready in {args.out}: {meta}")
+
+
+def _convert(args) -> None:
+    if args.convert_command == "to-hf":
+        from mmpretrain.hf.export import export
+        from mmpretrain.hf.verify import verify
+
+        ckpt = export(args.ckpt, args.out, args.shard_size, args.dtype, args.tokenizer)
+        if not args.no_verify:
+            verify(ckpt, args.out, args.tol, args.tokenizer)
+    elif args.convert_command == "from-hf":
+        from mmpretrain.config import load
+
+        cfg = load(args.config, args.set)
+        from mmpretrain.hf.import_ import import_hf
+
+        import_hf(args.hf_dir, args.out, cfg, args.vision_tower, args.trust_pickle)
+    else:
+        from mmpretrain.hf.verify import verify
+
+        verify(args.ckpt, args.hf_dir, args.tol, args.tokenizer)
+
+
+def _plan(args) -> int:
+    import json
+
+    from mmpretrain import planner
+    from mmpretrain.config import load
+    from mmpretrain.planner import report, suggest
+
+    cfg = load(args.config, args.set)
+    kw = dict(gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
+              image_fraction=args.image_fraction, spec=args.spec)
+    plan = planner.plan_job(cfg, args.nodes, **kw)
+    if args.json:
+        print(json.dumps(report.as_dict(plan)))
+        return 0 if plan.fits else 1
+    print(report.text(plan, cfg, args.config, args.nodes, args.gpus_per_node))
+    plan_of = lambda c: planner.plan_job(c, args.nodes, vocab_size=plan.vocab,  # noqa: E731
+                                         validate=False, **kw)
+    if hint := suggest.balance_hint(cfg, plan, plan_of):
+        print(hint)
+    if not plan.fits and args.suggest:
+        print(report.suggestions(suggest.suggest(cfg, plan.world, args.gpus_per_node, plan_of,
+                                                 args.suggest)))
+    return 0 if plan.fits else 1
+
+
+def _slurm(args) -> None:
+    from pathlib import Path
+
+    from mmpretrain.slurm import JobSpec, log_dir, render
+
+    spec = JobSpec(args.config, args.nodes, args.gpus_per_node, args.run_dir, args.time,
+                   args.partition, args.account, args.container, args.mounts, args.python,
+                   args.job_name, args.set, args.signal_seconds,
+                   script=Path(args.output).name if args.output else "job.sbatch")
+    text = render(spec)
+    log_dir(text).mkdir(parents=True, exist_ok=True)  # Slurm opens the log before the script runs
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,10 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import about each missing optional kernel library (TE, apex).
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "eval": _eval, "data": _synth}[args.command]
+    handler = {"train": _train, "eval": _eval, "data": _data, "convert": _convert,
+               "plan": _plan, "slurm": _slurm}[args.command]
     try:
-        handler(args)
+        status = handler(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mmpretrain: error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    return 0
+    except VerificationError as e:
+        print(f"mmpretrain: verification failed: {e}", file=sys.stderr)
+        return VERIFY_FAILED
+    return status or 0

@@ -83,6 +83,14 @@ class DecoderConfig:
 
 
 @dataclass
+class DatasetConfig:
+    path: str = ""
+    """An MDS shard directory (or a dataset directory holding <split>/), local or a remote URL."""
+    weight: float = 1.0
+    """Share of the training mixture, relative to the other datasets' weights."""
+
+
+@dataclass
 class DataConfig:
     path: str = "data-synth"
     """Dataset directory holding train/, heldout/ and tokenizer.json (as `data synth` writes)."""
@@ -96,6 +104,32 @@ class DataConfig:
     """Largest factor by which a small image may be enlarged."""
     shuffle_seed: int = 0
     """Seed of the sample order."""
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """Training mixture of {path, weight}; empty: <path>/train alone."""
+    cache_dir: str = ""
+    """Local cache for shards of remote datasets; empty: ~/.cache/mmpretrain/shards."""
+    resize: Literal["native", "tiles"] = "native"
+    """Image policy: 'native' (aspect kept, token budget) or 'tiles' (NVLM tiles + thumbnail)."""
+    max_image_side: int = 0
+    """native: longest image side in pixels after resizing (0: only the token budget caps it)."""
+    max_tiles: int = 6
+    """tiles: most tiles per image, the thumbnail not counted."""
+    tile_size: int = 448
+    """tiles: side of a square tile in pixels (a multiple of patch_size x projector.merge)."""
+    tile_thumbnail: bool = True
+    """tiles: add a global thumbnail after the tiles when there is more than one tile."""
+    max_image_pixels: int = 67108864
+    """Images with more pixels are skipped before decoding (decompression bombs)."""
+    decoder: Literal["auto", "dali", "pillow"] = "auto"
+    """Image decoder: 'dali' ('mixed' on GPU, else its CPU pipeline), 'pillow', 'auto' (DALI on GPU, else Pillow)."""
+    workers: int = 0
+    """Processes that read, decode and tokenize samples ahead of the packer (0: in the training process)."""
+    long_samples: Literal["truncate", "drop"] = "truncate"
+    """A sample longer than seq_length (or over max_patches): cut its end, or skip it; both counted."""
+    max_patches: int = 0
+    """Largest encoder stream (patches of all images) of one micro-batch; 0: no limit."""
+    pack_buffer: float = 2.0
+    """Micro-batches' worth of tokens the best-fit packer holds before forming a micro-batch."""
 
 
 @dataclass
@@ -122,6 +156,10 @@ class TrainConfig:
     """Parameter/compute dtype; 'auto' is bf16 on GPU and fp32 on CPU."""
     seed: int = 1234
     """Seed of initialisation and dropout."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (attention core only) or full (each layer's input kept)."""
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """FP8 recipe of the linear layers (Transformer Engine, H100 and newer); null for bf16."""
 
 
 @dataclass
@@ -136,6 +174,8 @@ class ParallelConfig:
     """Split the decoder's activations along the sequence over the tensor-parallel group."""
     distributed_optimizer: bool = False
     """Shard optimizer states over the data-parallel group."""
+    first_stage_decoder_layers: int | None = None
+    """Decoder layers on the first pipeline stage (which also runs the vision encoder); None: even."""
 
 
 @dataclass
@@ -193,6 +233,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -327,3 +372,20 @@ def validate(cfg: Config) -> None:
                           f"decoder.num_query_groups {d.num_query_groups}")
     if cfg.data.image_token_budget < cfg.projector.merge ** 2:
         raise ConfigError("data.image_token_budget is smaller than one merged token")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    """Checks of the data section (image policy, mixture, packing)."""
+    d, unit = cfg.data, cfg.vision.patch_size * cfg.projector.merge
+    if d.resize == "tiles" and (d.tile_size <= 0 or d.tile_size % unit):
+        raise ConfigError(f"data.tile_size {d.tile_size} is not a positive multiple of "
+                          f"vision.patch_size x projector.merge = {unit}")
+    if not 1 <= d.max_tiles <= 12:
+        raise ConfigError(f"data.max_tiles: must be 1..12 (the tokenizer's tile tags), got {d.max_tiles}")
+    for i, ds in enumerate(d.datasets):
+        if not ds.path or ds.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}]: needs a path and a positive weight, got {ds}")
+    if d.workers < 0 or d.max_patches < 0 or d.pack_buffer < 1 or d.max_image_pixels <= 0:
+        raise ConfigError("data.workers/max_patches must be >= 0, data.pack_buffer >= 1, "
+                          "data.max_image_pixels > 0")

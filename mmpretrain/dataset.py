@@ -1,11 +1,15 @@
-"""Open a dataset directory (as `mmpretrain data synth` writes it) for training or evaluation."""
+"""Open a dataset directory (as `mmpretrain data synth` or `data build` writes it) for training or
+evaluation: the tokenizer, the image policy, the packing settings and the (mixture of) shards."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mmpretrain.config import Config, ConfigError
-from mmpretrain.data.loader import ImageSettings, PackedLoader
-from mmpretrain.data.shards import ShardReader
+from mmpretrain.data.images import ImageSettings
+from mmpretrain.data.loader import PackedLoader, PackingSettings
+from mmpretrain.data.source import open_dataset
 from mmpretrain.data.tokenizer import TextTokenizer
 
 
@@ -19,17 +23,38 @@ def open_tokenizer(cfg: Config) -> TextTokenizer:
 
 
 def image_settings(cfg: Config) -> ImageSettings:
-    """The native-resolution image policy of this config."""
-    return ImageSettings(cfg.vision.patch_size, cfg.data.image_token_budget,
-                         cfg.projector.merge, cfg.data.max_upscale)
+    """The image policy of this config (native resolution or NVLM tiles)."""
+    d = cfg.data
+    return ImageSettings(cfg.vision.patch_size, d.image_token_budget, cfg.projector.merge,
+                         d.max_upscale, policy=d.resize, max_tiles=d.max_tiles,
+                         tile_size=d.tile_size, thumbnail=d.tile_thumbnail, max_side=d.max_image_side,
+                         max_pixels=d.max_image_pixels, decoder=d.decoder)
 
 
-def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
-                shuffle: bool = True) -> PackedLoader:
-    """A packed loader over `<data.path>/<split>`."""
+def packing_settings(cfg: Config) -> PackingSettings:
+    """How this config packs sequences into micro-batches."""
+    d = cfg.data
+    return PackingSettings(d.pack_buffer, d.max_patches, d.long_samples)
+
+
+def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
+    """The shard readers of `split` and their mixture weights (None: one dataset)."""
+    if split == "train" and cfg.data.datasets:
+        return ([open_dataset(ds.path, split, cfg.data.cache_dir) for ds in cfg.data.datasets],
+                [ds.weight for ds in cfg.data.datasets])
     path = Path(cfg.data.path) / split
     if not path.is_dir():
         raise ConfigError(f"data.path: {cfg.data.path!r} has no {split}/ split")
-    return PackedLoader(ShardReader(path), tok, image_settings(cfg), cfg.data.seq_length,
-                        cfg.data.micro_batch_size, seed=cfg.data.shuffle_seed,
-                        dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle)
+    return [open_dataset(path, split)], None
+
+
+def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
+                shuffle: bool = True, device_id: int | None = None) -> PackedLoader:
+    """A packed loader over `<data.path>/<split>`, or over the `data.datasets` mixture for train."""
+    readers, weights = _readers(cfg, split)
+    if device_id is None and cfg.data.workers == 0 and torch.cuda.is_available():
+        device_id = torch.cuda.current_device()  # DALI's mixed decoder (not in forked workers)
+    return PackedLoader(readers, tok, image_settings(cfg), cfg.data.seq_length,
+                        cfg.data.micro_batch_size, seed=cfg.data.shuffle_seed, dp_rank=dp_rank,
+                        dp_size=dp_size, shuffle=shuffle, packing=packing_settings(cfg),
+                        workers=cfg.data.workers, weights=weights, device_id=device_id)

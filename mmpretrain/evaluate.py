@@ -11,7 +11,6 @@ from pathlib import Path
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, load
 from mmpretrain.data.packing import RowPacker
-from mmpretrain.data.sequence import build_sequence, truncate
 from mmpretrain.dataset import make_loader, open_tokenizer
 from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
@@ -36,8 +35,8 @@ def packed_batches(samples: list[dict], loader) -> list:
     packer = RowPacker(loader.seq_len, loader.micro_batch, loader.tok.pad_id)
     out = []
     for sample in samples:
-        seq = build_sequence(sample, loader.tok, loader.prepare, loader.merge)
-        if (batch := packer.add(truncate(seq, loader.seq_len, loader.tok))) is not None:
+        seq, _ = loader.maker.sequence(sample)  # the loader's image policy and long-sample rule
+        if seq is not None and (batch := packer.add(seq)) is not None:
             out.append(batch)
     if (batch := packer.flush()) is not None:
         out.append(batch)

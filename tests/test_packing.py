@@ -1,4 +1,5 @@
 """Token sequences, truncation, packing, the masks derived from a packed batch, the loader."""
+import pytest
 import torch
 from mmpretrain.data.images import ImagePatches
 from mmpretrain.data.packing import RowPacker, pack_rows
@@ -100,3 +101,30 @@ def test_row_packer_fills_rows_in_order_and_flushes():
     assert last.tokens.shape == (2, 10) and int((last.sample_ids[0] == 0).sum()) == 7
     assert (last.sample_ids[1] == -1).all()
     assert packer.flush() is None
+
+
+def test_best_subset_fills_exactly_when_it_can():
+    from mmpretrain.data.bestfit import best_subset
+
+    assert best_subset([5, 9, 3, 4], 12) == [1, 2]  # 9 + 3: the earliest exact fill
+    assert sum([7, 7, 7][i] for i in best_subset([7, 7, 7], 20)) == 14
+    assert best_subset([30, 40], 10) == [] and best_subset([], 10) == []
+
+
+def test_best_fit_packer_rows_budget_and_order():
+    from mmpretrain.data.bestfit import BestFitPacker
+
+    seqs = [TokenSequence([1] * n, [True] * n, [fake_image(1, p)] if p else [])
+            for n, p in ((6, 4), (5, 0), (4, 0), (5, 4), (3, 4), (1, 0), (9, 0))]
+    packer = BestFitPacker(seq_len=10, rows=2, pad_id=0, buffer_tokens=30, max_patches=8)
+    for k, s in enumerate(seqs):
+        packer.add(k, s)
+    assert packer.full
+    batch = packer.pop_batch()
+    rows = [[int(x) for x in batch.sample_ids[r].unique() if x >= 0] for r in range(2)]
+    assert (batch.sample_ids >= 0).sum() == 20  # both rows filled exactly
+    assert batch.tokens[0, 0] == 1 and int((batch.sample_ids[0] == 0).sum()) == 6  # the oldest first
+    assert batch.patches.shape[0] <= 8  # two of the three 4-patch samples at most
+    assert len(packer.pending) == 7 - sum(len(r) for r in rows)
+    with pytest.raises(ValueError, match="fits no"):
+        packer.add(99, TokenSequence([1] * 11, [True] * 11))

@@ -52,10 +52,10 @@ def test_index_errors(tmp_path):
 
 
 def test_missing_index_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nothing"))):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nothing"))):
         ShardReader(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no MDS index"):
+    with pytest.raises(FileNotFoundError, match="no MDS index"):
         ShardReader(tmp_path / "empty")
 
 
@@ -75,7 +75,7 @@ def test_failed_write_leaves_no_index(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         write_shards(tmp_path / "ds", broken(), size_limit=2048)
     assert not (tmp_path / "ds" / "index.json").exists()
-    with pytest.raises(ValueError):
+    with pytest.raises(FileNotFoundError):
         ShardReader(tmp_path / "ds")
 
 

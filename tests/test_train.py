@@ -1,5 +1,4 @@
 """Training through megatron-core's schedule, DDP and optimizer, in-process on CPU."""
-import itertools
 import math
 
 import torch
@@ -26,10 +25,10 @@ def changed(module, before):
 
 def test_alignment_stage_trains_only_the_projector(megatron_world, small_dataset):
     cfg = small_cfg(small_dataset, "vision.freeze=true", "decoder.freeze=true")
-    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    _, tok, (model,), ddps, optimizer, scheduler = setup(cfg)
     before = {name: snapshot(getattr(model, name)) for name in ("vision", "projector", "language_model")}
-    batches = iter(make_loader(cfg, "train", tok))
-    loss, tokens, grad_norm, ok = train_step(ddp, optimizer, batches, 1, 128, 2)
+    batch = next(iter(make_loader(cfg, "train", tok)))
+    loss, tokens, grad_norm, ok = train_step(ddps, optimizer, [batch], 128)
     assert ok and tokens > 0 and grad_norm > 0 and loss > 0
     assert not changed(model.vision, before["vision"])
     assert not changed(model.language_model, before["language_model"])
@@ -38,11 +37,11 @@ def test_alignment_stage_trains_only_the_projector(megatron_world, small_dataset
 
 def test_loss_falls_on_a_repeated_batch(megatron_world, small_dataset):
     cfg = small_cfg(small_dataset, "train.lr=1e-3", "train.steps=20")
-    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    _, tok, _, ddps, optimizer, scheduler = setup(cfg)
     batch = next(iter(make_loader(cfg, "train", tok)))
     losses = []
     for _ in range(12):
-        loss, *_ = train_step(ddp, optimizer, itertools.repeat(batch), 1, 128, 2)
+        loss, *_ = train_step(ddps, optimizer, [batch], 128)
         scheduler.step(1)
         losses.append(loss)
     assert losses[-1] < 0.75 * losses[0], losses
@@ -56,10 +55,10 @@ def test_bf16_step_checkpoint_and_reload(megatron_world, small_dataset, tmp_path
     from mmpretrain.model.build import build_model
 
     cfg = small_cfg(small_dataset, "train.precision=bf16")
-    tok, model, ddp, optimizer, scheduler = setup(cfg)
+    _, tok, (model,), ddps, optimizer, scheduler = setup(cfg)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     loader = make_loader(cfg, "train", tok)
-    loss, *_ = train_step(ddp, optimizer, iter(loader), 1, 128, 2)
+    loss, *_ = train_step(ddps, optimizer, [next(iter(loader))], 128)
     assert math.isfinite(loss)
     with cuda_to_cpu():
         path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, loader.state_dict(), cfg,

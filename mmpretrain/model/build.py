@@ -1,9 +1,10 @@
-"""Build the model named by a Config; the one place that turns config into modules."""
+"""Build the model named by a Config; the one place that turns config and layout into modules."""
 from __future__ import annotations
 
 import math
 
 import torch
+from megatron.core import parallel_state as ps
 
 from mmpretrain.config import Config
 from mmpretrain.model.decoder import LanguageDecoder
@@ -28,38 +29,66 @@ def param_dtype(cfg: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[p]
 
 
-def set_frozen(module: torch.nn.Module, frozen: bool) -> None:
+def set_frozen(module: torch.nn.Module | None, frozen: bool) -> None:
     """Freeze or unfreeze all parameters of a module."""
-    for p in module.parameters():
+    for p in module.parameters() if module is not None else ():
         p.requires_grad_(not frozen)
 
 
-def build_model(cfg: Config, vocab_size: int, image_token_id: int) -> NVLMDecoderOnly:
-    """The NVLM model for this config, on the current device, freezing flags applied."""
+def _configs(cfg: Config):
     dtype, gpu = param_dtype(cfg), torch.cuda.is_available()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    v, d = cfg.vision, cfg.decoder
+    p, v, d = cfg.parallel, cfg.vision, cfg.decoder
+    common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu)
+    # The encoder runs whole on the first pipeline stage: to megatron it is a 1-stage model.
     vcfg = transformer_config(
         num_layers=v.num_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
-        ffn_hidden_size=v.ffn_hidden_size, norm_eps=v.norm_eps, init_std=cfg.model.init_std,
-        dtype=dtype, tp=tp, pp=1, rotary_interleaved=True, on_gpu=gpu)
+        ffn_hidden_size=v.ffn_hidden_size, norm_eps=v.norm_eps, pp=1, rotary_interleaved=True,
+        **common)
     dcfg = transformer_config(
         num_layers=d.num_layers, hidden_size=d.hidden_size, num_attention_heads=d.num_attention_heads,
         num_query_groups=d.num_query_groups, ffn_hidden_size=d.ffn_hidden_size, norm_eps=d.norm_eps,
-        init_std=cfg.model.init_std, dtype=dtype, tp=tp, pp=pp,
-        sequence_parallel=cfg.parallel.sequence_parallel, on_gpu=gpu)
-    vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta)
-    hidden = cfg.projector.hidden_size or d.hidden_size
-    projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
-    decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, tp), cfg.data.seq_length,
-                              d.rope_theta)
-    model = NVLMDecoderOnly(vision, projector, decoder, image_token_id)
-    # megatron's torch-norm fallback makes fp32 weights; the mixed-precision optimizer expects
-    # every parameter in the model dtype (megatron's own trainer casts through Float16Module).
-    model.to(dtype)
+        pp=p.pp, vpp=p.vpp, first_stage_layers=p.first_stage_decoder_layers,
+        sequence_parallel=p.sequence_parallel, **common)
+    return vcfg, dcfg
+
+
+def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
+                vp_stage: int | None) -> NVLMDecoderOnly:
+    """The model chunk of this pipeline rank for virtual stage `vp_stage`."""
+    first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    v, d = cfg.vision, cfg.decoder
+    vision = projector = None
+    if first:
+        vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta)
+        hidden = cfg.projector.hidden_size or d.hidden_size
+        projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
+    decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, cfg.parallel.tp),
+                              cfg.data.seq_length, d.rope_theta, first, last, vp_stage)
     set_frozen(vision, v.freeze)
     set_frozen(projector, cfg.projector.freeze)
     set_frozen(decoder, d.freeze)
-    if gpu:
-        model.cuda(torch.cuda.current_device())
-    return model
+    return NVLMDecoderOnly(vision, projector, decoder, image_token_id)
+
+
+def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device."""
+    vcfg, dcfg = _configs(cfg)
+    stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
+    chunks = []
+    for vp_stage in stages:
+        chunk = build_chunk(cfg, vocab_size, image_token_id, vcfg, dcfg, vp_stage)
+        # megatron's torch-norm fallback makes fp32 weights; the mixed-precision optimizer expects
+        # every parameter in the model dtype (megatron's own trainer casts through Float16Module).
+        chunk.to(dcfg.params_dtype)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def build_model(cfg: Config, vocab_size: int, image_token_id: int) -> NVLMDecoderOnly:
+    """The whole model as one module (no pipeline parallelism), on the current device."""
+    if cfg.parallel.pp != 1:
+        raise ValueError("build_model builds an unpipelined model; use build_model_chunks for pp > 1")
+    return build_model_chunks(cfg, vocab_size, image_token_id)[0]

@@ -12,17 +12,23 @@ from mmpretrain.model.vision import VisionEncoder
 
 
 class NVLMDecoderOnly(MegatronModule):
-    """The D design. `forward(batch)` returns the per-token loss [b, s] (or logits)."""
+    """The D design. `forward(batch)` returns the per-token loss [b, s] (or logits).
 
-    def __init__(self, vision: VisionEncoder, projector: Projector, language_model: LanguageDecoder,
-                 image_token_id: int):
+    One pipeline chunk of it: the vision encoder and projector exist only on the first stage
+    (with the decoder's embedding); `vision` and `projector` are None elsewhere.
+    """
+
+    def __init__(self, vision: VisionEncoder | None, projector: Projector | None,
+                 language_model: LanguageDecoder, image_token_id: int):
         super().__init__(language_model.config)  # the schedules read the decoder's config
         self.vision, self.projector, self.language_model = vision, projector, language_model
+        self.pre_process = language_model.pre_process
         self.image_token_id = image_token_id
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline hook; with one stage there is nothing to receive."""
+        """Pipeline hook: the previous stage's hidden states (None on the first stage)."""
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
         self.language_model.block.set_input_tensor(input_tensor)
@@ -50,7 +56,9 @@ class NVLMDecoderOnly(MegatronModule):
         return emb.transpose(0, 1).contiguous()
 
     def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
-        """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp]."""
+        """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
+        stage; hidden states on a stage before it."""
         mask = batch.decoder_attention_mask()  # [b, 1, s, s]
-        return self.language_model(self.embed(batch), batch.position_ids, mask,
-                            batch.labels if with_loss else None)
+        embeddings = self.embed(batch) if self.pre_process else None
+        return self.language_model(embeddings, batch.position_ids, mask,
+                                   batch.labels if with_loss else None)

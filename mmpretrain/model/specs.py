@@ -13,7 +13,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
                        ffn_hidden_size: int, norm_eps: float, init_std: float, dtype: torch.dtype,
-                       tp: int, pp: int, num_query_groups: int | None = None,
+                       tp: int, pp: int, vpp: int | None = None,
+                       first_stage_layers: int | None = None, num_query_groups: int | None = None,
                        sequence_parallel: bool = False, rotary_interleaved: bool = False,
                        on_gpu: bool = False) -> TransformerConfig:
     """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use."""
@@ -25,6 +26,7 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=init_std,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, num_layers_in_first_pipeline_stage=first_stage_layers,
         sequence_parallel=sequence_parallel, rotary_interleaved=rotary_interleaved,
         # Fused kernels come from apex/TE on GPU; these are the portable paths.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
@@ -32,6 +34,9 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         attention_softmax_in_fp32=True,
         # CPU init makes a TP-sharded init identical to the unsharded one.
         use_cpu_initialization=not on_gpu,
+        # gloo: batched isend/irecv can pair an activation with a gradient when the previous and
+        # next stage are the same rank (pp=2, virtual stages); the unbatched path keeps them apart.
+        batch_p2p_comm=on_gpu,
         calculate_per_token_loss=True,
     )
 

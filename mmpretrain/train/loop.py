@@ -10,12 +10,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mmpretrain import checkpoint
-from mmpretrain.config import Config, ConfigError, dump
+from mmpretrain.config import Config, dump
 from mmpretrain.dataset import make_loader, open_tokenizer
-from mmpretrain.model.build import build_model
+from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
+from mmpretrain.parallel.layout import ParallelLayout
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
+from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
 from mmpretrain.train.step import device, train_step
 
 log = logging.getLogger("mmpretrain")
@@ -36,38 +38,32 @@ class CountingIterator:
         return batch
 
 
-def microbatches_per_step(cfg: Config, dp: int) -> int:
-    """Micro-batches each data-parallel rank runs per optimizer step."""
-    per_step = cfg.data.micro_batch_size * dp
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible "
-                          f"by data.micro_batch_size x data-parallel size = {per_step}")
-    return cfg.train.global_batch_size // per_step
-
-
-def setup(cfg: Config):
-    """Process groups, tokenizer, model, DDP, optimizer and schedule."""
-    p = cfg.parallel
-    init_distributed(p.tp, p.pp, p.vpp, seed=cfg.train.seed)
+def setup(cfg: Config, world_size: int | None = None, init_weights=None):
+    """Layout (validated before any process group), process groups, tokenizer, model chunks,
+    DDP, optimizer and schedule. `init_weights(chunks)`, if given, sets the weights before the
+    optimizer copies them."""
+    layout = ParallelLayout.from_config(cfg, world_size)
     tok = open_tokenizer(cfg)
+    init_distributed(layout.tp, layout.pp, layout.vpp, seed=cfg.train.seed)
     with cuda_to_cpu():
-        model = build_model(cfg, tok.vocab_size, tok.img_id)
-        ddp = wrap_ddp(model, cfg)
-        optimizer = build_optimizer(ddp, cfg)
-    return tok, model, ddp, optimizer, build_scheduler(optimizer, cfg)
+        chunks = build_model_chunks(cfg, tok.vocab_size, tok.img_id)
+        if init_weights is not None:
+            init_weights(chunks)
+        ddps = wrap_ddp(chunks, cfg)
+        optimizer = build_optimizer(ddps, cfg)
+    return layout, tok, chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
 
 
 def train(cfg: Config, run_dir: str | Path) -> dict:
     """Train per `cfg` into `run_dir`; return the last logged record."""
     run_dir = Path(run_dir)
-    tok, model, ddp, optimizer, scheduler = setup(cfg)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    n_micro = microbatches_per_step(cfg, dp)
-    loader = make_loader(cfg, "train", tok, dp_rank, dp)
+    layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
+    n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
+    loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp)
     start, consumed = 0, 0
     if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
         with cuda_to_cpu():
-            meta = checkpoint.load_training(ckpt, model, optimizer, scheduler)
+            meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
         start, consumed = meta["step"], meta["consumed_samples"]
         if meta["loader"] is not None:
             loader.load_state_dict(meta["loader"])
@@ -77,16 +73,17 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
         log.info("model: %.2fM trainable parameters on rank 0; %d micro-batches x %d sequences x "
-                 "%d tokens per step per dp rank", trainable_parameters(model) / 1e6, n_micro,
+                 "%d tokens per step per dp rank", trainable_parameters(chunks) / 1e6, n_micro,
                  cfg.data.micro_batch_size, cfg.data.seq_length)
     metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard) if is_rank0() else None
     batches = CountingIterator(loader)
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1: save after this step, then exit
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.time()
-        loss, _, grad_norm, _ = train_step(ddp, optimizer, batches, n_micro, cfg.data.seq_length,
-                                           cfg.data.micro_batch_size)
+        microbatches = [next(batches) for _ in range(n_micro)]
+        loss, _, grad_norm, _ = train_step(ddps, optimizer, microbatches, cfg.data.seq_length)
         scheduler.step(1)
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
@@ -97,10 +94,16 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                       "samples_seen": consumed + int(seen), "step_time": dt}
             metrics.log(record)
         every = cfg.checkpoint.every
-        if step == cfg.train.steps or (every and step % every == 0):
+        stop = preempt.stop_requested(device())  # agreed by all ranks
+        if step == cfg.train.steps or (every and step % every == 0) or stop:
             with cuda_to_cpu():
-                checkpoint.save(run_dir, step, model, optimizer, scheduler, loader.state_dict(),
+                checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
                                 cfg, consumed + int(seen), cfg.checkpoint.keep)
+        if stop and step < cfg.train.steps:
+            if metrics:
+                metrics.close()
+            raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
+    preempt.uninstall()
     if metrics:
         metrics.close()
     return record

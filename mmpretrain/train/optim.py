@@ -10,28 +10,31 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from mmpretrain.config import Config
 
 
-def wrap_ddp(model: torch.nn.Module, cfg: Config) -> DistributedDataParallel:
-    """megatron DDP (gradient buckets in fp32) and the schedule hooks on the model's config."""
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer),
-        module=model)
-    ddp.config.no_sync_func = ddp.no_sync
-    ddp.config.finalize_model_grads_func = finalize_model_grads
-    return ddp
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
+    """megatron DDP per model chunk (gradient buckets in fp32), and the schedule's hooks on the
+    chunks' shared config."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    ddps = [DistributedDataParallel(chunk.config, ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)  # as megatron does for later chunks
+            for i, chunk in enumerate(chunks)]
+    config = ddps[0].config
+    no_sync = [d.no_sync for d in ddps]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddps
 
 
-def build_optimizer(ddp: DistributedDataParallel, cfg: Config):
+def build_optimizer(ddps: list[DistributedDataParallel], cfg: Config):
     """Adam (decoupled weight decay) with grad clipping, over the DDP buffers."""
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
-        clip_grad=t.clip_grad, bf16=ddp.config.bf16, params_dtype=ddp.config.params_dtype,
+        clip_grad=t.clip_grad, bf16=ddps[0].config.bf16, params_dtype=ddps[0].config.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    return get_megatron_optimizer(ocfg, [ddp])
+    return get_megatron_optimizer(ocfg, ddps)
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
@@ -44,6 +47,6 @@ def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
         end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant")
 
 
-def trainable_parameters(model: torch.nn.Module) -> int:
+def trainable_parameters(chunks: list[torch.nn.Module]) -> int:
     """Parameters that train on this rank."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)

@@ -31,28 +31,42 @@ def forward_step(data_iterator, model, with_loss: bool = True):
 
 
 def reduce_losses(outputs: list[dict]) -> tuple[float, float]:
-    """(mean loss per text token, text tokens) over micro-batches and data-parallel ranks."""
+    """(mean loss per text token, text tokens) over micro-batches and data-parallel ranks,
+    known on every rank (only the last pipeline stage computes it)."""
     if not outputs:  # not the last pipeline stage
         totals = torch.zeros(2, device=device())
     else:
         totals = torch.stack([o["lm loss"] for o in outputs]).sum(0).float()
     if dist.is_initialized():  # NCCL reduces device tensors only
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss, tokens = totals.tolist()
     return loss / max(tokens, 1.0), tokens
 
 
-def train_step(ddp, optimizer, batches, num_microbatches: int, seq_len: int, micro_batch: int):
-    """Forward/backward over `num_microbatches`, then the optimizer step.
+def forward_backward(ddps: list, microbatches: list, seq_len: int, forward_only: bool = False):
+    """megatron's schedule (no pipelining, 1F1B or interleaved by the layout) over a step's
+    micro-batches; every model chunk reads the same micro-batches in order."""
+    iterators = [iter(microbatches) for _ in ddps]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(ddps) > 1 else iterators[0], model=ddps,
+        num_microbatches=len(microbatches), seq_length=seq_len,
+        micro_batch_size=microbatches[0].tokens.shape[0], forward_only=forward_only)
+
+
+def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_backward=None):
+    """Forward/backward over one step's micro-batches, then the optimizer step.
+    `after_backward()`, if given, runs between them (the reduced gradients are in place).
 
     Returns (loss, text tokens, grad norm, update applied)."""
-    ddp.zero_grad_buffer()
+    for ddp in ddps:
+        ddp.zero_grad_buffer()
     optimizer.zero_grad()
     with cuda_to_cpu():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=batches, model=[ddp],
-            num_microbatches=num_microbatches, seq_length=seq_len, micro_batch_size=micro_batch,
-            forward_only=False)
+        outputs = forward_backward(ddps, microbatches, seq_len)
+        if after_backward is not None:
+            after_backward()
         ok, grad_norm, _ = optimizer.step()
     loss, tokens = reduce_losses(outputs)
     return loss, tokens, float(grad_norm or 0.0), bool(ok)

@@ -1,0 +1,226 @@
+"""Image decoding: encoded bytes -> RGB uint8 pixels [H, W, 3], by DALI or Pillow, same pixels.
+
+Every image is first probed from its header (Pillow reads only the header): an empty file, an
+unidentifiable one, or one over the pixel limit (a decompression bomb) raises `ImageError` before
+any pixel is decoded. Then:
+
+- `PillowDecoder` decodes everything Pillow reads;
+- `DaliDecoder` decodes JPEG and PNG with NVIDIA DALI: the CPU pipeline (`device_id=None`) or the
+  `mixed` (nvJPEG) decoder on a GPU. Images go through one at a time (DALI cannot batch images of
+  different sizes into one tensor) and leave it as host arrays. What DALI does not read, or reads
+  differently (GIF, WebP/LA/16-bit alpha, palette transparency), and any image DALI fails on, is
+  decoded by Pillow instead, so a bad image is judged the same way by both.
+
+Both apply the EXIF orientation, expand grayscale and palette images, convert CMYK, scale 16-bit
+samples with round(v * 255 / 65535), and composite alpha over white with the same function, so
+Pillow and DALI's CPU pipeline give identical pixels (tests check each case).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ORIENTATION_TAG = 0x0112
+TRANSPOSE = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
+             4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
+             6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
+             8: [Image.Transpose.ROTATE_90]}  # EXIF orientation -> Pillow ops (as exif_transpose)
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `reason` is a short metric name."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # "empty_image" | "corrupt_image" | "image_too_large"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says about an encoded image."""
+
+    format: str  # "JPEG", "PNG", ...
+    mode: str  # Pillow mode: "RGB", "L", "P", "RGBA", "CMYK", "I;16", ...
+    width: int  # stored width, before the EXIF orientation
+    height: int
+    has_alpha: bool  # an alpha channel or a transparent palette entry
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read the header; raise ImageError for an empty, unidentifiable or over-size image."""
+    if len(data) == 0:
+        raise ImageError("empty_image", "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for garbage
+        raise ImageError("corrupt_image", f"unreadable image header: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError("image_too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    alpha = img.mode in ALPHA_MODES or "transparency" in img.info
+    return ImageInfo(img.format or "", img.mode, w, h, alpha)
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """[H, W, 4] uint8 -> [H, W, 3] uint8: alpha-blend over an opaque white background."""
+    a = rgba[..., 3:4].astype(np.uint32)
+    rgb = rgba[..., :3].astype(np.uint32)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """[H, W] / [H, W, 1|2|3|4] uint8 or uint16 -> [H, W, 3] uint8 (shared by all decoders)."""
+    if pixels.dtype == np.uint16:
+        pixels = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    c = pixels.shape[-1]
+    if c == 2:  # gray + alpha
+        pixels = np.concatenate([np.repeat(pixels[..., :1], 3, -1), pixels[..., 1:]], -1)
+        c = 4
+    if c == 4:
+        return composite_on_white(pixels)
+    if c == 1:
+        return np.repeat(pixels, 3, -1)
+    return pixels
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as by DALI
+        return 1
+
+
+def _pillow_pixels(img: Image.Image) -> np.ndarray:
+    """A loaded Pillow image -> array with the channels to_rgb expects."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode in ("RGB", "L"):
+        return np.asarray(img)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        return np.asarray(img.convert("RGBA"))
+    return np.asarray(img.convert("RGB"))
+
+
+class PillowDecoder:
+    """Decode with Pillow (libjpeg-turbo, zlib) on the CPU."""
+
+    name = "pillow"
+
+    def __call__(self, data: bytes, info: ImageInfo | None = None) -> np.ndarray:
+        """Encoded bytes -> [H, W, 3] uint8; ImageError when the data cannot be decoded."""
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            for op in TRANSPOSE.get(_orientation(img), []):
+                img = img.transpose(op)
+            return to_rgb(_pillow_pixels(img))
+        except ImageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ImageError("corrupt_image", f"undecodable image: {e}") from None
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DaliDecoder:
+    """Decode JPEG/PNG with DALI, one image per pipeline run; Pillow for the rest.
+
+    `device_id=None` runs DALI's CPU pipeline; an integer runs the `mixed` decoder on that GPU.
+    """
+
+    name = "dali"
+    FORMATS = {"JPEG": ("RGB", "L", "CMYK"), "PNG": ("RGB", "L", "P", "RGBA")}
+
+    def __init__(self, device_id: int | None = None, num_threads: int = 1):
+        if not dali_available():
+            raise ImportError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+        self.device_id, self.num_threads = device_id, num_threads
+        self.pillow = PillowDecoder()
+        self._pipes: dict[bool, object] = {}  # keep alpha? -> built pipeline
+        self.fallbacks = 0  # images decoded by Pillow instead
+
+    def _pipe(self, alpha: bool):
+        if alpha not in self._pipes:
+            self._pipes[alpha] = _build_pipeline(self.device_id, self.num_threads, alpha)
+        return self._pipes[alpha]
+
+    def handles(self, info: ImageInfo) -> bool:
+        """Whether DALI decodes this image to the same pixels as Pillow."""
+        modes = self.FORMATS.get(info.format, ())
+        if info.mode not in modes:
+            return False
+        return not info.has_alpha or info.mode == "RGBA"
+
+    def __call__(self, data: bytes, info: ImageInfo | None = None) -> np.ndarray:
+        """Encoded bytes -> [H, W, 3] uint8; ImageError when the data cannot be decoded."""
+        info = info or probe(data, max_pixels=1 << 62)
+        if not self.handles(info):
+            self.fallbacks += 1
+            return self.pillow(data, info)
+        alpha = info.mode == "RGBA"
+        pipe = self._pipe(alpha)
+        try:
+            pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+            (out,) = pipe.run()
+        except RuntimeError:  # a failed pipeline is no longer usable: rebuild it, ask Pillow
+            self._pipes.pop(alpha, None)
+            self.fallbacks += 1
+            return self.pillow(data, info)
+        if self.device_id is not None:
+            out = out.as_cpu()
+        return to_rgb(np.array(out[0]))  # [H, W, C]
+
+
+def _build_pipeline(device_id: int | None, num_threads: int, alpha: bool):
+    """A DALI pipeline: one encoded image in, its decoded pixels out (RGB, or RGBA if `alpha`)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+    def decode_pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
+                                 output_type=types.ANY_DATA if alpha else types.RGB)
+
+    pipe = decode_pipeline()
+    pipe.build()
+    return pipe
+
+
+def make_decoder(kind: str = "auto", device_id: int | None = None):
+    """'pillow'; 'dali' (error if DALI is absent): `mixed` on GPU `device_id`, else the CPU
+    pipeline; 'auto': DALI `mixed` when a GPU is given and DALI imports, else Pillow (on CPU,
+    DALI's pipeline decodes the same pixels with the same libjpeg-turbo, no faster)."""
+    if kind == "pillow" or (kind == "auto" and (device_id is None or not dali_available())):
+        return PillowDecoder()
+    if kind in ("dali", "auto"):
+        return DaliDecoder(device_id)
+    raise ValueError(f"unknown decoder {kind!r} (auto, dali, pillow)")
+
+
+def decode_image(data: bytes, decoder, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Probe, check the limits, decode: bytes -> [H, W, 3] uint8 (EXIF-oriented)."""
+    info = probe(data, max_pixels)
+    return decoder(data, info)

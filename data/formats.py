@@ -1,0 +1,183 @@
+"""Users' data -> samples (see shards.py for the sample format).
+
+Inputs `mmpretrain data build` reads, one raw record at a time:
+- JSONL (`.jsonl`, one JSON object a line; image paths relative to the file):
+    pair          {"image": "a.jpg", "text" | "caption": "..."}
+    conversation  {"image": "a.jpg" | ["a.jpg", ...], "conversations": [{"from": "human",
+                   "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}, ...]}
+    interleaved   {"segments": [{"text": "..."}, {"image": "a.jpg"}, ...]}  or
+                  {"texts": ["...", null, ...], "images": [null, "a.jpg", ...]} (parallel lists)
+- WebDataset tars (`.tar`, or a directory of them): members grouped by key (the name up to the
+  first dot); an image (.jpg .jpeg .png .webp) plus .txt (the caption) or .json ("caption"/"text").
+`to_sample` turns a raw record into a sample or raises RecordError with a skip reason.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+
+
+class RecordError(ValueError):
+    """A record that becomes no sample; `reason` names the skip counter."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # bad_record | missing_file | empty_text | undecodable_image | oversize_image
+
+
+@dataclass
+class RawRecord:
+    """One record as read: the parsed JSON (or tar group), where it came from, its image bytes."""
+
+    where: str  # "<file>:<line>" or "<tar>:<key>"
+    data: dict
+    base: str = ""  # directory image paths are relative to ("" for tars)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # tar members by extension
+
+
+def read_jsonl(path: Path) -> Iterator[RawRecord]:
+    """One RawRecord per non-empty line; a line that is not a JSON object is a bad record."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                data = {"__error__": f"not JSON: {e}"}
+            if not isinstance(data, dict):
+                data = {"__error__": "not a JSON object"}
+            yield RawRecord(f"{path}:{n}", data, str(path.parent))
+
+
+def read_tar(path: Path) -> Iterator[RawRecord]:
+    """One RawRecord per key of a WebDataset tar (members of a key are consecutive)."""
+    key, blobs = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            k = member.name[: len(member.name) - len(name)] + k
+            if key is not None and k != key:
+                yield RawRecord(f"{path}:{key}", {}, "", blobs)
+                blobs = {}
+            key = k
+            blobs["." + ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield RawRecord(f"{path}:{key}", {}, "", blobs)
+
+
+def read_input(spec: str) -> Iterator[RawRecord]:
+    """Records of a .jsonl file, a .tar file, or a directory of .jsonl / .tar files."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".tar"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .jsonl or .tar files")
+        for p in files:
+            yield from read_input(str(p))
+    elif path.suffix == ".jsonl" and path.is_file():
+        yield from read_jsonl(path)
+    elif path.suffix == ".tar" and path.is_file():
+        yield from read_tar(path)
+    else:
+        raise FileNotFoundError(f"{spec}: not a .jsonl file, a .tar file or a directory of them")
+
+
+def _load(base: str, rel) -> bytes:
+    if not isinstance(rel, str) or not rel:
+        raise RecordError("bad_record", f"image path {rel!r} is not a string")
+    path = Path(base) / rel
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RecordError("missing_file", f"{path}: {e.strerror or e}") from None
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise RecordError("bad_record", f"text {value!r} is not a string")
+    return value
+
+
+def conversation_segments(turns, n_images: int) -> list[dict]:
+    """LLaVA turns -> segments; each `<image>` in the text places the next image (unplaced ones
+    go first), each turn is written 'user: ...' / 'assistant: ...' on its own line."""
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("bad_record", "conversations must be a non-empty list")
+    text = "\n".join(f"{ROLES.get(t.get('from'), t.get('from'))}: {_text(t.get('value'))}"
+                     for t in turns if isinstance(t, dict))
+    pieces = text.split("<image>")
+    placed = min(len(pieces) - 1, n_images)
+    segments: list[dict] = [{"image": k} for k in range(placed, n_images)]
+    for k, piece in enumerate(pieces):
+        if piece.strip():
+            segments.append({"text": piece.strip("\n") if k else piece.lstrip("\n")})
+        if k < placed:
+            segments.append({"image": k})
+    return segments
+
+
+def _jsonl_sample(rec: RawRecord) -> tuple[str, list[dict], list[bytes]]:
+    d = rec.data
+    if "__error__" in d:
+        raise RecordError("bad_record", d["__error__"])
+    if "segments" in d or ("texts" in d and "images" in d):
+        segs = d.get("segments") or [{"text": t} if t is not None else {"image": i}
+                                     for t, i in zip(d["texts"], d["images"])]
+        images, segments = [], []
+        for seg in segs:
+            if isinstance(seg, dict) and "image" in seg:
+                images.append(_load(rec.base, seg["image"]))
+                segments.append({"image": len(images) - 1})
+            elif isinstance(seg, dict) and "text" in seg:
+                segments.append({"text": _text(seg["text"])})
+            else:
+                raise RecordError("bad_record", f"bad segment {seg!r}")
+        return "interleaved", segments, images
+    paths = d.get("image")
+    paths = [] if paths is None else paths if isinstance(paths, list) else [paths]
+    images = [_load(rec.base, p) for p in paths]
+    if "conversations" in d:
+        return "conversation", conversation_segments(d["conversations"], len(images)), images
+    text = d.get("text", d.get("caption"))
+    if text is None:
+        raise RecordError("bad_record", "no text, caption, conversations or segments")
+    return "caption", [{"image": k} for k in range(len(images))] + [{"text": _text(text)}], images
+
+
+def _tar_sample(rec: RawRecord) -> tuple[str, list[dict], list[bytes]]:
+    image = next((rec.blobs[e] for e in IMAGE_EXTS if e in rec.blobs), None)
+    if image is None:
+        raise RecordError("missing_file", f"no image member ({', '.join(IMAGE_EXTS)})")
+    if ".txt" in rec.blobs:
+        try:
+            text = rec.blobs[".txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError("bad_record", f".txt is not UTF-8: {e}") from None
+    elif ".json" in rec.blobs:
+        try:
+            meta = json.loads(rec.blobs[".json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecordError("bad_record", f".json: {e}") from None
+        text = _text(meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None)
+    else:
+        raise RecordError("empty_text", "no .txt or .json member")
+    return "caption", [{"image": 0}, {"text": text}], [image]
+
+
+def to_sample(rec: RawRecord, index: int) -> dict:
+    """The sample of a raw record (images not yet checked), or RecordError."""
+    kind, segments, images = _tar_sample(rec) if rec.blobs else _jsonl_sample(rec)
+    if not any(seg.get("text", "").strip() for seg in segments):
+        raise RecordError("empty_text", "no text")
+    return {"id": f"{index:09d}", "kind": kind, "segments": segments, "images": images}

@@ -1,0 +1,110 @@
+"""`mmpretrain convert to-hf CKPT OUT`: a dist checkpoint -> a transformers model directory.
+
+The checkpoint (saved under any TP/PP/DP layout) is loaded into one CPU process at TP=1/PP=1;
+its tensors are then converted group by group and written shard by shard, each source tensor
+released once converted, so memory peaks near one copy of the model plus one shard.
+
+The embedding and output layer keep their padded rows (a multiple of 128, see
+`model/build.padded_vocab_size`): `text_config.vocab_size` is the padded size, so the logits
+match ours column for column and a round trip is exact; the generation config suppresses the
+padding ids, which the tokenizer does not have.
+
+D at native resolution becomes LlavaForConditionalGeneration. X, H and tiled D need a
+remote-code model (a modeling file saved with the export); `configs.check_exportable` is where
+that choice is made.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmpretrain.config import Config
+from mmpretrain.hf import local
+from mmpretrain.hf.configs import check_exportable, llava_config
+from mmpretrain.hf.mapping import Dims, Group, check_covers, llava_groups, model_tensors
+from mmpretrain.hf.processor import write_text_files
+from mmpretrain.hf.shards import parse_size, plan_shards, save_shard, shard_name, write_index
+
+log = logging.getLogger("mmpretrain")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class Format:
+    """An export format: its tensor groups and its transformers config. (A remote-code format
+    for X/H/tiled D will also copy its configuration and modeling files into the export.)"""
+
+    groups: Callable[[Config], list[Group]]
+    config: Callable[..., object]  # (cfg, padded vocab size, tokenizer, dtype name) -> config
+
+
+FORMATS = {"llava": Format(lambda cfg: llava_groups(Dims.of(cfg)), llava_config)}
+
+
+def group_bytes(group: Group, sources: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Bytes the group's HF tensors take in `dtype` (computed on meta tensors, no copies)."""
+    meta = [torch.empty(sources[n].shape, device="meta") for n in group.ours]
+    return sum(t.numel() for t in group.to_hf(*meta)) * dtype.itemsize
+
+
+def convert_group(group: Group, sources: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """The HF tensors of one group; its source tensors are released from `sources`."""
+    outputs = group.to_hf(*(sources.pop(n) for n in group.ours))
+    return {name: t.to(dtype).contiguous() for name, t in zip(group.hf, outputs)}
+
+
+def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tensor],
+                  dtype: torch.dtype, shard_bytes: int) -> int:
+    """Write all groups as safetensors shards plus the index; return the number of shards."""
+    from tqdm import tqdm
+
+    sizes = [group_bytes(g, sources, dtype) for g in groups]
+    plan = plan_shards(sizes, shard_bytes)
+    weight_map: dict[str, str] = {}
+    with tqdm(total=len(groups), desc="to-hf", unit="group") as bar:
+        for i, members in enumerate(plan):
+            name, tensors = shard_name(i, len(plan)), {}
+            for k in members:
+                tensors.update(convert_group(groups[k], sources, dtype))
+                bar.set_postfix_str(groups[k].label, refresh=False)
+                bar.update()
+            save_shard(out / name, tensors)
+            weight_map.update(dict.fromkeys(tensors, name))
+            del tensors
+    write_index(out, weight_map, sum(sizes))
+    return len(plan)
+
+
+def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: str | None = None,
+           tokenizer: str | Path | None = None) -> Path:
+    """Write the checkpoint as a transformers model directory; return the checkpoint used."""
+    path = local.resolve_checkpoint(ckpt)
+    cfg = local.checkpoint_config(path)
+    fmt = FORMATS[check_exportable(cfg)]
+    shard_bytes = parse_size(shard_size)
+    tok = local.open_tokenizer(cfg, tokenizer)
+    out_dtype = DTYPES[dtype] if dtype else local.checkpoint_dtype(path)
+    log.info("to-hf: loading %s on CPU", path)
+    sources = model_tensors(local.load_cpu_model(path, cfg, tok).state_dict())
+    groups = fmt.groups(cfg)
+    check_covers(groups, sources)
+    vocab_size = sources["language_model.embedding.word_embeddings.weight"].shape[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("model-*-of-*.safetensors"):  # shards of an earlier export
+        stale.unlink()
+    n = write_weights(out, groups, sources, out_dtype, shard_bytes)
+    fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
+    write_text_files(out, cfg, tok, vocab_size)
+    (out / "mmpretrain.json").write_text(json.dumps(
+        {"checkpoint": str(path.resolve()), "design": cfg.model.design,
+         "format": check_exportable(cfg)}) + "\n")
+    log.info("to-hf: wrote %s (%d shard%s, %s)", out, n, "s" * (n > 1), DTYPE_NAMES[out_dtype])
+    return path

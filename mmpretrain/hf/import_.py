@@ -1,0 +1,245 @@
+"""`mmpretrain convert from-hf HF_DIR OUT --config JOB.yaml`: HF weights -> a run directory whose
+`latest` checkpoint `mmpretrain train` starts from.
+
+Sources: a LLaVA model with a Pixtral tower (all three parts), or a Llama/Mistral causal LM
+(the decoder) plus, with `--vision-tower`, a Pixtral vision model or another LLaVA's tower. What
+no source provides (the projector, usually) keeps the fresh initialisation of the job's seed.
+
+The model is built from the job config at TP=1/PP=1 on CPU, filled tensor group by tensor group
+(read lazily from safetensors), and saved as a weights-only dist checkpoint
+`OUT/checkpoints/step_00000000`: training loads it under any layout and starts at step 1 with a
+fresh optimizer, learning-rate schedule and data order.
+
+Every HF tensor's shape is checked against what the job config needs before anything is copied;
+a mismatch names the tensor. The vocabulary may be smaller than our padded embedding (rows
+beyond it keep their initialisation), never larger.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmpretrain.config import Config
+from mmpretrain.hf import ConversionError, local
+from mmpretrain.hf.configs import (
+    check_llava_config,
+    check_text_config,
+    check_vision_config,
+    vision_layers_used,
+)
+from mmpretrain.hf.mapping import (
+    DECODER,
+    EMBED,
+    LM_HEAD,
+    PROJECTOR,
+    VISION,
+    Dims,
+    Group,
+    canonical_name,
+    check_covers,
+    llava_groups,
+    model_tensors,
+)
+from mmpretrain.hf.shards import WeightReader
+
+log = logging.getLogger("mmpretrain")
+
+VOCAB_TENSORS = (EMBED, LM_HEAD)
+
+
+@dataclass
+class Source:
+    """One HF directory: its config, its tensors under canonical names, the parts it gives."""
+
+    dir: Path
+    config: dict
+    reader: WeightReader
+    names: dict[str, str] = field(default_factory=dict)  # canonical -> name in the files
+    parts: set[str] = field(default_factory=set)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the tensor with canonical name `name` (not read)."""
+        return self.reader.shape(self.names[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor with canonical name `name`, read now."""
+        return self.reader.get(self.names[name])
+
+
+def read_config(directory: Path) -> dict:
+    """An HF config with its defaults filled in, as a plain dict."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    return AutoConfig.from_pretrained(str(directory)).to_dict()
+
+
+def kind_of(config: dict) -> str:
+    """'llava', 'causal_lm' or 'pixtral', from the config's model_type."""
+    kind = config.get("model_type")
+    if kind == "llava":
+        return "llava"
+    if kind in ("llama", "mistral"):
+        return "causal_lm"
+    if kind == "pixtral":
+        return "pixtral"
+    raise ConversionError(f"model_type={kind!r}: expected llava, llama, mistral or pixtral")
+
+
+def open_source(directory: str | Path, trust_pickle: bool, wanted: set[str]) -> Source:
+    """An HF directory's tensors under canonical names, limited to the `wanted` parts."""
+    directory = Path(directory)
+    config = read_config(directory)
+    kind = kind_of(config)
+    src = Source(directory, config, WeightReader(directory, trust_pickle))
+    prefixes = {VISION: "vision_tower.", PROJECTOR: "multi_modal_projector.",
+                DECODER: "language_model."}
+    for name in src.reader.names():
+        canon = canonical_name(name, kind)
+        part = next((p for p, pre in prefixes.items() if canon.startswith(pre)), None)
+        if part in wanted:
+            src.names[canon] = name
+            src.parts.add(part)
+    if DECODER in src.parts and LM_HEAD not in src.names and EMBED in src.names:
+        src.names[LM_HEAD] = src.names[EMBED]  # tied input and output embeddings
+    return src
+
+
+def check_configs(src: Source, cfg: Config) -> None:
+    """The HF configs compute what the job's model computes (fields that shapes cannot show)."""
+    c = src.config
+    if c["model_type"] == "llava":
+        if DECODER in src.parts:
+            check_text_config(c["text_config"], cfg)
+        if VISION in src.parts:
+            check_vision_config(c["vision_config"], cfg)
+        if PROJECTOR in src.parts:
+            check_llava_config(c, cfg)
+    elif c["model_type"] == "pixtral":
+        check_vision_config(c, cfg)
+    else:
+        check_text_config(c, cfg)
+
+
+def drop_unused_vision_layers(src: Source, cfg: Config) -> None:
+    """A LLaVA tower whose feature layer is not the last: the layers after it feed nothing."""
+    if src.config["model_type"] != "llava" or VISION not in src.parts:
+        return
+    used = vision_layers_used(src.config)
+    for name in list(src.names):
+        if name.startswith("vision_tower.transformer.layers."):
+            if int(name.split(".")[3]) >= used:
+                del src.names[name]
+
+
+def expected_shapes(group: Group, ours: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """The HF shapes the job's model needs for this group (from meta tensors)."""
+    meta = [torch.empty(ours[n].shape, device="meta") for n in group.ours]
+    return [tuple(t.shape) for t in group.to_hf(*meta)]
+
+
+def check_shapes(group: Group, src: Source, ours: dict[str, torch.Tensor], cfg: Config) -> None:
+    """Each HF tensor of the group exists and has the shape the job config needs."""
+    for name, want in zip(group.hf, expected_shapes(group, ours)):
+        if name not in src.names:
+            raise ConversionError(f"{src.dir}: no tensor {name}, which the job config's model needs "
+                                  f"(vision.num_layers={cfg.vision.num_layers}, "
+                                  f"decoder.num_layers={cfg.decoder.num_layers})")
+        got = src.shape(name)
+        if name in VOCAB_TENSORS and got[1:] == want[1:] and got[0] <= want[0]:
+            continue  # a smaller vocabulary fills the first rows
+        if got != want:
+            raise ConversionError(f"{name}: shape {list(got)} in {src.dir}, but the job config needs "
+                                  f"{list(want)}")
+
+
+def check_unused(src: Source, groups: list[Group]) -> None:
+    """No HF tensor of a used part is left over (e.g. more layers than the job config has)."""
+    mapped = {n for g in groups for n in g.hf}
+    extra = sorted(set(src.names) - mapped)
+    if extra:
+        raise ConversionError(f"{extra[0]} (and {len(extra) - 1} more) from {src.dir} has no place in "
+                              f"the job config's model")
+
+
+def copy_group(group: Group, src: Source, ours: dict[str, torch.Tensor]) -> None:
+    """Convert one group and copy it into our parameters."""
+    values = group.from_hf(*(src.get(n) for n in group.hf))
+    with torch.no_grad():
+        for name, value in zip(group.ours, values):
+            ours[name][:value.shape[0]].copy_(value)  # vocab tensors may fill only the first rows
+
+
+def fill(model, sources: list[Source], cfg: Config) -> dict[str, str]:
+    """Copy every part the sources provide into the model; return {part: source dir}."""
+    from tqdm import tqdm
+
+    ours = model_tensors(model.state_dict())
+    groups = llava_groups(Dims.of(cfg))
+    check_covers(groups, ours)
+    plan = []
+    for src in sources:
+        mine = [g for g in groups if g.part in src.parts]
+        for g in mine:
+            check_shapes(g, src, ours, cfg)
+        check_unused(src, mine)
+        plan += [(g, src) for g in mine]
+    for g, src in tqdm(plan, desc="from-hf", unit="group"):
+        copy_group(g, src, ours)
+    return {part: str(src.dir) for src in sources for part in src.parts}
+
+
+def warn_vocab(src: Source, tok, model_vocab: int) -> None:
+    """Say when the HF vocabulary and the dataset's tokenizer disagree."""
+    if DECODER not in src.parts:
+        return
+    rows = src.shape(EMBED)[0]
+    if rows != model_vocab:
+        log.warning("from-hf: the HF embedding has %d rows, the job's model %d (tokenizer %d ids); "
+                    "rows %d.. keep their initialisation", rows, model_vocab, tok.vocab_size, rows)
+    image_id = src.config.get("image_token_index")
+    if image_id is not None and image_id != tok.img_id:
+        log.warning("from-hf: the HF image token id is %d, the tokenizer's [IMG] is %d",
+                    image_id, tok.img_id)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: str | Path | None = None,
+              trust_pickle: bool = False) -> Path:
+    """Write OUT/checkpoints/step_00000000 (and `latest`, OUT/config.yaml) from HF weights."""
+    from mmpretrain import checkpoint
+    from mmpretrain.config import dump
+    from mmpretrain.parallel import cuda_to_cpu
+
+    main = open_source(hf_dir, trust_pickle, {VISION, PROJECTOR, DECODER})
+    if DECODER not in main.parts:
+        raise ConversionError(f"{hf_dir}: no language model tensors (language_model.* or model.*)")
+    sources = [main]
+    if vision_tower is not None:
+        if VISION in main.parts:
+            raise ConversionError(f"{hf_dir} has a vision tower already; --vision-tower would replace it")
+        sources.append(open_source(vision_tower, trust_pickle, {VISION}))
+        if VISION not in sources[-1].parts:
+            raise ConversionError(f"{vision_tower}: no vision tower tensors")
+    build_cfg = local.single_process(copy.deepcopy(cfg))
+    if main.config.get("dtype") == "bfloat16":  # keep bf16 weights bf16 (half the memory)
+        build_cfg.train.precision = "bf16"
+    for src in sources:
+        check_configs(src, build_cfg)
+        drop_unused_vision_layers(src, build_cfg)
+    tok = local.open_tokenizer(build_cfg)
+    model = local.build_cpu_model(build_cfg, tok)
+    warn_vocab(main, tok, model.language_model.vocab_size)
+    parts = fill(model, sources, build_cfg)
+    log.info("from-hf: %s; fresh: %s", ", ".join(f"{k} <- {v}" for k, v in sorted(parts.items())),
+             ", ".join(sorted({VISION, PROJECTOR, DECODER} - set(parts))) or "nothing")
+    out = Path(out)
+    with cuda_to_cpu():
+        ckpt = checkpoint.save_weights(out, 0, model, cfg, source=str(Path(hf_dir).resolve()))
+    dump(cfg, out / "config.yaml")
+    log.info("from-hf: wrote %s; `mmpretrain train JOB.yaml --run-dir %s` starts from it", ckpt, out)
+    return ckpt

@@ -1,0 +1,82 @@
+"""Our side of a conversion: find a checkpoint, read its config, build the model on CPU at
+TP=1/PP=1 and load the weights (a dist checkpoint reshards from any saved layout)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmpretrain import checkpoint
+from mmpretrain.config import Config, ConfigError, ParallelConfig, load
+from mmpretrain.data.tokenizer import TextTokenizer
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (`.../checkpoints/step_N`) or a run directory (its `latest`)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    if path.is_dir():
+        found = checkpoint.latest_checkpoint(path)
+        if found is not None:
+            return found
+    raise ConfigError(f"{path}: not a checkpoint directory (no state.json) nor a run directory "
+                      f"with checkpoints/latest")
+
+
+def single_process(cfg: Config) -> Config:
+    """The config with the parallel layout of one process (TP=1, PP=1) and fp32 weights."""
+    cfg.parallel = ParallelConfig()
+    cfg.train.precision = "fp32"
+    return cfg
+
+
+def checkpoint_config(ckpt: Path) -> Config:
+    """The resolved config saved inside a checkpoint, for one CPU process."""
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint")
+    return single_process(load(path))
+
+
+def open_tokenizer(cfg: Config, override: str | Path | None = None) -> TextTokenizer:
+    """The dataset's tokenizer (`data.path`/tokenizer.json) or the file `override` names."""
+    path = Path(override) if override else Path(cfg.data.path) / "tokenizer.json"
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"no tokenizer at {path} (data.path is {cfg.data.path!r}; "
+                          f"pass --tokenizer PATH to name tokenizer.json)")
+    return TextTokenizer.load(path)
+
+
+def build_cpu_model(cfg: Config, tok: TextTokenizer):
+    """The model of `cfg` on CPU in one process, in eval mode (megatron initialised here)."""
+    from mmpretrain.model.build import build_model
+    from mmpretrain.parallel import cuda_to_cpu, init_distributed
+
+    init_distributed(seed=cfg.train.seed)
+    with cuda_to_cpu():
+        model = build_model(cfg, tok.vocab_size, tok.img_id)
+    return model.eval()
+
+
+def load_cpu_model(ckpt: Path, cfg: Config, tok: TextTokenizer):
+    """The checkpoint's model on CPU in fp32."""
+    from mmpretrain.parallel import cuda_to_cpu
+
+    model = build_cpu_model(cfg, tok)
+    with cuda_to_cpu():
+        checkpoint.load_model(ckpt, model)
+    return model
+
+
+def checkpoint_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (that of the word embeddings)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    for key, tensor in meta.items():
+        if "word_embeddings" in key and not key.startswith("optimizer"):
+            return tensor.dtype
+    return torch.float32

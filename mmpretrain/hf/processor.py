@@ -1,0 +1,70 @@
+"""Tokenizer, processor and generation files of an export, so that `AutoProcessor` and
+`generate` work on an image.
+
+The tokenizer is the dataset's `tokenizer.json` wrapped as a `PreTrainedTokenizerFast`, with a
+post-processor that puts `<s>` first, as every training sample begins. The processor is
+`PixtralProcessor` (`[IMG]` per patch, `[IMG_BREAK]` after each row, `[IMG_END]` last: the layout
+`data/sequence.py` trains on) over a `PixtralImageProcessor` with our CLIP mean/std.
+
+The resize differs from ours: `data/images.py` scales an image to at most
+`data.image_token_budget` patches (enlarging small ones up to `data.max_upscale`, flooring to whole
+patches), HF Pixtral caps the longest edge (never enlarging, rounding up to whole patches). The
+export sets the longest edge to the largest square within the budget, so HF never exceeds the
+budget; non-square images get fewer patches than in training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmpretrain.config import Config
+from mmpretrain.data.resize import MEAN, STD
+from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from mmpretrain.hf.configs import max_image_side
+
+NAMED = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def hf_tokenizer(tok: TextTokenizer, max_length: int):
+    """Our tokenizer as a PreTrainedTokenizerFast that prepends `<s>`."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = copy.deepcopy(tok.tokenizer)
+    inner.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_id)])
+    extra = [t for t in SPECIAL_TOKENS if t not in NAMED.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=inner, additional_special_tokens=extra,
+                                   model_max_length=max_length,
+                                   model_input_names=["input_ids", "attention_mask"], **NAMED)
+
+
+def hf_processor(cfg: Config, tokenizer):
+    """PixtralProcessor with our patch size, image tokens and normalisation."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    p = cfg.vision.patch_size
+    images = PixtralImageProcessor(
+        size={"longest_edge": max_image_side(cfg)}, patch_size={"height": p, "width": p},
+        image_mean=MEAN.tolist(), image_std=STD.tolist(), do_convert_rgb=True)
+    return PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=p,
+                            spatial_merge_size=cfg.projector.merge, image_token="[IMG]",
+                            image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+
+
+def generation_config(tok: TextTokenizer, vocab_size: int):
+    """Greedy by default; the padding rows of the embedding (ids >= the tokenizer's size) are
+    never generated."""
+    from transformers import GenerationConfig
+
+    pad_rows = list(range(tok.vocab_size, vocab_size))
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                            do_sample=False, suppress_tokens=pad_rows or None)
+
+
+def write_text_files(out: Path, cfg: Config, tok: TextTokenizer, vocab_size: int) -> None:
+    """Tokenizer, processor and generation config files into `out`."""
+    tokenizer = hf_tokenizer(tok, cfg.data.seq_length)
+    hf_processor(cfg, tokenizer).save_pretrained(out)
+    generation_config(tok, vocab_size).save_pretrained(out)

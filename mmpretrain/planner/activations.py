@@ -1,0 +1,162 @@
+"""Activation memory of one transformer layer for one micro-batch, per rank.
+
+The method is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models" (arXiv 2205.05198, section 4): count every tensor autograd keeps for the backward pass,
+with tensor parallelism dividing what lies inside the attention and MLP blocks and sequence
+parallelism dividing the rest. Their 34*s*b*h + 5*a*s^2*b bytes are for GPT (4h GELU MLP, dropout,
+LayerNorm); the counts here are re-derived for this model (RMSNorm, RoPE, GQA, SwiGLU, no dropout)
+from megatron-core's modules, with h the width, f the ffn width, a/g the query/key-value heads,
+d = h/a, t the tensor-parallel size and n the tokens of the stream:
+
+    input norm          n*h (/t with SP)      + n fp32 rstd (local: torch's RMSNorm keeps the
+                                               input and the normalised input, both in fp32)
+    QKV input           n*h (/t with SP)
+    RoPE cos, sin       4*n*d                  (local spec only; TE fuses RoPE)
+    q, k, v             n*a*d/t + 2*n*a*d/t    (local: k, v repeated to a heads for GQA)
+                        n*a*d/t + 2*n*g*d/t    (TE, or selective recompute)
+    scores              a/t*s^2 per sequence, fp32 softmax + a copy in the parameter dtype
+                        (local spec without recompute; flash attention keeps n*a/t fp32 instead)
+    attention output    n*a*d/t                (input of the output projection)
+    MLP norm, FC1 input as for attention
+    SwiGLU              2*n*f/t                (TE's fused SwiGLU keeps only FC1's output; local:
+                        + 2*n*f/t               + the silu output and megatron's `x_linear + offset`)
+    FC2 input           n*f/t
+
+Full recomputation keeps only each layer's input (n*h, /t with SP) and rebuilds one layer at a
+time in the backward pass (Korthikanti's 2*s*b*h). Under FP8 the linear layers keep their inputs in
+one byte. Besides what a layer keeps, its forward and backward need transient memory; for the
+local spec's materialised scores that is large, and the counts used here (raw scores and their fp32
+copy in the forward, four fp32 score-sized tensors at the backward of the in-place mask) were
+measured with torch's profiler on CPU, where `tests/test_planner.py` holds the whole estimate to 5%.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmpretrain.planner.workload import Numerics
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A transformer stack as the planner sees it."""
+
+    hidden: int
+    heads: int
+    groups: int
+    ffn: int
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes one layer keeps per micro-batch until its backward, and the transient memory its
+    backward and its forward need beyond that."""
+
+    saved: float
+    working: float
+    forward: float = 0.0
+
+
+def norm_kept(elements: float, rows: float, num: Numerics, trains: bool = True) -> float:
+    """Bytes an RMSNorm keeps: TE's fused norm its input and the fp32 rstd; torch's (local spec)
+    computes in fp32 and keeps the fp32 input, and the normalised input when its weight trains."""
+    if num.spec != "local":
+        return elements * num.param_bytes + rows * FP32
+    return elements * FP32 * (2 if trains else 1) + rows * FP32
+
+
+def score_elements(heads_per_rank: float, lengths: list[int] | tuple[int, ...]) -> float:
+    """Attention-score elements the local spec materialises: heads x len^2 per attended sequence."""
+    return heads_per_rank * sum(n * n for n in lengths)
+
+
+def layer_memory(shape: Shape, tokens: int, lengths: tuple[int, ...], tp: int, sp: bool,
+                 num: Numerics, trains: bool = True, grads: bool = True) -> LayerMemory:
+    """One layer over a stream of `tokens` made of dense-attention sequences of `lengths`
+    (the local spec's score blocks: decoder rows, or the encoder's whole packed stream).
+    A frozen layer (`trains` False) that gradients pass through keeps no linear-layer inputs and
+    no normalised inputs: those serve only weight gradients. A layer no gradient passes through
+    (`grads` False: frozen, with nothing before it training) keeps nothing."""
+    b, bl = num.param_bytes, num.linear_input_bytes
+    h, f, a, g, d = shape.hidden, shape.ffn, shape.heads, shape.groups, shape.head_dim
+    shard = tp if sp else 1
+    local = num.spec == "local"
+    outside = tokens * h / shard  # elements of a full-width tensor outside the TP blocks
+    norms = 2 * norm_kept(outside, tokens / shard, num, trains)
+    # inputs of QKV, output projection, FC1, FC2 (kept for the weight gradients only)
+    qkv_in, proj_in, fc1_in, fc2_in = (outside * bl, tokens * a * d / tp * bl, outside * bl,
+                                       tokens * f / tp * bl) if trains else (0.0,) * 4
+    keep_scores = local and num.recompute == "none"
+    kv_heads = a if keep_scores else g
+    qkv = tokens * (a + 2 * kv_heads) * d / tp * b
+    rope = 4 * tokens * d * b if local else 0.0
+    scores = score_elements(a / tp, lengths)
+    if keep_scores:
+        attention = scores * (FP32 + _copy(b))
+    else:
+        attention = 0.0 if local else tokens * a / tp * FP32 + tokens * a * d / tp * b * (bl != b)
+    swiglu = tokens * f / tp * b * (4 if local else 2)
+    full = norms + qkv_in + proj_in + fc1_in + fc2_in + qkv + rope + attention + swiglu
+    released = norms / 2 + fc1_in + fc2_in + swiglu + proj_in + attention  # before scores' backward
+    working = _working(tokens * f / tp * b, scores, released, num)
+    forward = _forward(scores, keep_scores and grads, num) if local else 0.0
+    if not grads:
+        return LayerMemory(0.0, 0.0, forward)
+    if num.recompute == "full":
+        return LayerMemory(outside * b, working + full, forward)
+    return LayerMemory(full, working, forward)
+
+
+def _copy(b: int) -> int:
+    """Bytes of the parameter-dtype copy the local spec makes around its fp32 softmax (none in fp32)."""
+    return b if b != FP32 else 0
+
+
+def _working(ffn_elements: float, scores: float, released: float, num: Numerics) -> float:
+    """Memory a layer's backward needs on top of what the stage keeps: the MLP's input gradients
+    (FC2 input, FC1 output); for the local spec the score gradients, four fp32 [a/t, s, s] at the
+    in-place mask's backward (measured), less what the MLP, the output projection and the kept
+    scores have released by then; recomputed scores come on top."""
+    b = num.param_bytes
+    mlp = 3 * ffn_elements
+    if num.spec != "local":
+        return mlp
+    recomputed = scores * (FP32 + _copy(b)) if num.recompute != "none" else 0.0
+    return max(mlp, recomputed + 4 * scores * FP32 - released)
+
+
+def _forward(scores: float, kept: bool, num: Numerics) -> float:
+    """The local spec's forward transients not kept: the raw scores, their fp32 copy, and (when
+    the layer keeps no scores) the softmax and its parameter-dtype copy."""
+    b = num.param_bytes
+    transient = scores * (b + (FP32 if b != FP32 else 0))
+    return transient + (0.0 if kept else scores * (FP32 + _copy(b)))
+
+
+def cross_attention_memory(shape: Shape, tokens: int, rows: int, images: int, tp: int, sp: bool,
+                           num: Numerics) -> LayerMemory:
+    """A gated cross-attention layer of X/H (an estimate until the model has one): the decoder
+    layer's accounting with queries over the `tokens` text positions and keys/values over the
+    `images` image tokens of the micro-batch (`rows` rows, each attending to its own images),
+    plus the inputs of the two tanh gates (the attention and MLP outputs)."""
+    b, bl = num.param_bytes, num.linear_input_bytes
+    h, f, a, g, d = shape.hidden, shape.ffn, shape.heads, shape.groups, shape.head_dim
+    local, shard = num.spec == "local", (tp if sp else 1)
+    outside = tokens * h / shard
+    kv_heads = a if local and num.recompute == "none" else g
+    kept = 2 * norm_kept(outside, tokens / shard, num) + 2 * outside * bl  # norms, q and FC1 inputs
+    kept += images * h * bl + tokens * a * d / tp * b + 2 * images * kv_heads * d / tp * b
+    scores = a / tp * tokens * images / max(rows, 1)  # each row's text over its row's images
+    kept += scores * (FP32 + _copy(b)) if local and num.recompute == "none" else tokens * a / tp * FP32
+    kept += tokens * a * d / tp * bl + tokens * f / tp * (b * (4 if local else 2) + bl)  # proj, MLP
+    kept += 2 * outside * b  # gate inputs
+    working = max(3 * tokens * f / tp * b, 4 * scores * FP32 if local else 0.0)
+    if num.recompute == "full":
+        return LayerMemory(outside * b, working + kept)
+    return LayerMemory(kept, working)

@@ -1,0 +1,85 @@
+"""Layouts that fit: a small search over tp, pp, virtual stages and recomputation.
+
+Sequence parallelism goes with tp > 1 and the distributed optimizer is always on (both only save
+memory); the micro-batch, precision and freezing stay as configured. Candidates that pass the
+layout checks and fit are ranked by predicted step time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from mmpretrain.config import Config, ConfigError
+from mmpretrain.planner.layout import check
+from mmpretrain.planner.plan import Plan
+
+TP = (1, 2, 4, 8)
+PP = (1, 2, 4, 5, 8, 10, 16)
+VPP = (None, 2, 4, 5)
+RECOMPUTE = ("none", "selective", "full")
+
+
+def candidates(cfg: Config, world: int, gpus_per_node: int):
+    """Configs of the other layouts to try (tensor parallelism stays inside a node)."""
+    layers = cfg.decoder.num_layers
+    for tp in (t for t in TP if t <= gpus_per_node):
+        for pp in (p for p in PP if layers % p == 0 and world % (tp * p) == 0):
+            for vpp in (v for v in VPP if v is None or (pp > 1 and (layers // pp) % v == 0)):
+                for recompute in RECOMPUTE:
+                    par = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp,
+                                              sequence_parallel=tp > 1, distributed_optimizer=True)
+                    if hasattr(par, "first_stage_decoder_layers"):
+                        par = dataclasses.replace(par, first_stage_decoder_layers=None)
+                    train = dataclasses.replace(cfg.train, recompute=recompute)
+                    yield dataclasses.replace(cfg, parallel=par, train=train)
+
+
+def balanced_first_stage(cfg: Config, plan: Plan) -> int | None:
+    """Decoder layers for the first pipeline stage that make it as fast as the others, which lack
+    the vision encoder: f * tau + E = (L - f) / (p - 1) * tau, with tau the time of one decoder
+    layer and E the encoder's, rounded to a split the layout accepts; None without pipelining."""
+    p, v, layers = cfg.parallel.pp, cfg.parallel.vpp or 1, cfg.decoder.num_layers
+    if p == 1:
+        return None
+    first, other = plan.stages[0], plan.stages[1]
+    tau = other.seconds / other.layers
+    encoder = first.seconds - first.layers * tau
+    best = (layers * tau - (p - 1) * encoder) / (p * tau)
+    valid = [f for f in range(v, layers + 1, v)
+             if (layers - f) % (p - 1) == 0 and ((layers - f) // (p - 1)) % v == 0]
+    return min(valid, key=lambda f: abs(f - best)) if valid else None
+
+
+def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> str | None:
+    """A line proposing `parallel.first_stage_decoder_layers` when it saves over 3% of a step."""
+    first = balanced_first_stage(cfg, plan)
+    if first is None or first == getattr(cfg.parallel, "first_stage_decoder_layers", None):
+        return None
+    par = dataclasses.replace(cfg.parallel, first_stage_decoder_layers=first)
+    cand = dataclasses.replace(cfg, parallel=par)
+    try:
+        check(cand, plan.world)
+    except ConfigError:
+        return None
+    better = plan_of(cand)
+    if not better.fits or better.step_seconds > 0.97 * plan.step_seconds:
+        return None
+    return (f"hint        the first stage also runs the vision encoder: --set "
+            f"parallel.first_stage_decoder_layers={first} balances the stages, "
+            f"{better.step_seconds:.2f} s/step instead of {plan.step_seconds:.2f}")
+
+
+def suggest(cfg: Config, world: int, gpus_per_node: int, plan_of: Callable[[Config], Plan],
+            top: int = 3) -> list[tuple[Config, Plan]]:
+    """The `top` fastest layouts of `world` GPUs that fit, fastest first."""
+    found = []
+    for cand in candidates(cfg, world, gpus_per_node):
+        try:
+            check(cand, world)
+        except ConfigError:
+            continue
+        plan = plan_of(cand)
+        if plan.fits:
+            found.append((plan.step_seconds, len(found), cand, plan))
+    found.sort(key=lambda item: item[:2])
+    return [(c, p) for _, _, c, p in found[:top]]

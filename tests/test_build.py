@@ -1,0 +1,93 @@
+"""`mmpretrain data build`: JSONL pairs, LLaVA conversations, interleaved documents and WebDataset
+tars become MDS shards; bad records are skipped and counted by reason; the summary is saved."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+from mmpretrain.data.build import build
+from mmpretrain.data.formats import conversation_segments
+from mmpretrain.data.shards import ShardReader
+from PIL import Image
+from test_decode import _png_header_only
+
+from mmpretrain.cli import main
+
+
+def png(seed=0, size=(24, 32)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+        buf, "PNG")
+    return buf.getvalue()
+
+
+def make_inputs(root):
+    (root / "img").mkdir(parents=True)
+    for k in range(3):
+        (root / "img" / f"{k}.png").write_bytes(png(k))
+    (root / "img" / "broken.png").write_bytes(png(9)[:40])
+    (root / "img" / "huge.png").write_bytes(_png_header_only(30000, 30000))
+    lines = [
+        {"image": "img/0.png", "text": "a pair"},
+        {"image": "img/1.png", "caption": "another pair"},
+        {"image": ["img/0.png", "img/2.png"], "conversations": [
+            {"from": "human", "value": "<image>\nand <image> - what differs?"},
+            {"from": "gpt", "value": "the colours."}]},
+        {"segments": [{"text": "intro"}, {"image": "img/2.png"}, {"text": "outro"}]},
+        {"texts": ["before", None, "after"], "images": [None, "img/1.png", None]},
+        {"image": "img/missing.png", "text": "no file"},
+        {"image": "img/broken.png", "text": "cut short"},
+        {"image": "img/huge.png", "text": "a bomb"},
+        {"image": "img/0.png", "text": "   "},
+        {"what": "ever"},
+    ]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    with tarfile.open(root / "wds.tar", "w") as tar:
+        for key, members in [("a", {"jpg": png(5), "txt": b"tar caption"}),
+                             ("b", {"png": png(6), "json": b'{"caption": "json caption"}'}),
+                             ("c", {"txt": b"no image"})]:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_build_converts_every_format_and_counts_skips(tmp_path):
+    src = make_inputs(tmp_path / "src")
+    summary = build([str(src / "data.jsonl"), str(src / "wds.tar")], tmp_path / "out", workers=0,
+                    max_pixels=100_000_000, progress=False)
+    assert summary["written"] == 7
+    assert summary["skipped"] == {"bad_record": 2, "empty_text": 1, "missing_file": 2,
+                                  "oversize_image": 1, "undecodable_image": 1}
+    assert summary["bytes"] > 0 and json.loads((tmp_path / "out" / "build_summary.json").read_text())
+    assert any("missing.png" in m for m in summary["skip_examples"]["missing_file"])
+    samples = list(ShardReader(tmp_path / "out"))
+    assert [s["kind"] for s in samples] == ["caption"] * 2 + ["conversation"] + ["interleaved"] * 2 \
+        + ["caption"] * 2
+    conv = samples[2]
+    assert [("image" if "image" in s else s["text"]) for s in conv["segments"]] == \
+        ["user: ", "image", "and ", "image", " - what differs?\nassistant: the colours."]
+    assert conv["images"] == [png(0), png(2)]
+    assert samples[3]["segments"] == [{"text": "intro"}, {"image": 0}, {"text": "outro"}]
+    assert samples[6]["segments"][-1] == {"text": "json caption"}
+
+
+def test_workers_give_the_same_shards_and_the_cli_prints_the_summary(tmp_path, capsys):
+    src = make_inputs(tmp_path / "src")
+    inline = build([str(src)], tmp_path / "a", workers=0, progress=False)
+    assert main(["data", "build", "--input", str(src), "--out", str(tmp_path / "b"),
+                 "--workers", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["written"] == inline["written"] and printed["skipped"] == inline["skipped"]
+    assert list(ShardReader(tmp_path / "a")) == list(ShardReader(tmp_path / "b"))
+    assert main(["data", "build", "--input", str(src / "nope.jsonl"), "--out",
+                 str(tmp_path / "c")]) == 2
+
+
+def test_conversation_images_without_placeholders_go_first():
+    segs = conversation_segments([{"from": "human", "value": "describe"},
+                                  {"from": "gpt", "value": "a dog"}], 1)
+    assert segs == [{"image": 0}, {"text": "user: describe\nassistant: a dog"}]

@@ -1,0 +1,133 @@
+"""`convert to-hf`: a tiny checkpoint -> LlavaForConditionalGeneration, loaded by transformers,
+with logits equal to ours (text only, one image, several images), and `generate` through the
+exported processor."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import random_checkpoint, tiny_config, write_dataset_tokenizer
+from safetensors import safe_open
+
+from mmpretrain.hf import local
+from mmpretrain.hf.export import export
+from mmpretrain.hf.verify import compare, load_hf, verify
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config, tokenizer, checkpoint, export dir) of a random tiny D model."""
+    from mmpretrain.parallel import init_distributed
+
+    init_distributed(1, 1, None, seed=1234)
+    root = tmp_path_factory.mktemp("hf_export")
+    tok = write_dataset_tokenizer(root / "data")
+    cfg = tiny_config(root / "data")
+    ckpt = random_checkpoint(root / "run", cfg, tok)
+    export(root / "run", root / "hf", shard_size="40KB")
+    return cfg, tok, ckpt, root / "hf"
+
+
+def test_export_files(tiny):
+    cfg, tok, _, out = tiny
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["LlavaForConditionalGeneration"]
+    assert conf["vision_config"]["model_type"] == "pixtral" and conf["text_config"]["model_type"] == "llama"
+    assert conf["image_token_index"] == tok.img_id
+    assert conf["vision_feature_layer"] == -1 and conf["vision_feature_select_strategy"] == "full"
+    assert conf["text_config"]["vocab_size"] == 384  # 300 tokens padded to a multiple of 128
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    for s in shards:
+        with safe_open(str(out / s), "pt") as f:
+            assert {k for k, v in index.items() if v == s} == set(f.keys())
+    assert "vision_tower.transformer.layers.1.attention.q_proj.weight" in index
+    assert "language_model.lm_head.weight" in index
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "processor_config.json"):
+        assert (out / name).is_file(), name
+
+
+def test_logits_equal_ours(tiny):
+    cfg, tok, ckpt, out = tiny
+    ours = local.load_cpu_model(ckpt, local.checkpoint_config(ckpt), tok)
+    diffs = compare(ours, load_hf(out), tok, cfg.vision.patch_size)
+    assert set(diffs) == {"text only", "one image", "several images"}
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_bf16_export_verifies(tiny, tmp_path):
+    cfg, tok, ckpt, _ = tiny
+    export(ckpt, tmp_path / "bf16", dtype="bf16")
+    with safe_open(str(tmp_path / "bf16" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_tensor("language_model.lm_head.weight").dtype == torch.bfloat16
+    assert max(verify(ckpt, tmp_path / "bf16", tol=1e-4).values()) < 1e-4
+
+
+def test_generate_through_the_processor(tiny):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _, tok, _, out = tiny
+    processor = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 45, 3), dtype=np.uint8))
+    inputs = processor(text="[IMG]question: what color is the star? answer:", images=image,
+                       return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids[0] == tok.bos_id and ids.count(tok.img_end_id) == 1
+    assert ids.count(tok.img_id) == (inputs["image_sizes"][0] // 4).prod()
+    generated = model.generate(**inputs, max_new_tokens=4)[0, len(ids):]
+    assert len(generated) > 0 and int(generated.max()) < tok.vocab_size  # padding ids suppressed
+    assert isinstance(processor.decode(generated, skip_special_tokens=True), str)
+
+
+def test_processor_pixels_equal_ours_at_the_same_size(tiny):
+    """At a size our resize keeps, the exported processor gives the pixels our pipeline gives."""
+    import io
+
+    from mmpretrain.data.images import ImagePatches, prepare
+    from mmpretrain.data.packing import pack_rows
+    from mmpretrain.data.sequence import TokenSequence
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from mmpretrain.hf.verify import pixel_batch
+
+    cfg, _, _, out = tiny
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    ours = prepare(png.getvalue(), cfg.vision.patch_size, cfg.data.image_token_budget, max_upscale=1.0)
+    assert (ours.rows, ours.cols) == (6, 8)
+    stream = pack_rows([[TokenSequence([0], [False], [ours])]], 1, 0).patches  # as the encoder reads
+    hf = AutoProcessor.from_pretrained(out)(text="[IMG]", images=image, return_tensors="pt")
+    pixels, sizes = pixel_batch([ImagePatches(stream, ours.rows, ours.cols)], cfg.vision.patch_size)
+    assert torch.equal(hf["image_sizes"], sizes)
+    torch.testing.assert_close(hf["pixel_values"], pixels, atol=1e-5, rtol=0)
+
+
+def test_cli_to_hf_verifies_and_fails_on_a_wrong_weight(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from mmpretrain.cli import main
+
+    _, _, ckpt, _ = tiny
+    assert main(["convert", "to-hf", str(ckpt.parent.parent), str(tmp_path / "hf"),
+                 "--tol", "1e-4"]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+    shard = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["vision_tower.ln_pre.weight"] += 0.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert main(["convert", "verify", str(ckpt), str(tmp_path / "hf")]) == 1
+    assert "verification failed" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    from mmpretrain.cli import main
+
+    assert main(["convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""`convert from-hf`: tiny HF models made here (LLaVA with a Pixtral tower, Llama, Mistral, a bare
+Pixtral tower) -> our checkpoint with equal logits; round trip exact; unsafe and mismatched
+inputs refused with errors that name the file, tensor or field."""
+import pytest
+import torch
+from hf_helpers import (
+    pixtral_config,
+    random_checkpoint,
+    randomize,
+    save_causal_lm,
+    save_llava,
+    save_pixtral,
+    text_config,
+    tiny_config,
+    write_dataset_tokenizer,
+)
+
+from mmpretrain.config import dump
+from mmpretrain.hf import ConversionError, local
+from mmpretrain.hf.export import export
+from mmpretrain.hf.import_ import import_hf
+from mmpretrain.hf.mapping import model_tensors
+from mmpretrain.hf.verify import hf_logits, our_logits, sample_cases
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """(root dir, config, tokenizer) with megatron initialised as one process."""
+    from mmpretrain.parallel import init_distributed
+
+    init_distributed(1, 1, None, seed=1234)
+    root = tmp_path_factory.mktemp("hf_import")
+    tok = write_dataset_tokenizer(root / "data")
+    return root, tiny_config(root / "data"), tok
+
+
+def imported(ckpt, cfg, tok):
+    return local.load_cpu_model(ckpt, local.single_process(cfg), tok)
+
+
+def max_diff(ours, theirs, tok, cfg, with_images=True) -> float:
+    """Max abs logit difference over the sample cases, on the HF model's vocabulary."""
+    worst = 0.0
+    for case in sample_cases(tok, cfg.vision.patch_size):
+        if case.images and not with_images:
+            continue
+        b = hf_logits(theirs, case, cfg.vision.patch_size)
+        a = our_logits(ours, case, tok.pad_id)[:, :b.shape[1]]
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def test_llava_with_pixtral_tower(env):
+    root, cfg, tok = env
+    hf = save_llava(root / "llava", cfg, tok)
+    ckpt = import_hf(root / "llava", root / "from_llava", cfg)
+    assert ckpt == root / "from_llava" / "checkpoints" / "step_00000000"
+    assert (root / "from_llava" / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_causal_lm_decoder(env, kind):
+    root, cfg, tok = env
+    hf = save_causal_lm(root / kind, cfg, kind)
+    ckpt = import_hf(root / kind, root / f"from_{kind}", cfg)
+    assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg, with_images=False) < 1e-4
+
+
+def test_causal_lm_plus_pixtral_tower(env):
+    from mmpretrain.data.packing import pack_rows
+    from mmpretrain.data.sequence import TokenSequence
+    from mmpretrain.parallel import cuda_to_cpu
+
+    from mmpretrain.hf.verify import pixel_batch, random_image
+
+    root, cfg, tok = env
+    save_causal_lm(root / "lm", cfg, "llama")
+    tower = save_pixtral(root / "pixtral", cfg)
+    ckpt = import_hf(root / "lm", root / "from_parts", cfg, vision_tower=root / "pixtral")
+    ours = imported(ckpt, cfg, tok)
+    images = [random_image(2, 3, 4, 0), random_image(3, 1, 4, 1)]
+    batch = pack_rows([[TokenSequence([0], [False], images)]], 1, 0)
+    with torch.no_grad(), cuda_to_cpu():
+        a = ours.vision(batch.patches, batch.patch_positions, batch.encoder_attention_mask())
+        pixels, sizes = pixel_batch(images, 4)
+        b = tower(pixels, image_sizes=sizes).last_hidden_state[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_round_trip_is_exact(env):
+    root, cfg, tok = env
+    ckpt = random_checkpoint(root / "source", cfg, tok, seed=7)
+    export(ckpt, root / "exported")
+    back = import_hf(root / "exported", root / "back", cfg)
+    a = model_tensors(imported(ckpt, cfg, tok).state_dict())
+    b = model_tensors(imported(back, cfg, tok).state_dict())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_pickle_refused_unless_trusted(env, capsys):
+    from mmpretrain.cli import main
+
+    root, cfg, tok = env
+    save_causal_lm(root / "pickled", cfg, "llama", safe=False)
+    assert list((root / "pickled").glob("*.bin"))
+    with pytest.raises(ConversionError, match="--trust-pickle"):
+        import_hf(root / "pickled", root / "from_pickle", cfg)
+    dump(cfg, root / "job.yaml")
+    args = ["convert", "from-hf", str(root / "pickled"), str(root / "from_pickle"),
+            "--config", str(root / "job.yaml")]
+    assert main(args) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main([*args, "--trust-pickle"]) == 0
+    assert (root / "from_pickle" / "checkpoints" / "latest").is_file()
+
+
+def test_shape_mismatch_names_the_tensor(env):
+    root, cfg, tok = env
+    save_causal_lm(root / "wide", cfg, "llama", intermediate_size=80)
+    with pytest.raises(ConversionError, match=r"layers\.0\.mlp\.gate_proj\.weight: shape \[80, 64\]"):
+        import_hf(root / "wide", root / "from_wide", cfg)
+
+
+@pytest.mark.parametrize("kind, overrides, match", [
+    ("llama", {"rope_theta": 10000.0}, "decoder.rope_theta.*rope_theta=10000.0"),
+    ("llama", {"num_key_value_heads": 4}, "decoder.num_query_groups.*num_key_value_heads=4"),
+    ("mistral", {"sliding_window": 16}, "sliding_window=16"),
+])
+def test_config_mismatch_names_the_field(env, kind, overrides, match):
+    root, cfg, tok = env
+    name = "_".join(overrides)
+    save_causal_lm(root / name, cfg, kind, **overrides)
+    with pytest.raises(ConversionError, match=match):
+        import_hf(root / name, root / f"from_{name}", cfg)
+
+
+def test_llava_feature_layer_before_the_last(env):
+    """vision_feature_layer=-2 of a 3-layer tower is our 2-layer encoder (the last layer unused)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    root, cfg, tok = env
+    conf = LlavaConfig(vision_config=pixtral_config(cfg, num_hidden_layers=3),
+                       text_config=text_config(cfg, vocab=tok.vocab_size), image_token_index=tok.img_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="full")
+    hf = LlavaForConditionalGeneration(conf).eval()
+    randomize(hf, 5)
+    hf.save_pretrained(root / "llava_l2")
+    ckpt = import_hf(root / "llava_l2", root / "from_llava_l2", cfg)
+    assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg) < 1e-4
+
+
+def test_training_starts_from_the_import(env):
+    """`mmpretrain train` on the run directory loads the imported weights with a fresh optimizer."""
+    from mmpretrain import checkpoint
+    from mmpretrain.train.loop import setup
+
+    root, cfg, tok = env
+    run = root / "from_llava"
+    if not run.exists():
+        save_llava(root / "llava", cfg, tok)
+        import_hf(root / "llava", run, cfg)
+    parts = setup(cfg)
+    chunks, optimizer, scheduler = parts[2], parts[4], parts[5]
+    meta = checkpoint.load_training(checkpoint.latest_checkpoint(run), chunks, optimizer, scheduler)
+    assert meta["step"] == 0 and meta["loader"] is None and meta["weights_only"]
+    want = model_tensors(imported(checkpoint.latest_checkpoint(run), cfg, tok).state_dict())
+    for name, value in model_tensors(chunks[0].state_dict()).items():
+        assert torch.equal(value, want[name]), name

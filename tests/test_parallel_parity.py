@@ -1,0 +1,102 @@
+"""Every parallel layout trains like one process: same weights and data in, the same losses for 3
+steps and the same first-step gradients out, to 1e-5 relative.
+
+The reference runs in this process (world of one); each world size starts one torchrun group that
+runs all its layouts in turn (tests/parallel_worker.py). Model variants (designs) are a parameter,
+so new designs join the suite by adding a config."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpretrain.config import load
+from mmpretrain.dataset import make_loader
+from mmpretrain.parallel.full_state import gather_full
+from mmpretrain.train.loop import setup
+from mmpretrain.train.step import train_step
+from parallel_worker import batch_from, batch_to
+
+HERE = Path(__file__).parent
+STEPS, MICRO = 3, 4  # optimizer steps; micro-batches (of one sequence) per global batch
+
+VARIANTS = {
+    "d": ["model.design=d"],
+}
+MODEL = ["vision.hidden_size=32", "vision.ffn_hidden_size=64", "vision.num_layers=2",
+         "decoder.num_layers=4", "decoder.hidden_size=64", "decoder.ffn_hidden_size=96",
+         "data.seq_length=128", "data.micro_batch_size=1", "data.image_token_budget=16",
+         f"train.global_batch_size={MICRO}", "train.steps=10", "train.warmup_steps=1",
+         "train.lr=1e-3", "train.precision=fp32"]
+LAYOUTS = {  # name: (world size, settings)
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp2_uneven": (2, ["parallel.pp=2", "parallel.first_stage_decoder_layers=1"]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "dp2": (2, []),
+    "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2_dp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+}
+
+
+def reference(base: list[str], out: Path) -> dict:
+    """One process: initial weights, the micro-batches of each step, losses and gradients."""
+    cfg = load(None, base)
+    _, tok, chunks, ddps, optimizer, scheduler = setup(cfg, world_size=1)
+    weights = gather_full(chunks)
+    loader = iter(make_loader(cfg, "train", tok))
+    batches = [[batch_to(next(loader)) for _ in range(MICRO)] for _ in range(STEPS)]
+    torch.save({"weights": weights, "batches": batches}, out)
+    grads, losses = {}, []
+    for step, global_batch in enumerate(batches):
+        capture = (lambda: grads.update(gather_full(chunks, grads=True))) if step == 0 else None
+        loss, *_ = train_step(ddps, optimizer, [batch_from(d) for d in global_batch],
+                              cfg.data.seq_length, after_backward=capture)
+        scheduler.step(1)
+        losses.append(loss)
+    return {"losses": losses, "grads": grads}
+
+
+def run_world(world: int, base: list[str], ref_path: Path, out: Path) -> None:
+    layouts = {name: sets for name, (w, sets) in LAYOUTS.items() if w == world}
+    spec = out / f"spec{world}.json"
+    spec.write_text(json.dumps({"base": base, "layouts": layouts, "reference": str(ref_path),
+                                "out": str(out)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+           "--standalone", str(HERE / "parallel_worker.py"), str(spec)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, small_dataset):
+    """{variant: (reference, {layout: result})}, computed once for the module."""
+    out = {}
+    for variant, sets in VARIANTS.items():
+        d = tmp_path_factory.mktemp(f"parity-{variant}")
+        base = [f"data.path={small_dataset}", *MODEL, *sets]
+        ref = reference(base, d / "reference.pt")
+        for world in sorted({w for w, _ in LAYOUTS.values()}):
+            run_world(world, base, d / "reference.pt", d)
+        out[variant] = (ref, {name: torch.load(d / f"{name}.pt", weights_only=True)
+                              for name in LAYOUTS})
+    return out
+
+
+@pytest.mark.parametrize("variant, layout", list(itertools.product(VARIANTS, LAYOUTS)))
+def test_layout_matches_one_process(results, variant, layout):
+    ref, got = results[variant][0], results[variant][1][layout]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]),
+                               rtol=1e-5, atol=0)
+    assert ref["losses"][-1] < ref["losses"][0]  # the steps did train
+    assert set(got["grads"]) == set(ref["grads"])
+    for name, g in ref["grads"].items():
+        err = (got["grads"][name] - g).norm() / g.norm().clamp(min=1e-12)
+        assert err <= 1e-5, f"{layout}: gradient of {name} differs by {err:.2e} (relative)"

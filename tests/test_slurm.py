@@ -1,0 +1,169 @@
+"""Rendered sbatch scripts: valid bash, clean under shellcheck, and, run on CPU with stand-in
+srun/scontrol, a 2-rank training job that checkpoints and requeues itself on USR1."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmpretrain.config import ConfigError
+from mmpretrain.slurm import JobSpec, render, time_seconds
+from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = sorted(ROOT.glob("jobs/nvlm-d-*.yaml"))
+
+# srun: start SLURM_NTASKS copies of the command (everything from the first non-option word), each
+# with its SLURM_PROCID/SLURM_LOCALID, forward TERM/USR1 to them, exit with the first failure.
+FAKE_SRUN = r'''#!PYTHON
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("-"):
+    args.pop(0)
+n = int(os.environ["SLURM_NTASKS"])
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    log.write(f"srun {n} tasks: {args[:2]}\n")
+procs = [subprocess.Popen(args, env={**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                                     "SLURM_NODEID": "0"}) for i in range(n)]
+def forward(sig, frame):
+    for p in procs:
+        p.send_signal(sig)
+signal.signal(signal.SIGUSR1, forward)
+signal.signal(signal.SIGTERM, forward)
+codes = [p.wait() for p in procs]
+sys.exit(next((c for c in codes if c != 0), 0))
+'''
+FAKE_SCONTROL = r'''#!/bin/bash
+case "$1" in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;
+  *) exit 1 ;;
+esac
+'''
+
+
+def shellcheck() -> str:
+    """shellcheck's path; missing is a failure, not a skip (`make test` installs it)."""
+    path = shutil.which("shellcheck")
+    assert path, "shellcheck is not installed: apt-get install -y shellcheck (make test does it)"
+    return path
+
+
+def check_script(path: Path) -> None:
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    r = subprocess.run([shellcheck(), "-s", "bash", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_shipped_jobs_render_clean_scripts(job, tmp_path):
+    nodes = int(job.read_text().split("--nodes ")[1].split()[0])
+    plain = render(JobSpec(str(job.relative_to(ROOT)), nodes, run_dir=str(tmp_path / "run"),
+                           workdir=str(ROOT)))
+    pyxis = render(JobSpec(str(job), nodes, run_dir=str(tmp_path / "run"), partition="batch",
+                           account="proj", time="2-00:00:00", container="nvcr.io/nvidia/pytorch:25.01-py3",
+                           mounts=["/lustre:/lustre,/data:/data"], overrides=["train.steps=10"],
+                           workdir=str(ROOT)))
+    for name, text in (("plain", plain), ("pyxis", pyxis)):
+        assert text.startswith("#!/bin/bash\n# sbatch ")
+        (tmp_path / f"{name}.sbatch").write_text(text)
+        check_script(tmp_path / f"{name}.sbatch")
+        assert f"#SBATCH --nodes={nodes}\n" in text and "#SBATCH --signal=B:USR1@600" in text
+        assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}" in text
+    assert "--container-image=nvcr.io" in pyxis and "--container-image" not in plain
+    assert "#SBATCH --partition=batch" in pyxis and "--set' 'train.steps=10'" in pyxis
+
+
+@pytest.mark.parametrize("nodes, gpus, sets, needle", [
+    (1, 6, [], "not divisible by parallel.tp x parallel.pp"),
+    (3, 8, ["parallel.tp=3"], "num_attention_heads"),
+    (4, 8, ["train.global_batch_size=100"], "global_batch_size"),
+    (3, 8, ["parallel.pp=3"], "num_layers"),
+    (2, 8, ["parallel.tp=2", "decoder.ffn_hidden_size=14337"], "ffn_hidden_size"),
+])
+def test_render_rejects_layouts_that_cannot_start(nodes, gpus, sets, needle):
+    with pytest.raises(ConfigError, match=needle):
+        render(JobSpec("jobs/nvlm-d-8b-pretrain.yaml", nodes, gpus, overrides=sets, workdir=str(ROOT)))
+
+
+def test_render_command_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "-m", "mmpretrain", "slurm", "render",
+                        "jobs/nvlm-d-72b-pretrain.yaml", "--nodes", "3"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "world size 24 is not divisible" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+
+
+def test_time_limits():
+    assert time_seconds("30") == 1800 and time_seconds("10:30") == 630
+    assert time_seconds("04:00:00") == 14400 and time_seconds("1-12") == 129600
+    assert time_seconds("2-00:30:00") == 174600
+    with pytest.raises(ConfigError, match="--time"):
+        time_seconds("four hours")
+    with pytest.raises(ConfigError, match="signal-seconds"):
+        render(JobSpec("jobs/nvlm-d-8b-align.yaml", 2, time="5", workdir=str(ROOT)))
+
+
+def fake_slurm_bin(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN.replace("PYTHON", sys.executable, 1)),
+                       ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, proc) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the job ended early:\n" + proc.stdout.read()[-4000:]
+        assert time.time() < end, "timed out"
+        time.sleep(0.5)
+
+
+def test_rendered_job_trains_two_ranks_then_checkpoints_and_requeues_on_usr1(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    spec = JobSpec("jobs/tiny-d.yaml", nodes=1, gpus_per_node=2, run_dir=str(run), time="00:30:00",
+                   signal_seconds=60, python=sys.executable, workdir=str(ROOT), overrides=[
+                       f"data.path={small_dataset}", "data.seq_length=128", "data.micro_batch_size=2",
+                       "data.image_token_budget=16", "train.global_batch_size=4", "train.steps=1000",
+                       "logging.every=1", "logging.tensorboard=false"])
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(spec))
+    check_script(script)
+    log = tmp_path / "slurm.log"
+    env = {**os.environ, "PATH": f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1",
+           "SLURM_NTASKS": "2", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "FAKE_SLURM_LOG": str(log), "PYTHONWARNINGS": "ignore"}
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        metrics = run / "metrics.jsonl"
+        wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, job)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@60 does: the batch shell only
+        out, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-4000:]
+    assert "received SIGUSR1" in out and "requeueing job 4242" in out
+    assert log.read_text().splitlines() == ["srun 2 tasks: ['bash', '-c']", "requeue 4242"]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps[-1]:08d}" and 2 <= steps[-1] < 1000, (latest, steps)
+    assert (run / "checkpoints" / latest / "state.json").is_file()
+    assert (run / "logs").is_dir()
