@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="output directory (default runs/<config name>)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=10 (repeatable)")
+    r = t.add_mutually_exclusive_group()
+    r.add_argument("--resume", metavar="PATH", default=None,
+                   help="start from this checkpoint (or run directory's latest) instead of the "
+                        "run directory's own latest")
+    r.add_argument("--no-resume", action="store_true",
+                   help="start afresh; refuses a non-empty run directory unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="with --no-resume: delete the run directory's contents first")
 
     e = sub.add_parser("eval", help="held-out loss of a run's latest checkpoint")
     e.add_argument("--run", required=True, help="run directory")
@@ -143,7 +151,7 @@ def _train(args) -> None:
     from mmpretrain.train.loop import train
 
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-    train(cfg, run_dir)
+    train(cfg, run_dir, resume=args.resume, fresh=args.no_resume, overwrite=args.overwrite)
 
 
 def _eval(args) -> None:

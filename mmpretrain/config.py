@@ -183,7 +183,9 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many steps (0: only at the end)."""
     keep: int = 2
-    """Checkpoints to keep (the newest ones)."""
+    """Checkpoints to keep (the newest ones); the one `latest` names is never deleted."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from mmpretrain.parallel.layout import ParallelLayout
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
+from mmpretrain.train.resume import start_checkpoint
 from mmpretrain.train.step import device, train_step
 
 log = logging.getLogger("mmpretrain")
@@ -54,21 +55,29 @@ def setup(cfg: Config, world_size: int | None = None, init_weights=None):
     return layout, tok, chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
 
 
-def train(cfg: Config, run_dir: str | Path) -> dict:
-    """Train per `cfg` into `run_dir`; return the last logged record."""
+def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int]:
+    """Load a checkpoint into the training state; (step, consumed samples) it was saved at."""
+    with cuda_to_cpu():
+        meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
+    if meta["loader"] is not None:
+        loader.load_state_dict(meta["loader"])
+    if is_rank0():
+        how = "" if meta.get("same_layout", True) else " under another layout (RNG states reseeded)"
+        log.info("resumed from %s at step %d%s", ckpt, meta["step"], how)
+    return meta["step"], meta["consumed_samples"]
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bool = False,
+          overwrite: bool = False) -> dict:
+    """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
+    `start_checkpoint` for `resume`, `fresh` and `overwrite`); return the last logged record."""
     run_dir = Path(run_dir)
     layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
     n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
     loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp)
-    start, consumed = 0, 0
-    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
-        with cuda_to_cpu():
-            meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
-        start, consumed = meta["step"], meta["consumed_samples"]
-        if meta["loader"] is not None:
-            loader.load_state_dict(meta["loader"])
-        if is_rank0():
-            log.info("resumed from %s at step %d", ckpt, start)
+    ckpt = start_checkpoint(run_dir, resume, fresh, overwrite, is_rank0())
+    dist.barrier()
+    start, consumed = _resume(ckpt, chunks, optimizer, scheduler, loader) if ckpt else (0, 0)
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
@@ -98,7 +107,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
         if step == cfg.train.steps or (every and step % every == 0) or stop:
             with cuda_to_cpu():
                 checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
-                                cfg, consumed + int(seen), cfg.checkpoint.keep)
+                                cfg, consumed + int(seen), cfg.checkpoint.keep,
+                                cfg.checkpoint.keep_every)
         if stop and step < cfg.train.steps:
             if metrics:
                 metrics.close()

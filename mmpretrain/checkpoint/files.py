@@ -1,0 +1,116 @@
+"""A run's checkpoint directory: names, the `latest` pointer, leftovers of crashed saves,
+retention, and file integrity.
+
+<run>/checkpoints/step_00000100/   a complete checkpoint (renamed into place when written)
+<run>/checkpoints/.tmp-step_*/     a save in progress, or left by a crash: never loaded
+<run>/checkpoints/latest           names the newest complete checkpoint; replaced atomically
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or not matching the model."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """The directory of the checkpoint of `step`."""
+    return root / f"step_{step:08d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new file, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has none."""
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def stale_saves(run_dir: str | Path) -> list[Path]:
+    """Half-written checkpoints left by a crash during a save."""
+    root = checkpoint_root(run_dir)
+    return sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []
+
+
+def clear_stale_saves(run_dir: str | Path) -> None:
+    """Report and delete half-written checkpoints (they were never published)."""
+    for path in stale_saves(run_dir):
+        log.warning("ignoring %s: a checkpoint save that did not finish; deleting it", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: Path, keep: int, keep_every: int, protect: str) -> None:
+    """Keep the newest `keep` checkpoints and every step divisible by `keep_every`; never the one
+    named `protect` (latest)."""
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in done[:-keep] if keep > 0 else []:
+        step = int(p.name.split("_")[1])
+        if p.name == protect or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def check_files(path: Path) -> None:
+    """Every file the checkpoint's index names exists and is long enough; else name it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("state.json", ".metadata", "common.pt"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: cannot read .metadata ({e})") from None
+    need: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is truncated "
+                                  f"({f.stat().st_size} of at least {size} bytes)")
+
+
+def check_shapes(path: Path, sharded_state: dict) -> None:
+    """The model's tensors have the shapes the checkpoint holds; else name the first that differs."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for t in nested_values(sharded_state):
+        if not isinstance(t, ShardedTensor):
+            continue
+        if t.key not in saved:
+            raise CheckpointError(f"checkpoint {path} has no tensor {t.key} (the configured model "
+                                  f"has it: does the config match the checkpoint's config.yaml?)")
+        have = tuple(saved[t.key].global_shape if hasattr(saved[t.key], "global_shape")
+                     else saved[t.key].shape)
+        if have != tuple(t.global_shape):
+            raise CheckpointError(f"checkpoint {path} holds {t.key} with shape {list(have)}; the "
+                                  f"configured model has {list(t.global_shape)}")

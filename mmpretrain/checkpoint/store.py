@@ -1,0 +1,145 @@
+"""Saving and loading with megatron dist_checkpointing (torch_dist), layout-independent.
+
+A checkpoint holds the model and optimizer (sharded tensors under global names: any tp/pp/vpp/dp
+layout loads what another saved), plus files next to them:
+    state.json          step, consumed samples, LR schedule (rank 0)
+    loader_dp{r}.json   the data loader's position of data-parallel rank r
+    rng/rank{r}.pt      the RNG states of global rank r (restored when the layout is unchanged)
+    config.yaml         the resolved config
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from mmpretrain.checkpoint import rng
+from mmpretrain.checkpoint.files import (
+    LATEST, TMP_PREFIX, check_files, check_shapes, checkpoint_root, prune, step_dir, write_atomic)
+from mmpretrain.config import Config, dump
+
+
+def model_state(chunks) -> dict:
+    """Sharded state of this rank's model chunks, as {"model0": ..., "model1": ...}. The tensors
+    carry global keys, so any layout (tp, pp, virtual stages) can load what another saved."""
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_into(chunks, state: dict) -> None:
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"model{i}"])
+
+
+def _publish(tmp: Path, final: Path, keep: int = 0, keep_every: int = 0) -> None:
+    """Rename a fully written checkpoint into place and point `latest` at it (rank 0)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(final.parent / LATEST, final.name + "\n")
+    if keep:
+        prune(final.parent, keep, keep_every, final.name)
+
+
+def _write_rank_files(tmp: Path, loader_state: dict) -> None:
+    """This rank's RNG states; the loader position once per data-parallel rank."""
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng.capture(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
+    if parallel_state.get_tensor_model_parallel_rank() == 0 and \
+            parallel_state.get_pipeline_model_parallel_rank() == 0:
+        dp = parallel_state.get_data_parallel_rank()
+        (tmp / f"loader_dp{dp}.json").write_text(json.dumps(loader_state))
+
+
+def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,
+         cfg: Config, consumed_samples: int, keep: int = 2, keep_every: int = 0) -> Path:
+    """Save on all ranks under a temporary name; rank 0 publishes it as `latest` once every rank
+    has written, so a crash at any point leaves the previous checkpoint and `latest` intact."""
+    root = checkpoint_root(run_dir)
+    final, tmp = step_dir(root, step), root / (TMP_PREFIX + step_dir(root, step).name)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(dict(state))
+    dist_checkpointing.save(state, str(tmp))
+    _write_rank_files(tmp, loader_state)
+    if dist.get_rank() == 0:
+        meta = {"step": step, "consumed_samples": consumed_samples,
+                "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                "layout": _layout()}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        dump(cfg, tmp / "config.yaml")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _publish(tmp, final, keep, keep_every)
+    dist.barrier()
+    return final
+
+
+def _layout() -> list[int]:
+    return [parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+            parallel_state.get_data_parallel_world_size()]
+
+
+def load_model(path: Path, chunks) -> None:
+    """Load only the model weights of a checkpoint into a model or list of chunks (any layout)."""
+    check_files(path)
+    request = model_state(chunks)
+    check_shapes(path, request)
+    _load_into(chunks, dist_checkpointing.load(request, str(path)))
+
+
+def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
+    """Load model, optimizer, schedule and (same layout) RNG states; return state.json plus this
+    rank's loader position. A weights-only checkpoint (`save_weights`) loads the model and keeps
+    the fresh optimizer."""
+    check_files(path)
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("weights_only"):
+        return _load_weights_only(path, chunks, optimizer)
+    request = model_state(chunks)
+    check_shapes(path, request)
+    request["optimizer"] = optimizer.sharded_state_dict(dict(request), is_loading=True)
+    state = dist_checkpointing.load(request, str(path))
+    _load_into(chunks, state)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
+    meta["same_layout"] = meta.get("layout") == _layout()
+    if meta["same_layout"] and rng_file.is_file():
+        rng.restore(torch.load(rng_file, weights_only=False))
+    loader = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
+    meta["loader"] = json.loads(loader.read_text()) if loader.is_file() else None
+    return meta
+
+
+def _load_weights_only(path: Path, chunks, optimizer) -> dict:
+    """Model weights into the chunks and the optimizer's main copies; schedule and data start."""
+    load_model(path, chunks)
+    optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
+    return {**json.loads((path / "state.json").read_text()), "loader": None}
+
+
+def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: str) -> Path:
+    """A weights-only checkpoint (no optimizer, schedule or data position) published as
+    `latest`, from one process; `mmpretrain train` on the run directory starts from it.
+    `source` says where the weights came from (recorded in state.json)."""
+    root = checkpoint_root(run_dir)
+    final, tmp = step_dir(root, step), root / (TMP_PREFIX + step_dir(root, step).name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dist_checkpointing.save(model_state(chunks), str(tmp))
+    meta = {"step": step, "consumed_samples": 0, "weights_only": True, "source": source}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    dump(cfg, tmp / "config.yaml")
+    _publish(tmp, final)
+    return final

@@ -1,0 +1,41 @@
+"""Where a run starts: its own latest checkpoint, a named one, or nothing."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from mmpretrain.checkpoint import (
+    CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint)
+from mmpretrain.config import ConfigError
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory standing for its latest checkpoint."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"--resume {path}: neither a checkpoint nor a run with one")
+    return latest
+
+
+def start_checkpoint(run_dir: Path, resume: str | None, fresh: bool, overwrite: bool,
+                     rank0: bool) -> Path | None:
+    """The checkpoint to start from. By default the run's own `latest` (half-written saves are
+    reported and removed first); `resume` names another; `fresh` refuses a non-empty run directory
+    unless `overwrite`, which empties it."""
+    if fresh:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"--no-resume: {run_dir} is not empty (pass --overwrite to "
+                                  f"delete its contents and start afresh)")
+            if rank0:
+                for child in run_dir.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return None
+    if rank0:
+        clear_stale_saves(run_dir)
+    if resume is not None:
+        return resolve_checkpoint(resume)
+    return latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None

@@ -1,0 +1,150 @@
+"""Checkpoint behaviour through the command line: resume choice, crashes during a save,
+preemption, retention, and clear errors for damaged or mismatching checkpoints."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmpretrain.checkpoint.files import prune
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+TINY = ["--set", "train.steps=4", "--set", "logging.every=1", "--set", "train.global_batch_size=4",
+        "--set", "data.seq_length=128", "--set", "data.image_token_budget=16"]
+
+
+def train_args(run, data, *extra):
+    return ["train", "jobs/tiny-d.yaml", "--run-dir", str(run), "--set", f"data.path={data}",
+            *TINY, *extra]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mmpretrain", *map(str, args)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_dataset):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    r = cli(*train_args(run, small_dataset, "--set", "checkpoint.every=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+def test_rerun_resumes_and_no_resume_refuses(trained, small_dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=5"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and logged_steps(run)[-1] == 5 and latest(run) == "step_00000005"
+    r = cli(*train_args(run, small_dataset, "--no-resume"))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*train_args(run, small_dataset, "--no-resume", "--overwrite", "--set", "train.steps=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert logged_steps(run) == [1] and latest(run) == "step_00000001"
+
+
+def test_resume_from_a_named_checkpoint(trained, small_dataset, tmp_path):
+    r = cli(*train_args(tmp_path / "other", small_dataset, "--resume",
+                        trained / "checkpoints" / "step_00000002"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert logged_steps(tmp_path / "other") == [3, 4]
+    r = cli(*train_args(tmp_path / "x", small_dataset, "--resume", tmp_path / "nothing"))
+    assert r.returncode == 2 and "neither a checkpoint nor a run" in r.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
+    (lambda c: os.truncate(c / "__0_1.distcp", 100), "__0_1.distcp is truncated"),
+    (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
+])
+def test_damaged_checkpoint_names_the_file(trained, small_dataset, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    damage(run / "checkpoints" / "step_00000004")
+    for args in (train_args(run, small_dataset, "--set", "train.steps=6"), ["eval", "--run", run]):
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mismatching_model_names_the_tensor(trained, small_dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=6",
+                        "--set", "decoder.ffn_hidden_size=192"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "mlp.linear_fc" in r.stderr and "the configured model has" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_latest_naming_a_missing_checkpoint_is_an_error(trained, small_dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=6"))
+    assert r.returncode == 2 and "step_00000004, which is missing" in r.stderr
+
+
+def test_retention_keeps_newest_and_every_mth_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in range(1, 11):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+    prune(root, keep=2, keep_every=4, protect="step_00000003")
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000003", "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(small_dataset, tmp_path):
+    run, ready = tmp_path / "run", tmp_path / "ready"
+    args = train_args(run, small_dataset, "--set", "checkpoint.every=2")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_publish.py"), "4",
+                             str(ready), *args], cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        assert not (run / "checkpoints" / "latest").exists() or latest(run) in ("step_00000002",)
+        time.sleep(0.05)
+    assert ready.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest(run) == "step_00000002"
+    assert (run / "checkpoints" / ".tmp-step_00000004").is_dir()  # the interrupted save
+    r = cli(*train_args(run, small_dataset, "--set", "checkpoint.every=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "did not finish" in r.stderr and "resumed from" in r.stderr
+    assert latest(run) == "step_00000004" and not (run / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+def test_sigusr1_saves_and_exits_with_the_requeue_code(small_dataset, tmp_path):
+    from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain",
+                             *train_args(run, small_dataset, "--set", "train.steps=1000")],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    saved = latest(run)
+    step = int(saved.split("_")[1])
+    assert 1 <= step < 1000 and logged_steps(run)[-1] == step
