@@ -121,9 +121,9 @@ class DataConfig:
     max_image_pixels: int = 67108864
     """Images with more pixels are skipped before decoding (decompression bombs)."""
     decoder: Literal["auto", "dali", "pillow"] = "auto"
-    """Image decoder: 'dali' ('mixed' on GPU, else its CPU pipeline), 'pillow', 'auto' (DALI on GPU, else Pillow)."""
+    """Image decoder: 'dali' (GPU 'mixed' or CPU pipeline), 'pillow', 'auto' (DALI on GPU, else Pillow)."""
     workers: int = 0
-    """Processes that read, decode and tokenize samples ahead of the packer (0: in the training process)."""
+    """Processes reading, decoding and tokenizing ahead of the packer (0: the training process)."""
     long_samples: Literal["truncate", "drop"] = "truncate"
     """A sample longer than seq_length (or over max_patches): cut its end, or skip it; both counted."""
     max_patches: int = 0

@@ -1,7 +1,13 @@
 """Checkpoints: atomic, layout-independent saves of the whole training state (see store.py for
 what one holds and files.py for the directory layout)."""
 from mmpretrain.checkpoint.files import (
-    LATEST, CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint, stale_saves)
+    LATEST,
+    CheckpointError,
+    checkpoint_root,
+    clear_stale_saves,
+    latest_checkpoint,
+    stale_saves,
+)
 from mmpretrain.checkpoint.store import load_model, load_training, model_state, save, save_weights
 
 __all__ = ["LATEST", "CheckpointError", "checkpoint_root", "clear_stale_saves", "latest_checkpoint",

@@ -20,7 +20,15 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from mmpretrain.checkpoint import rng
 from mmpretrain.checkpoint.files import (
-    LATEST, TMP_PREFIX, check_files, check_shapes, checkpoint_root, prune, step_dir, write_atomic)
+    LATEST,
+    TMP_PREFIX,
+    check_files,
+    check_shapes,
+    checkpoint_root,
+    prune,
+    step_dir,
+    write_atomic,
+)
 from mmpretrain.config import Config, dump
 
 
@@ -117,9 +125,19 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     meta["same_layout"] = meta.get("layout") == _layout()
     if meta["same_layout"] and rng_file.is_file():
         rng.restore(torch.load(rng_file, weights_only=False))
-    loader = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
-    meta["loader"] = json.loads(loader.read_text()) if loader.is_file() else None
+    meta["loader"] = _loader_state(path, meta)
     return meta
+
+
+def _loader_state(path: Path, meta: dict) -> dict | list | None:
+    """This data-parallel rank's saved loader position; under another data-parallel size the
+    positions of all saved ranks (the loader re-splits the stream from them)."""
+    saved_dp = meta["layout"][3] if meta.get("layout") else 1
+    if saved_dp == parallel_state.get_data_parallel_world_size():
+        own = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
+        return json.loads(own.read_text()) if own.is_file() else None
+    files = [path / f"loader_dp{r}.json" for r in range(saved_dp)]
+    return [json.loads(f.read_text()) for f in files] if all(f.is_file() for f in files) else None
 
 
 def _load_weights_only(path: Path, chunks, optimizer) -> dict:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mmpretrain.checkpoint import (
-    CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint)
+from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
 from mmpretrain.config import ConfigError
 
 
