@@ -15,11 +15,11 @@ import time
 from functools import partial
 
 import torch
+from mmpretrain.data.packing import PackedBatch
+from mmpretrain.parallel import cuda_to_cpu, init_distributed
 
 from mmpretrain.config import load
-from mmpretrain.data.packing import PackedBatch
 from mmpretrain.model.build import _configs, build_model_chunks
-from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.train.optim import build_optimizer, wrap_ddp
 from mmpretrain.train.step import loss_func, train_step
 

@@ -51,7 +51,8 @@ class PackedLoader:
     def __init__(self, reader, tokenizer, images: ImageSettings, seq_len: int, micro_batch: int,
                  seed: int = 0, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True,
                  packing: PackingSettings | None = None, workers: int = 0,
-                 weights: list[float] | None = None, device_id: int | None = None):
+                 weights: list[float] | None = None, device_id: int | None = None,
+                 design: str = "d"):
         readers = reader.readers if isinstance(reader, SampleSource) else (
             list(reader) if isinstance(reader, (list, tuple)) else [reader])
         self.reader = SampleSource(readers, weights, seed, shuffle)
@@ -61,7 +62,7 @@ class PackedLoader:
         self.merge = images.merge
         self.prepare = ImagePreparer(images, device_id)
         self.maker = SampleMaker(self.reader, tokenizer, self.prepare, images.merge, seq_len,
-                                 self.packing.max_patches, self.packing.long_samples)
+                                 self.packing.max_patches, self.packing.long_samples, design)
         self.position = Position(0, dp_rank, dp_size)  # next read of this rank
         self.buffer_keys: list[int] = []  # global positions in the packer's buffer
         self.counts: dict[str, int] = {}  # skipped_<reason>, truncated

@@ -89,6 +89,13 @@ class SampleOrder:
         self.before = np.cumsum(counts, axis=0)  # [P + 1, D] draws of d before offset j
         self._perm = lru_cache(maxsize=16)(self._make_perm)
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_perm"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._perm = lru_cache(maxsize=16)(self._make_perm)
+
     def _make_perm(self, d: int, epoch: int) -> Permutation:
         return Permutation(self.sizes[d], self.seed, d, epoch)
 

@@ -30,6 +30,8 @@ class PackedBatch:
     image_sizes: torch.Tensor  # [n_images, 2] int64 patch grid (rows, cols), in placeholder order
     image_tiles: torch.Tensor = field(default_factory=_no_tiles)  # [n_images] int64: 0 a whole
     # image, k >= 1 its k-th tile, -1 a global thumbnail (NVLM tiles policy)
+    image_anchors: torch.Tensor = field(default_factory=_no_tiles)  # [n_images] int64: flat
+    # index r * s + t of the token introducing each image (marker, tag, first placeholder); -1 none
 
     def to(self, device) -> PackedBatch:
         """The batch on `device`."""
@@ -68,6 +70,24 @@ class PackedBatch:
         causal = torch.ones(s, s, dtype=torch.bool, device=sid.device).tril()
         return ~(same & causal)[:, None]
 
+    def cross_attention_mask(self, cross: torch.Tensor, merge: int = 1) -> torch.Tensor:
+        """[b, 1, s, k] bool, True where a token may NOT attend to an image token (X/H designs).
+
+        The k columns are the projected tokens ((rows/merge) * (cols/merge) each) of the images
+        selected by `cross` [n_images] bool, in stream order. A token sees an image of its own
+        sample whose anchor is at or before it (a marker sees its own image)."""
+        b, s = self.sample_ids.shape
+        anchors = self.image_anchors[cross]  # [n]
+        row, at = anchors // s, anchors % s  # [n]
+        sid = self.sample_ids[row, at]  # [n]
+        pos = torch.arange(s, device=anchors.device)
+        visible = ((torch.arange(b, device=anchors.device)[:, None, None] == row)
+                   & (self.sample_ids[:, :, None] == sid) & (pos[None, :, None] >= at))  # [b, s, n]
+        sizes = self.image_sizes[cross]
+        per_image = (sizes[:, 0] // merge) * (sizes[:, 1] // merge)  # [n]
+        visible = visible.repeat_interleave(per_image, dim=2)  # [b, s, k]
+        return ~visible[:, None]
+
 
 def encoder_stream(patches: list[torch.Tensor]) -> torch.Tensor:
     """All images' patches back to back as float32 [n, 3*p*p]; uint8 pixels normalised here."""
@@ -86,7 +106,7 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
     loss_mask = torch.zeros(b, seq_len)
     position_ids = torch.zeros(b, seq_len, dtype=torch.long)
     sample_ids = torch.full((b, seq_len), -1, dtype=torch.long)
-    patches, sizes, tiles = [], [], []
+    patches, sizes, tiles, anchors = [], [], [], []
     for r, row in enumerate(rows):
         at = 0
         for k, seq in enumerate(row):
@@ -98,7 +118,8 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
             loss_mask[r, at:at + n - 1] = torch.tensor(seq.is_text[1:], dtype=torch.float32)
             position_ids[r, at:at + n] = torch.arange(n)
             sample_ids[r, at:at + n] = k
-            for img in seq.images:
+            for i, img in enumerate(seq.images):
+                anchors.append(r * seq_len + at + seq.anchors[i] if i < len(seq.anchors) else -1)
                 patches.append(img.patches)
                 sizes.append((img.rows, img.cols))
                 tiles.append(img.tile)
@@ -106,7 +127,7 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
     return PackedBatch(
         tokens, labels, loss_mask, position_ids, sample_ids, encoder_stream(patches),
         torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
-        torch.tensor(tiles, dtype=torch.long),
+        torch.tensor(tiles, dtype=torch.long), torch.tensor(anchors, dtype=torch.long),
     )
 
 

@@ -3,6 +3,9 @@
 Image layouts in the token stream (merge = the projector's pixel shuffle per side):
     native   [IMG] x cols/merge per row, [IMG_BREAK] after each row but the last, [IMG_END] last
     tiles    <tile_1> [IMG] x n ... <tile_N> [IMG] x n <tile_global_thumbnail> [IMG] x n
+    design x one <image> marker per source image (its tiles reach the decoder by cross-attention)
+    design h <tile_1> ... <tile_N> <tile_global_thumbnail> [IMG] x n (only the thumbnail in stream)
+Each ImagePatches has an anchor: the token that introduces it (marker, tag or first placeholder).
 Only text tokens (and the closing </s>) are loss targets; placeholders and tile tags are not.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ class TokenSequence:
     images: list[ImagePatches] = field(default_factory=list)
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # per source image:
     # (first token, end token, ImagePatches count) of its placeholder, in order
+    anchors: list[int] = field(default_factory=list)  # per ImagePatches: its introducing token
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,14 +59,30 @@ def tile_tag_id(tok, tile: int) -> int:
 
 def image_tokens(parts: list[ImagePatches], tok, merge: int) -> list[int]:
     """Placeholder tokens of one source image: native layout, or tags + [IMG] runs for tiles."""
+    return image_layout(parts, tok, merge)[0]
+
+
+def image_layout(parts: list[ImagePatches], tok, merge: int,
+                 design: str = "d") -> tuple[list[int], list[int]]:
+    """(tokens of one source image in the decoder stream, offset of each part's anchor in them)."""
+    if design == "x":
+        return [tok.image_marker_id], [0] * len(parts)
+    if design == "h":
+        ids, anchors = [], []
+        for p in parts:
+            anchors.append(len(ids))
+            n = (p.rows // merge) * (p.cols // merge) if p.tile == THUMBNAIL else 0
+            ids += [tile_tag_id(tok, p.tile)] + [tok.img_id] * n
+        return ids, anchors
     if len(parts) == 1 and parts[0].tile == NATIVE:
         p = parts[0]
         return image_placeholder(p.rows // merge, p.cols // merge, tok.img_id, tok.img_break_id,
-                                 tok.img_end_id)
-    out: list[int] = []
+                                 tok.img_end_id), [0]
+    ids, anchors = [], []
     for p in parts:
-        out += [tile_tag_id(tok, p.tile)] + [tok.img_id] * ((p.rows // merge) * (p.cols // merge))
-    return out
+        anchors.append(len(ids))
+        ids += [tile_tag_id(tok, p.tile)] + [tok.img_id] * ((p.rows // merge) * (p.cols // merge))
+    return ids, anchors
 
 
 def check_text(text: str) -> str:
@@ -74,8 +94,9 @@ def check_text(text: str) -> str:
     return text
 
 
-def build_sequence(sample: dict, tok, prepare_image: Callable, merge: int = 1) -> TokenSequence:
-    """<s> segments... </s>, with each image replaced by its placeholder tokens.
+def build_sequence(sample: dict, tok, prepare_image: Callable, merge: int = 1,
+                   design: str = "d") -> TokenSequence:
+    """<s> segments... </s>, with each image replaced by its tokens for `design` (d, x or h).
 
     `prepare_image(sample["images"][k])` returns one ImagePatches or a list (tiles)."""
     seq = TokenSequence([tok.bos_id], [False])
@@ -87,8 +108,9 @@ def build_sequence(sample: dict, tok, prepare_image: Callable, merge: int = 1) -
         else:
             image = prepare_image(sample["images"][seg["image"]])
             parts = image if isinstance(image, list) else [image]
-            ids = image_tokens(parts, tok, merge)
+            ids, anchors = image_layout(parts, tok, merge, design)
             seq.spans.append((len(seq.ids), len(seq.ids) + len(ids), len(parts)))
+            seq.anchors += [len(seq.ids) + a for a in anchors]
             seq.ids += ids
             seq.is_text += [False] * len(ids)
             seq.images += parts
@@ -106,7 +128,8 @@ def cut(seq: TokenSequence, at: int) -> TokenSequence:
             break
         kept.append((start, end, n))
         n_images += n
-    return TokenSequence(seq.ids[:at], seq.is_text[:at], seq.images[:n_images], kept)
+    return TokenSequence(seq.ids[:at], seq.is_text[:at], seq.images[:n_images], kept,
+                         seq.anchors[:n_images])
 
 
 def truncate(seq: TokenSequence, max_len: int, tok=None) -> TokenSequence:
@@ -119,7 +142,7 @@ def truncate(seq: TokenSequence, max_len: int, tok=None) -> TokenSequence:
     n_images = sum(1 for t in ids if t == tok.img_end_id)
     while ids and ids[-1] in (tok.img_id, tok.img_break_id):
         ids, is_text = ids[:-1], is_text[:-1]
-    return TokenSequence(ids, is_text, seq.images[:n_images])
+    return TokenSequence(ids, is_text, seq.images[:n_images], anchors=seq.anchors[:n_images])
 
 
 def truncate_patches(seq: TokenSequence, max_patches: int) -> TokenSequence:

@@ -79,9 +79,10 @@ class SampleMaker:
     """Callable: global position -> Prepared. Picklable, so worker processes can run it."""
 
     def __init__(self, source: SampleSource, tok, prepare_image, merge: int, seq_len: int,
-                 max_patches: int = 0, long_samples: str = "truncate"):
+                 max_patches: int = 0, long_samples: str = "truncate", design: str = "d"):
         self.source, self.tok, self.prepare_image, self.merge = source, tok, prepare_image, merge
         self.seq_len, self.max_patches, self.long_samples = seq_len, max_patches, long_samples
+        self.design = design  # image layout in the token stream: d, x or h
 
     def fit(self, seq: TokenSequence) -> tuple[TokenSequence | None, bool]:
         """(sequence within the limits or None to drop it, whether it was cut)."""
@@ -97,7 +98,8 @@ class SampleMaker:
 
     def sequence(self, sample: dict) -> tuple[TokenSequence | None, bool]:
         """A sample dict -> (fitted sequence or None when too long to keep, truncated?)."""
-        return self.fit(build_sequence(sample, self.tok, self.prepare_image, self.merge))
+        return self.fit(build_sequence(sample, self.tok, self.prepare_image, self.merge,
+                                       self.design))
 
     def __call__(self, position: int) -> Prepared:
         d, i = self.source.order(position)

@@ -22,8 +22,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    design: Literal["d"] = "d"
-    """NVLM design: 'd' (decoder-only); 'x' and 'h' come with the cross-attention decoders."""
+    design: Literal["d", "x", "h"] = "d"
+    """NVLM design: 'd' decoder-only, 'x' gated cross-attention, 'h' hybrid (thumbnail in stream)."""
+    cross_attention_every: int = 0
+    """x/h: a gated cross-attention layer before decoder layers k, 2k, 3k, ... (1-based); 0: none."""
+    cross_attention_layers: list[int] = field(default_factory=list)
+    """x/h: explicit 1-based decoder layers preceded by a cross-attention layer (added to _every)."""
+    train_only_cross_attention: bool = False
+    """x/h: Flamingo-style, freeze encoder and decoder; train cross-attention layers and projector."""
+    cross_attention_gate_lr_mult: float = 1.0
+    """x/h: learning-rate multiplier of the tanh gates (at the base lr they open slowly from 0)."""
     init_std: float = 0.02
     """Standard deviation of the normal init of all weight matrices."""
     spec: Literal["local"] = "local"
@@ -375,6 +383,39 @@ def validate(cfg: Config) -> None:
     if cfg.data.image_token_budget < cfg.projector.merge ** 2:
         raise ConfigError("data.image_token_budget is smaller than one merged token")
     _validate_data(cfg)
+    _validate_cross_attention(cfg)
+
+
+def cross_attention_positions(cfg: Config) -> list[int]:
+    """Sorted 1-based decoder layers that a gated cross-attention layer precedes (x/h designs)."""
+    m, n = cfg.model, cfg.decoder.num_layers
+    every = range(m.cross_attention_every, n + 1, m.cross_attention_every) \
+        if m.cross_attention_every > 0 else []
+    return sorted(set(every) | set(m.cross_attention_layers))
+
+
+def _validate_cross_attention(cfg: Config) -> None:
+    """x/h need cross-attention layers at valid positions; h needs tiled images."""
+    m = cfg.model
+    if m.cross_attention_every < 0:
+        raise ConfigError(f"model.cross_attention_every: must be >= 0, got {m.cross_attention_every}")
+    bad = [k for k in m.cross_attention_layers if not 1 <= k <= cfg.decoder.num_layers]
+    if bad:
+        raise ConfigError(f"model.cross_attention_layers: {bad} outside 1..decoder.num_layers")
+    if m.design in ("x", "h") and not cross_attention_positions(cfg):
+        raise ConfigError(f"model.design={m.design} needs model.cross_attention_every or "
+                          "model.cross_attention_layers")
+    if m.design == "h" and cfg.data.resize != "tiles":
+        raise ConfigError("model.design=h needs data.resize=tiles (thumbnail in stream, tiles "
+                          "through cross-attention)")
+    if m.design in ("x", "h") and cfg.parallel.pp > 1:
+        raise ConfigError(f"model.design={m.design}: pipeline parallelism (parallel.pp > 1) is not "
+                          "supported yet for cross-attention designs")
+    if m.design in ("x", "h") and cfg.train.recompute == "full":
+        raise ConfigError(f"model.design={m.design}: train.recompute=full is not supported yet for "
+                          "cross-attention designs (use selective)")
+    if m.train_only_cross_attention and m.design == "d":
+        raise ConfigError("model.train_only_cross_attention needs model.design x or h")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -57,4 +57,5 @@ def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, d
     return PackedLoader(readers, tok, image_settings(cfg), cfg.data.seq_length,
                         cfg.data.micro_batch_size, seed=cfg.data.shuffle_seed, dp_rank=dp_rank,
                         dp_size=dp_size, shuffle=shuffle, packing=packing_settings(cfg),
-                        workers=cfg.data.workers, weights=weights, device_id=device_id)
+                        workers=cfg.data.workers, weights=weights, device_id=device_id,
+                        design=cfg.model.design)

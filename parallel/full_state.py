@@ -30,7 +30,8 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
 
 
 def _is_split(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False)) and ps.get_tensor_model_parallel_world_size() > 1
+    tp = ps.get_tensor_model_parallel_world_size()
+    return bool(getattr(param, "tensor_model_parallel", False)) and tp > 1
 
 
 def _unshard(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ class ParallelLayout:
         return self.vpp or 1
 
     @classmethod
-    def from_config(cls, cfg: Config, world_size: int | None = None) -> "ParallelLayout":
+    def from_config(cls, cfg: Config, world_size: int | None = None) -> ParallelLayout:
         """The layout of `cfg` for `world_size` ranks (default: $WORLD_SIZE or 1), validated."""
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -18,11 +18,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer  # noqa: E402
-
-from mmpretrain.config import load  # noqa: E402
 from mmpretrain.data.packing import PackedBatch  # noqa: E402
 from mmpretrain.parallel import destroy_distributed  # noqa: E402
 from mmpretrain.parallel.full_state import gather_full, load_full  # noqa: E402
+
+from mmpretrain.config import load  # noqa: E402
 from mmpretrain.train.loop import setup  # noqa: E402
 from mmpretrain.train.step import train_step  # noqa: E402
 

@@ -46,7 +46,7 @@ def test_synth_train_eval(tmp_path, small_dataset):
     assert "step 4/4" in r.stderr and "ETA" in r.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_seen"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_seen", "data/packing_efficiency"):
         assert all(key in rec for rec in records)
     assert records[-1]["samples_seen"] > records[0]["samples_seen"] > 0
     assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -1,9 +1,9 @@
 """The parallel layout is validated against the model before any process group exists."""
 import pytest
 import torch.distributed as dist
+from mmpretrain.parallel.layout import ParallelLayout
 
 from mmpretrain.config import ConfigError, load
-from mmpretrain.parallel.layout import ParallelLayout
 
 
 def layout(world, *sets):

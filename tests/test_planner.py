@@ -43,7 +43,8 @@ def test_vocab_padding_matches_the_model():
 
 
 @pytest.mark.parametrize("sets", [[], ["projector.merge=2", "projector.hidden_size=96",
-                                       "data.image_token_budget=64", "decoder.num_query_groups=4"]])
+                                       "data.image_token_budget=64", "decoder.num_query_groups=4"],
+                                  ["model.design=x", "model.cross_attention_every=1"]])
 def test_parameter_count_equals_the_instantiated_model(megatron_world, small_dataset, sets):
     from mmpretrain.data.tokenizer import TextTokenizer
     from mmpretrain.parallel import cuda_to_cpu

@@ -1,6 +1,7 @@
 """Training through megatron-core's schedule, DDP and optimizer, in-process on CPU."""
 import math
 
+import pytest
 import torch
 
 from mmpretrain.config import load
@@ -68,3 +69,32 @@ def test_bf16_step_checkpoint_and_reload(megatron_world, small_dataset, tmp_path
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_changes_no_number(megatron_world, small_dataset, recompute):
+    """Recomputing activations in backward gives the same loss and gradients as keeping them."""
+    from mmpretrain.parallel.full_state import gather_full, load_full
+
+    results = []
+    weights = None
+    for mode in ("none", recompute):  # the closures below run within their own iteration
+        # ruff: noqa: B023
+        cfg = small_cfg(small_dataset, f"train.recompute={mode}", "decoder.num_layers=2")
+        _, tok, chunks, ddps, optimizer, _ = setup(
+            cfg, init_weights=(lambda c: load_full(c, weights)) if weights else None)
+        weights = weights or gather_full(chunks)
+        batch = next(iter(make_loader(cfg, "train", tok)))
+        layer = chunks[0].language_model.block.layers[0]
+        watched = layer if recompute == "full" else layer.self_attention.core_attention
+        calls = []
+        watched.register_forward_hook(lambda *_: calls.append(1))
+        grads = {}
+        loss, *_ = train_step(ddps, optimizer, [batch], 128,
+                              after_backward=lambda: grads.update(gather_full(chunks, grads=True)))
+        results.append((loss, grads, len(calls)))
+    (loss0, g0, calls0), (loss1, g1, calls1) = results
+    assert (calls0, calls1) == (1, 2)  # the recomputing run ran the module again in backward
+    assert loss0 == loss1
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-9)

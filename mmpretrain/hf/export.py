@@ -57,7 +57,7 @@ def group_bytes(group: Group, sources: dict[str, torch.Tensor], dtype: torch.dty
 def convert_group(group: Group, sources: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
     """The HF tensors of one group; its source tensors are released from `sources`."""
     outputs = group.to_hf(*(sources.pop(n) for n in group.ours))
-    return {name: t.to(dtype).contiguous() for name, t in zip(group.hf, outputs)}
+    return {name: t.to("cpu", dtype).contiguous() for name, t in zip(group.hf, outputs)}
 
 
 def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tensor],

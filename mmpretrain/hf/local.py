@@ -51,7 +51,8 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None) -> TextToken
 
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer):
-    """The model of `cfg` on CPU in one process, in eval mode (megatron initialised here)."""
+    """The model of `cfg` in one process, in eval mode (megatron initialised here): on CPU, or on
+    the GPU when one is present (megatron's layers then allocate there)."""
     from mmpretrain.model.build import build_model
     from mmpretrain.parallel import cuda_to_cpu, init_distributed
 

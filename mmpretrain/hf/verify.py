@@ -65,8 +65,9 @@ def our_logits(model, case: Case, pad_id: int) -> torch.Tensor:
 
     seq = TokenSequence(case.ids, [True] * len(case.ids), case.images)
     batch = pack_rows([[seq]], len(case.ids), pad_id)
+    device = next(model.parameters()).device  # the GPU when one is present
     with torch.no_grad(), cuda_to_cpu():
-        return model(batch, with_loss=False)[0].float()  # [s, v]
+        return model(batch.to(device), with_loss=False)[0].float().cpu()  # [s, v]
 
 
 def pixel_batch(images: list[ImagePatches], patch: int) -> tuple[torch.Tensor, torch.Tensor]:

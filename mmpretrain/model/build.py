@@ -6,9 +6,10 @@ import math
 import torch
 from megatron.core import parallel_state as ps
 
-from mmpretrain.config import Config
+from mmpretrain.config import Config, cross_attention_positions
 from mmpretrain.model.decoder import LanguageDecoder
 from mmpretrain.model.nvlm import NVLMDecoderOnly
+from mmpretrain.model.nvlm_x import NVLMCrossAttention
 from mmpretrain.model.projector import Projector
 from mmpretrain.model.specs import transformer_config
 from mmpretrain.model.vision import VisionEncoder
@@ -38,7 +39,8 @@ def set_frozen(module: torch.nn.Module | None, frozen: bool) -> None:
 def _configs(cfg: Config):
     dtype, gpu = param_dtype(cfg), torch.cuda.is_available()
     p, v, d = cfg.parallel, cfg.vision, cfg.decoder
-    common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu)
+    common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu,
+                  recompute=cfg.train.recompute)
     # The encoder runs whole on the first pipeline stage: to megatron it is a 1-stage model.
     vcfg = transformer_config(
         num_layers=v.num_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
@@ -63,12 +65,28 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
         vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta)
         hidden = cfg.projector.hidden_size or d.hidden_size
         projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
+    design = cfg.model.design
+    cross = tuple(cross_attention_positions(cfg)) if design in ("x", "h") else ()
     decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, cfg.parallel.tp),
-                              cfg.data.seq_length, d.rope_theta, first, last, vp_stage)
+                              cfg.data.seq_length, d.rope_theta, first, last, vp_stage, cross)
     set_frozen(vision, v.freeze)
     set_frozen(projector, cfg.projector.freeze)
     set_frozen(decoder, d.freeze)
-    return NVLMDecoderOnly(vision, projector, decoder, image_token_id)
+    if cfg.model.train_only_cross_attention:
+        freeze_all_but_cross_attention(vision, projector, decoder)
+    if design == "d":
+        return NVLMDecoderOnly(vision, projector, decoder, image_token_id)
+    return NVLMCrossAttention(vision, projector, decoder, image_token_id, design,
+                              cfg.projector.merge)
+
+
+def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) -> None:
+    """Flamingo-style: encoder and decoder frozen; cross-attention layers and projector train."""
+    set_frozen(vision, True)
+    set_frozen(decoder, True)
+    set_frozen(projector, False)
+    for layer in decoder.cross_layers:
+        set_frozen(layer, False)
 
 
 def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:

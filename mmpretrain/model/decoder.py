@@ -3,6 +3,10 @@
 Under pipeline parallelism a stage holds the embedding only if it is the first (pre_process) and
 the final norm, output layer and loss only if it is the last (post_process); its block holds its
 share of the layers, and other stages' hidden states arrive through `set_input_tensor`.
+
+The X and H designs add gated cross-attention layers: the one before global decoder layer L is the
+attribute `cross_attention_L` (a stable, layout-independent checkpoint name) and runs as a forward
+pre-hook of that TransformerLayer, so megatron's TransformerBlock stays as it is.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mmpretrain.model.cross_attention import GatedCrossAttentionLayer
 from mmpretrain.model.rope import text_rope
 from mmpretrain.model.specs import decoder_layer_spec
 
@@ -22,7 +27,7 @@ class LanguageDecoder(MegatronModule):
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_seq_len: int,
                  rope_theta: float, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None):
+                 vp_stage: int | None = None, cross_positions: tuple[int, ...] = ()):
         super().__init__(config)
         self.vocab_size, self.rope_theta = vocab_size, rope_theta
         self.pre_process, self.post_process = pre_process, post_process
@@ -34,10 +39,28 @@ class LanguageDecoder(MegatronModule):
         self.block = TransformerBlock(config, decoder_layer_spec(), post_layer_norm=post_process,
                                       pre_process=pre_process, post_process=post_process,
                                       vp_stage=vp_stage)
+        self.cross_layers = self._add_cross_layers(config, set(cross_positions))
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False)
+
+    def _add_cross_layers(self, config: TransformerConfig,
+                          positions: set[int]) -> list[GatedCrossAttentionLayer]:
+        """A gated cross-attention layer before each of this stage's layers in `positions`."""
+        added = []
+        for layer in self.block.layers:
+            if layer.layer_number in positions:
+                cross = GatedCrossAttentionLayer(config)
+                setattr(self, f"cross_attention_{layer.layer_number}", cross)
+                layer.register_forward_pre_hook(_run_before(cross), with_kwargs=True)
+                added.append(cross)
+        return added
+
+    def set_cross_context(self, images: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """Image keys/values [k, h] and cross mask [b, 1, s, k] for the next forward."""
+        for cross in self.cross_layers:
+            cross.set_context(images, mask)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> embeddings [s, b, h]."""
@@ -58,3 +81,14 @@ class LanguageDecoder(MegatronModule):
             return logits.transpose(0, 1).contiguous()
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
         return loss.t().contiguous()  # [b, s]
+
+
+def _run_before(cross: GatedCrossAttentionLayer):
+    """Forward pre-hook: pass the layer's input hidden states through `cross` first."""
+    def hook(module, args, kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = cross(kwargs["hidden_states"])
+        else:  # called positionally: hidden states first
+            args = (cross(args[0]), *args[1:])
+        return args, kwargs
+    return hook

@@ -48,12 +48,7 @@ class NVLMDecoderOnly(MegatronModule):
             if n_slots:
                 raise ValueError(f"{n_slots} image tokens in the batch but no images")
             return emb
-        images = self.image_embeddings(batch).to(emb.dtype)  # [n_slots, h]
-        if images.shape[0] != n_slots:
-            raise ValueError(f"{n_slots} image tokens but {images.shape[0]} image embeddings")
-        # The [s, b] order of slots differs from the images' [b, s] order: place in [b, s, h].
-        emb = emb.transpose(0, 1).masked_scatter(slots.t()[..., None], images)  # [b, s, h]
-        return emb.transpose(0, 1).contiguous()
+        return place_images(emb, slots, self.image_embeddings(batch))
 
     def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
         """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
@@ -62,3 +57,13 @@ class NVLMDecoderOnly(MegatronModule):
         embeddings = self.embed(batch) if self.pre_process else None
         return self.language_model(embeddings, batch.position_ids, mask,
                                    batch.labels if with_loss else None)
+
+
+def place_images(emb: torch.Tensor, slots: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """emb [s, b, h] with images [n, h] at the True entries of slots [s, b], in [b, s] order."""
+    n_slots = int(slots.sum())
+    if images.shape[0] != n_slots:
+        raise ValueError(f"{n_slots} image tokens but {images.shape[0]} image embeddings")
+    # The [s, b] order of slots differs from the images' [b, s] order: place in [b, s, h].
+    emb = emb.transpose(0, 1).masked_scatter(slots.t()[..., None], images.to(emb.dtype))
+    return emb.transpose(0, 1).contiguous()  # [s, b, h]

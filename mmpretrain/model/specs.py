@@ -16,8 +16,10 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
                        tp: int, pp: int, vpp: int | None = None,
                        first_stage_layers: int | None = None, num_query_groups: int | None = None,
                        sequence_parallel: bool = False, rotary_interleaved: bool = False,
-                       on_gpu: bool = False) -> TransformerConfig:
-    """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use."""
+                       on_gpu: bool = False, recompute: str = "none") -> TransformerConfig:
+    """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use.
+    `recompute`: 'selective' recomputes the attention core in backward, 'full' each layer (only
+    its input is kept), 'none' keeps all activations."""
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
         num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
@@ -38,6 +40,9 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         # next stage are the same rank (pp=2, virtual stages); the unbatched path keeps them apart.
         batch_p2p_comm=on_gpu,
         calculate_per_token_loss=True,
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )
 
 

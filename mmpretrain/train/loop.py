@@ -100,7 +100,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         if metrics and (step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1):
             record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                      "samples_seen": consumed + int(seen), "step_time": dt}
+                      "samples_seen": consumed + int(seen), "step_time": dt,
+                      **loader.metrics()}  # data/packing_efficiency, data/skipped_*, ...
             metrics.log(record)
         every = cfg.checkpoint.every
         stop = preempt.stop_requested(device())  # agreed by all ranks

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mmpretrain.config import Config
@@ -34,7 +35,18 @@ def build_optimizer(ddps: list[DistributedDataParallel], cfg: Config):
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
         clip_grad=t.clip_grad, bf16=ddps[0].config.bf16, params_dtype=ddps[0].config.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    return get_megatron_optimizer(ocfg, ddps)
+    return get_megatron_optimizer(ocfg, ddps, config_overrides=param_overrides(ocfg, cfg))
+
+
+def param_overrides(ocfg: OptimizerConfig, cfg: Config) -> dict:
+    """megatron's standard overrides (no weight decay on biases and 1-D parameters), and the
+    learning rate of the cross-attention gates (X/H) scaled by model.cross_attention_gate_lr_mult."""
+    overrides = get_standard_config_overrides(ocfg)
+    mult = cfg.model.cross_attention_gate_lr_mult
+    if cfg.model.design != "d" and mult != 1.0:
+        overrides[ParamKey(name="*_gate")] = {"max_lr": cfg.train.lr * mult,
+                                              "min_lr": cfg.train.min_lr * mult}
+    return overrides
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:

@@ -24,7 +24,7 @@ def loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
 
 
-def forward_step(data_iterator, model, with_loss: bool = True):
+def forward_step(data_iterator, model):
     """megatron's forward_step_func: next micro-batch -> (per-token loss, loss function)."""
     batch = next(data_iterator).to(device())
     return model(batch), partial(loss_func, batch.loss_mask)

@@ -1,0 +1,113 @@
+"""Gated cross-attention layer of the X and H designs: text queries, image keys and values.
+
+    h = h + tanh(attn_gate) * CrossAttention(RMSNorm(h), images)
+    h = h + tanh(mlp_gate) * has_image * SwiGLU(RMSNorm(h))
+Both gates start at 0, so an untrained layer is the identity. A token whose mask row is all True
+(no image of its sample before it) gets exactly zero from both sub-layers.
+
+Tensor parallel like megatron's attention: queries, keys and values column-parallel by head, the
+output projection row-parallel. With sequence parallel the text stream arrives split along s:
+`linear_q` gathers it, `linear_proj` reduce-scatters; the image stream is never split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mmpretrain.model.specs import decoder_layer_spec
+
+
+def _norm(config: TransformerConfig):
+    """The decoder's own RMSNorm module type, for the same sequence-parallel handling."""
+    spec = decoder_layer_spec().submodules.input_layernorm
+    return build_module(spec, config=config, hidden_size=config.hidden_size,
+                        eps=config.layernorm_epsilon)
+
+
+def _gate(config: TransformerConfig) -> torch.nn.Parameter:
+    """A scalar gate at 0; under sequence parallel its grad is summed over TP like a norm's."""
+    gate = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+    gate.sequence_parallel = config.sequence_parallel
+    return gate
+
+
+def masked_softmax_rows(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with `mask` True = excluded; a fully masked row is all zeros
+    (not uniform, not NaN). scores [b, n, s, k] float, mask [b, 1, s, k] bool."""
+    scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)  # exp(min - max) underflows to exactly 0
+    return probs * (~mask).any(dim=-1, keepdim=True)  # [b, n, s, k]
+
+
+class GatedCrossAttentionLayer(MegatronModule):
+    """One gated cross-attention layer; `context` (images, mask) is set before each forward."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        h, d = config.hidden_size, config.kv_channels
+        self.n_heads, self.n_groups = config.num_attention_heads, config.num_query_groups
+        linear = dict(config=config, init_method=config.init_method, bias=False,
+                      gather_output=False)
+        # The image stream is not sequence-split: its projections must not gather along s.
+        image_cfg = dataclasses.replace(config, sequence_parallel=False)
+        image_linear = {**linear, "config": image_cfg}
+        self.input_layernorm = _norm(config)
+        self.linear_q = tensor_parallel.ColumnParallelLinear(h, self.n_heads * d, **linear)
+        self.linear_k = tensor_parallel.ColumnParallelLinear(h, self.n_groups * d, **image_linear)
+        self.linear_v = tensor_parallel.ColumnParallelLinear(h, self.n_groups * d, **image_linear)
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            self.n_heads * d, h, config=config, init_method=config.output_layer_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=True)
+        self.pre_mlp_layernorm = _norm(config)
+        self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
+                                             linear_fc2=tensor_parallel.RowParallelLinear))
+        self.cross_attn_attn_gate = _gate(config)
+        self.cross_attn_mlp_gate = _gate(config)
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_context(self, images: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """images [k, h] (projected image embeddings), mask [b, 1, s, k] bool, True = hidden."""
+        self.context = None if images is None else (images, mask)
+
+    def attend(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-attention output before its gate: x [s(/tp), b, h] -> [s(/tp), b, h]."""
+        d = self.config.kv_channels
+        q, _ = self.linear_q(x)  # [s, b, nh/tp * d] (gathered along s under SP)
+        k, _ = self.linear_k(images[:, None])  # [k, 1, ng/tp * d]
+        v, _ = self.linear_v(images[:, None])  # [k, 1, ng/tp * d]
+        s, b = q.shape[:2]
+        q = q.view(s, b, -1, d).permute(1, 2, 0, 3)  # [b, nh/tp, s, d]
+        per_group = self.n_heads // self.n_groups
+        groups = k.shape[-1] // d  # this rank's query groups (the image stream may be empty)
+        k = k.view(-1, 1, groups, d).permute(1, 2, 0, 3).repeat_interleave(per_group, 1)
+        v = v.view(-1, 1, groups, d).permute(1, 2, 0, 3).repeat_interleave(per_group, 1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(d)  # [b, n, s, k]
+        probs = masked_softmax_rows(scores, mask).to(v.dtype)
+        ctx = torch.matmul(probs, v)  # [b, nh/tp, s, d]
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nh/tp * d]
+        out, _ = self.linear_proj(ctx)  # [s(/tp), b, h]
+        return out
+
+    def has_image(self, mask: torch.Tensor) -> torch.Tensor:
+        """[s(/tp), b, 1] 1.0 where a token sees at least one image (this rank's share of s)."""
+        rows = (~mask[:, 0]).any(dim=-1).t()[..., None].to(self.config.params_dtype)  # [s, b, 1]
+        if self.config.sequence_parallel:
+            rows = tensor_parallel.scatter_to_sequence_parallel_region(rows)
+        return rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s(/tp), b, h] -> [s(/tp), b, h]; the identity without a context."""
+        if self.context is None:
+            return hidden
+        images, mask = self.context
+        attn = self.attend(self.input_layernorm(hidden), images, mask)
+        hidden = hidden + torch.tanh(self.cross_attn_attn_gate) * attn
+        mlp, _ = self.mlp(self.pre_mlp_layernorm(hidden))  # [s(/tp), b, h]
+        return hidden + torch.tanh(self.cross_attn_mlp_gate) * self.has_image(mask) * mlp
