@@ -5,6 +5,7 @@ start with one message naming the setting, not inside megatron-core on some rank
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -38,9 +39,7 @@ class ParallelLayout:
         """The layout of `cfg` for `world_size` ranks (default: $WORLD_SIZE or 1), validated."""
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        p = cfg.parallel
-        layout = cls(world_size, p.tp, p.pp, p.vpp, p.sequence_parallel, p.distributed_optimizer,
-                     p.first_stage_decoder_layers)
+        layout = cls(world_size, **dataclasses.asdict(cfg.parallel))  # the same field names
         validate(layout, cfg)
         return layout
 
