@@ -408,12 +408,10 @@ def _validate_cross_attention(cfg: Config) -> None:
     if m.design == "h" and cfg.data.resize != "tiles":
         raise ConfigError("model.design=h needs data.resize=tiles (thumbnail in stream, tiles "
                           "through cross-attention)")
-    if m.design in ("x", "h") and cfg.parallel.pp > 1:
-        raise ConfigError(f"model.design={m.design}: pipeline parallelism (parallel.pp > 1) is not "
-                          "supported yet for cross-attention designs")
-    if m.design in ("x", "h") and cfg.train.recompute == "full":
-        raise ConfigError(f"model.design={m.design}: train.recompute=full is not supported yet for "
-                          "cross-attention designs (use selective)")
+    if m.design in ("x", "h") and cfg.parallel.pp > 1 and cfg.data.max_patches <= 0:
+        raise ConfigError(f"model.design={m.design} with parallel.pp > 1 needs data.max_patches > 0: "
+                          "the image context travels between pipeline stages in rows sized for "
+                          "data.max_patches / projector.merge^2 image tokens per micro-batch")
     if m.train_only_cross_attention and m.design == "d":
         raise ConfigError("model.train_only_cross_attention needs model.design x or h")
 

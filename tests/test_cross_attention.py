@@ -103,10 +103,10 @@ def test_config_validates_cross_attention():
         load(None, ["model.design=x"])
     with pytest.raises(ConfigError, match="resize=tiles"):
         load(None, ["model.design=h", "model.cross_attention_every=1"])
-    with pytest.raises(ConfigError, match="pipeline"):
+    with pytest.raises(ConfigError, match="parallel.pp > 1 needs data.max_patches"):
         load(None, ["model.design=x", "model.cross_attention_every=1", "parallel.pp=2"])
-    with pytest.raises(ConfigError, match="recompute"):
-        load(None, ["model.design=x", "model.cross_attention_every=1", "train.recompute=full"])
+    load(None, ["model.design=x", "model.cross_attention_every=1", "parallel.pp=2",
+                "data.max_patches=256", "train.recompute=full"])
     cfg = load(None, ["model.design=x", "model.cross_attention_every=2",
                       "model.cross_attention_layers=[2]", "decoder.num_layers=4"])
     from mmpretrain.config import cross_attention_positions
@@ -143,9 +143,9 @@ def test_no_earlier_image_gives_exactly_zero_cross_attention(megatron_world):
     seq = seq_x("abcd", (2, 2), "ef")
     batch = pack_rows([[seq]], SEQ, 0)
     with cuda_to_cpu():
-        model.embed_and_context(batch)
+        _, images = model.embed_and_context(batch)
+        mask = batch.cross_attention_mask(~model.in_stream(batch))
         layer = model.language_model.cross_attention_1
-        images, mask = layer.context
         hidden = torch.randn(SEQ, 1, 64)
         out = layer.attend(layer.input_layernorm(hidden), images, mask)  # [s, 1, h]
     assert torch.equal(out[:5], torch.zeros_like(out[:5]))  # <s> a b c d: no image yet
@@ -285,3 +285,13 @@ def test_gate_learning_rate_multiplier():
     gate = [v for k, v in param_overrides(ocfg, cfg).items() if k.name == "*_gate"]
     assert gate == [{"max_lr": cfg.train.lr * 10, "min_lr": cfg.train.min_lr * 10}]
     assert not [k for k in param_overrides(ocfg, config("d")) if k.name == "*_gate"]
+
+
+def test_pipeline_context_rows_round_trip_and_capacity():
+    from mmpretrain.model.image_context import pack_context, unpack_context
+    context = torch.randn(5, 8)
+    rows = pack_context(context, capacity=7, micro_batch_size=2)  # ceil(7/2) = 4 rows
+    assert rows.shape == (4, 2, 8) and torch.equal(unpack_context(rows, 5), context)
+    assert torch.equal(rows.reshape(-1, 8)[5:], torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="over the pipeline's context capacity of 4"):
+        pack_context(context, capacity=4, micro_batch_size=2)

@@ -77,7 +77,7 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
     if design == "d":
         return NVLMDecoderOnly(vision, projector, decoder, image_token_id)
     return NVLMCrossAttention(vision, projector, decoder, image_token_id, design,
-                              cfg.projector.merge)
+                              cfg.projector.merge, cfg.data.max_patches // cfg.projector.merge ** 2)
 
 
 def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) -> None:

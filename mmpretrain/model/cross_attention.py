@@ -47,7 +47,7 @@ def masked_softmax_rows(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 class GatedCrossAttentionLayer(MegatronModule):
-    """One gated cross-attention layer; `context` (images, mask) is set before each forward."""
+    """One gated cross-attention layer; the images and mask come with each call."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
@@ -70,12 +70,6 @@ class GatedCrossAttentionLayer(MegatronModule):
                                              linear_fc2=tensor_parallel.RowParallelLinear))
         self.cross_attn_attn_gate = _gate(config)
         self.cross_attn_mlp_gate = _gate(config)
-        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def set_context(self, images: torch.Tensor | None, mask: torch.Tensor | None) -> None:
-        """images [k, h] (projected image embeddings), mask [b, 1, s, k] bool, True = hidden."""
-        self.context = None if images is None else (images, mask)
-
     def attend(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cross-attention output before its gate: x [s(/tp), b, h] -> [s(/tp), b, h]."""
         d = self.config.kv_channels
@@ -102,11 +96,12 @@ class GatedCrossAttentionLayer(MegatronModule):
             rows = tensor_parallel.scatter_to_sequence_parallel_region(rows)
         return rows
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [s(/tp), b, h] -> [s(/tp), b, h]; the identity without a context."""
-        if self.context is None:
+    def forward(self, hidden: torch.Tensor, images: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden [s(/tp), b, h], images [k, h], mask [b, 1, s, k] -> [s(/tp), b, h]; the
+        identity without images."""
+        if images is None:
             return hidden
-        images, mask = self.context
         attn = self.attend(self.input_layernorm(hidden), images, mask)
         hidden = hidden + torch.tanh(self.cross_attn_attn_gate) * attn
         mlp, _ = self.mlp(self.pre_mlp_layernorm(hidden))  # [s(/tp), b, h]

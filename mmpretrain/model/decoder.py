@@ -6,7 +6,8 @@ share of the layers, and other stages' hidden states arrive through `set_input_t
 
 The X and H designs add gated cross-attention layers: the one before global decoder layer L is the
 attribute `cross_attention_L` (a stable, layout-independent checkpoint name) and runs as a forward
-pre-hook of that TransformerLayer, so megatron's TransformerBlock stays as it is.
+pre-hook of that TransformerLayer, so megatron's TransformerBlock stays as it is; the image context
+reaches it as the block's own `context`/`context_mask` arguments.
 """
 from __future__ import annotations
 
@@ -57,23 +58,25 @@ class LanguageDecoder(MegatronModule):
                 added.append(cross)
         return added
 
-    def set_cross_context(self, images: torch.Tensor | None, mask: torch.Tensor | None) -> None:
-        """Image keys/values [k, h] and cross mask [b, 1, s, k] for the next forward."""
-        for cross in self.cross_layers:
-            cross.set_context(images, mask)
-
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> embeddings [s, b, h]."""
         return self.embedding(tokens, position_ids=None)
 
     def forward(self, embeddings: torch.Tensor | None, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """embeddings [s, b, h] (first stage; None elsewhere) -> per-token loss [b, s] or logits
-        [b, s, v/tp] on the last stage, hidden states [s(/tp), b, h] on the others."""
+        [b, s, v/tp] on the last stage, hidden states [s(/tp), b, h] on the others.
+
+        X/H: `context` [k, h] (image keys/values) and `context_mask` [b, 1, s, k] for the
+        cross-attention layers. They go through megatron's block as its own cross-attention
+        arguments, so its activation recomputation saves and reuses them with the micro-batch."""
         if embeddings is not None and self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         rope = text_rope(position_ids, self.config.kv_channels, self.rope_theta)  # [s, b, 1, d]
-        hidden = self.block(embeddings, attention_mask, rotary_pos_emb=rope)  # [s, b, h]
+        hidden = self.block(embeddings, attention_mask, context=context, context_mask=context_mask,
+                            rotary_pos_emb=rope)  # [s, b, h]
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(hidden)  # [s, b, v/tp]
@@ -84,11 +87,10 @@ class LanguageDecoder(MegatronModule):
 
 
 def _run_before(cross: GatedCrossAttentionLayer):
-    """Forward pre-hook: pass the layer's input hidden states through `cross` first."""
+    """Forward pre-hook: pass the layer's input hidden states through `cross` first, with the
+    block's `context` and `context_mask` (megatron passes all three by keyword)."""
     def hook(module, args, kwargs):
-        if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = cross(kwargs["hidden_states"])
-        else:  # called positionally: hidden states first
-            args = (cross(args[0]), *args[1:])
+        kwargs["hidden_states"] = cross(kwargs["hidden_states"], kwargs.get("context"),
+                                        kwargs.get("context_mask"))
         return args, kwargs
     return hook

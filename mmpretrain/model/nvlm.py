@@ -33,6 +33,11 @@ class NVLMDecoderOnly(MegatronModule):
             input_tensor = input_tensor[0]
         self.language_model.block.set_input_tensor(input_tensor)
 
+    def pipeline_seq_length(self, seq_len: int, micro_batch_size: int) -> int:
+        """Rows of the tensor sent between pipeline stages (before megatron's division by tp under
+        sequence parallel): the hidden states only."""
+        return seq_len
+
     def image_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """All images of the micro-batch as one stream -> [n_image_tokens, h_decoder]."""
         features = self.vision(batch.patches, batch.patch_positions,

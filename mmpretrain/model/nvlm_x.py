@@ -12,18 +12,41 @@ import torch
 from mmpretrain.data.images import THUMBNAIL
 from mmpretrain.data.packing import PackedBatch
 from mmpretrain.model.decoder import LanguageDecoder
+from mmpretrain.model.image_context import context_rows, pack_context, unpack_context
 from mmpretrain.model.nvlm import NVLMDecoderOnly, place_images
 from mmpretrain.model.projector import Projector
 from mmpretrain.model.vision import VisionEncoder
 
 
 class NVLMCrossAttention(NVLMDecoderOnly):
-    """The X (design='x') and H (design='h') designs; `forward(batch)` as in D."""
+    """The X (design='x') and H (design='h') designs; `forward(batch)` as in D.
+
+    `context_capacity`: the most cross-attended image tokens of one micro-batch (data.max_patches
+    / merge^2); under pipeline parallelism the context rows sent between stages hold this many.
+    """
 
     def __init__(self, vision: VisionEncoder | None, projector: Projector | None,
-                 language_model: LanguageDecoder, image_token_id: int, design: str, merge: int):
+                 language_model: LanguageDecoder, image_token_id: int, design: str, merge: int,
+                 context_capacity: int = 0):
         super().__init__(vision, projector, language_model, image_token_id)
-        self.design, self.merge = design, merge
+        self.design, self.merge, self.context_capacity = design, merge, context_capacity
+        self.pipelined = self.config.pipeline_model_parallel_size > 1
+        if self.pipelined and context_capacity <= 0:
+            raise ValueError("pipeline parallelism of X/H needs a context capacity "
+                             "(data.max_patches > 0)")
+        self.received: torch.Tensor | None = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook: [s(/tp) + m, b, h], the previous stage's hidden states and context rows."""
+        self.received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def pipeline_seq_length(self, seq_len: int, micro_batch_size: int) -> int:
+        """Rows of the tensor sent between stages, before megatron divides them by tp under
+        sequence parallel: the hidden states and the context rows (full on every TP rank)."""
+        if not self.pipelined:
+            return seq_len
+        tp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        return seq_len + context_rows(self.context_capacity, micro_batch_size) * tp
 
     def in_stream(self, batch: PackedBatch) -> torch.Tensor:
         """[n_images] bool: images placed in the token stream (H's thumbnails), not cross-attended."""
@@ -36,26 +59,42 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         sizes = batch.image_sizes
         return (sizes[:, 0] // self.merge) * (sizes[:, 1] // self.merge)
 
-    def embed_and_context(self, batch: PackedBatch) -> torch.Tensor:
-        """Token embeddings [s, b, h] (thumbnails placed); sets the cross-attention context."""
+    def embed_and_context(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeddings [s, b, h] with H's thumbnails placed, cross-attended context [k, h])."""
         emb = self.language_model.embed(batch.tokens)  # [s, b, h]
         in_stream = self.in_stream(batch)  # [n_images]
         if len(batch.image_sizes):
-            images = self.image_embeddings(batch)  # [n_tokens, h]
+            images = self.image_embeddings(batch).to(emb.dtype)  # [n_tokens, h]
         else:
             images = emb.new_zeros(0, emb.shape[-1])
         token_in_stream = in_stream.repeat_interleave(self.tokens_per_image(batch))  # [n_tokens]
-        slots = (batch.tokens == self.image_token_id).t()  # [s, b]
-        emb = place_images(emb, slots, images[token_in_stream]) if self.design == "h" else emb
-        mask = batch.cross_attention_mask(~in_stream, self.merge)  # [b, 1, s, k]
-        self.language_model.set_cross_context(images[~token_in_stream].to(emb.dtype), mask)
-        return emb
+        if self.design == "h":
+            slots = (batch.tokens == self.image_token_id).t()  # [s, b]
+            emb = place_images(emb, slots, images[token_in_stream])
+        return emb, images[~token_in_stream]
+
+    def received_parts(self, n_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The received tensor split: (hidden [s(/tp), b, h], context [n, h], its rows [m, b, h])."""
+        rows = context_rows(self.context_capacity, self.received.shape[1])
+        s_local = self.received.shape[0] - rows
+        carried = self.received[s_local:]
+        return self.received[:s_local], unpack_context(carried, n_context), carried
 
     def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
-        """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp]."""
-        if not self.pre_process:
-            raise NotImplementedError("X/H under pipeline parallelism: the image context is not "
-                                      "sent to later stages yet")
-        embeddings = self.embed_and_context(batch)
-        return self.language_model(embeddings, batch.position_ids, batch.decoder_attention_mask(),
-                                   batch.labels if with_loss else None)
+        """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
+        stage; hidden states and context rows [s(/tp) + m, b, h] on a stage before it."""
+        mask = batch.cross_attention_mask(~self.in_stream(batch), self.merge)  # [b, 1, s, k]
+        if self.pre_process:
+            hidden, context = self.embed_and_context(batch)
+            carried = None
+        else:  # the previous stage's hidden states reach the block through set_input_tensor
+            received, context, carried = self.received_parts(mask.shape[-1])
+            self.language_model.block.set_input_tensor(received)
+            hidden = None
+        out = self.language_model(hidden, batch.position_ids, batch.decoder_attention_mask(),
+                                  batch.labels if with_loss else None, context, mask)
+        if self.language_model.post_process:
+            return out
+        if carried is None:
+            carried = pack_context(context, self.context_capacity, batch.tokens.shape[0])
+        return torch.cat([out, carried.to(out.dtype)])  # [s(/tp) + m, b, h]
