@@ -89,6 +89,35 @@ class PackedBatch:
         return ~visible[:, None]
 
 
+    def cross_attention_rows(self, cross: torch.Tensor, merge: int = 1) -> tuple[torch.Tensor,
+                                                                               torch.Tensor]:
+        """Each row's own keys: (index [b, kr], mask [b, 1, s, kr] bool, True = may NOT attend).
+
+        Row r's keys are the projected tokens of the images (selected by `cross`) that its
+        samples reference; `index` gives their positions among all selected images' tokens (0
+        where a row has fewer than kr), and the mask is `cross_attention_mask` restricted to them,
+        so a row never attends over the other rows' images."""
+        b, s = self.sample_ids.shape
+        anchors, sizes = self.image_anchors[cross], self.image_sizes[cross]  # [n], [n, 2]
+        per_image = (sizes[:, 0] // merge) * (sizes[:, 1] // merge)  # [n]
+        token_anchor = anchors.repeat_interleave(per_image)  # [k] anchor of each image token
+        token_row = token_anchor // s
+        if len(token_row) and bool((token_row[1:] < token_row[:-1]).any()):
+            raise ValueError("images are not in row order in the packed batch")
+        count = torch.bincount(token_row, minlength=b)  # [b]
+        start = torch.cumsum(count, 0) - count  # [b]
+        width = int(count.max()) if len(token_row) else 0
+        offsets = torch.arange(width, device=count.device)
+        valid = offsets[None, :] < count[:, None]  # [b, kr]
+        index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # [b, kr]
+        at = token_anchor[index] % s if width else index  # [b, kr] anchor position in the row
+        sid = self.sample_ids.gather(1, at)  # [b, kr] sample of each key
+        pos = torch.arange(s, device=count.device)
+        visible = (valid[:, None, :] & (self.sample_ids[:, :, None] == sid[:, None, :])
+                   & (pos[None, :, None] >= at[:, None, :]))  # [b, s, kr]
+        return index, ~visible[:, None]
+
+
 def encoder_stream(patches: list[torch.Tensor]) -> torch.Tensor:
     """All images' patches back to back as float32 [n, 3*p*p]; uint8 pixels normalised here."""
     if not patches:

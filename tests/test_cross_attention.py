@@ -9,7 +9,7 @@ from mmpretrain.parallel import cuda_to_cpu
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, load
 from mmpretrain.model.build import build_model
-from mmpretrain.model.cross_attention import masked_softmax_rows
+from mmpretrain.model.cross_attention import attend_or_zero
 
 PATCH, SEQ = 4, 64
 
@@ -127,13 +127,33 @@ def test_cross_mask_own_sample_and_earlier_images():
 
 
 def test_fully_masked_rows_are_zero_and_finite():
-    scores = torch.randn(1, 2, 3, 4, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(1, 1, 4, 8, generator=g), torch.randn(1, 1, 4, 8, generator=g)
     mask = torch.tensor([[False, True, True, True], [True] * 4, [False] * 4])[None, None]
-    probs = masked_softmax_rows(scores, mask)
-    assert torch.equal(probs[:, :, 1], torch.zeros(1, 2, 4))
-    torch.testing.assert_close(probs[:, :, 0, 0], torch.ones(1, 2))
-    probs.sum().backward()
-    assert torch.isfinite(scores.grad).all()
+    out = attend_or_zero(q, k, v, mask)  # [1, 2, 3, 8]
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 8))
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0].expand(1, 2, 8))  # sees key 0 only
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, 1], torch.zeros(1, 2, 8))
+
+
+def test_row_keys_match_the_dense_mask():
+    a = seq_x("ab", (2, 2), "cd", (1, 2), "e")
+    b, c = seq_x("fg", (2, 1), "h"), seq_x("ijk")
+    batch = pack_rows([[a, b], [c], [b, a]], SEQ, 0)
+    cross = torch.ones(len(batch.image_sizes), dtype=torch.bool)
+    dense = batch.cross_attention_mask(cross)[:, 0]  # [b, s, k]
+    index, rows = batch.cross_attention_rows(cross)  # [b, kr], [b, 1, s, kr]
+    assert index.shape == (3, 8)  # rows 0 and 2 hold 4 + 2 + 2 image tokens, row 1 none
+    for r in range(3):
+        n = int((~dense[r]).any(0).sum())  # image tokens any token of row r sees
+        keys = index[r, :n]
+        assert torch.equal(rows[r, 0, :, :n], dense[r][:, keys])
+        assert rows[r, 0, :, n:].all()  # padding keys are hidden
+        others = torch.ones(dense.shape[-1], dtype=torch.bool)
+        others[keys] = False
+        assert dense[r][:, others].all()  # a row sees no other row's image
 
 
 @torch.no_grad()
@@ -144,7 +164,8 @@ def test_no_earlier_image_gives_exactly_zero_cross_attention(megatron_world):
     batch = pack_rows([[seq]], SEQ, 0)
     with cuda_to_cpu():
         _, images = model.embed_and_context(batch)
-        mask = batch.cross_attention_mask(~model.in_stream(batch))
+        index, mask = batch.cross_attention_rows(~model.in_stream(batch))
+        images = images[index].transpose(0, 1)  # [kr, 1, h]
         layer = model.language_model.cross_attention_1
         hidden = torch.randn(SEQ, 1, 64)
         out = layer.attend(layer.input_layernorm(hidden), images, mask)  # [s, 1, h]

@@ -82,7 +82,7 @@ def test_causal_lm_plus_pixtral_tower(env):
     images = [random_image(2, 3, 4, 0), random_image(3, 1, 4, 1)]
     batch = pack_rows([[TokenSequence([0], [False], images)]], 1, 0)
     with torch.no_grad(), cuda_to_cpu():
-        a = ours.vision(batch.patches, batch.patch_positions, batch.encoder_attention_mask())
+        a = ours.vision(batch.patches, batch.patch_positions, batch.image_sizes)
         pixels, sizes = pixel_batch(images, 4)
         b = tower(pixels, image_sizes=sizes).last_hidden_state[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

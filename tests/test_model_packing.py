@@ -42,13 +42,13 @@ def test_packed_encoder_equals_each_image_alone(megatron_world):
     packed = pack_rows([seqs], 64, 0)
     with cuda_to_cpu():
         together = model.vision(packed.patches, packed.patch_positions,
-                                packed.encoder_attention_mask())  # [n, h]
+                                packed.image_sizes)  # [n, h]
         at = 0
         for seq in seqs:
             for img in seq.images:
                 alone_batch = pack_rows([[TokenSequenceOf(img)]], 64, 0)
                 alone = model.vision(alone_batch.patches, alone_batch.patch_positions,
-                                     alone_batch.encoder_attention_mask())
+                                     alone_batch.image_sizes)
                 n = img.rows * img.cols
                 torch.testing.assert_close(together[at:at + n], alone, rtol=1e-5, atol=1e-5)
                 at += n

@@ -12,9 +12,8 @@ output projection row-parallel. With sequence parallel the text stream arrives s
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -38,12 +37,15 @@ def _gate(config: TransformerConfig) -> torch.nn.Parameter:
     return gate
 
 
-def masked_softmax_rows(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim with `mask` True = excluded; a fully masked row is all zeros
-    (not uniform, not NaN). scores [b, n, s, k] float, mask [b, 1, s, k] bool."""
-    scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)  # exp(min - max) underflows to exactly 0
-    return probs * (~mask).any(dim=-1, keepdim=True)  # [b, n, s, k]
+def attend_or_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with `mask` True = excluded; a query whose row is all masked gets
+    exactly zero (not a uniform mix, not NaN) and passes no gradient. q [b, n, s, d],
+    k/v [b, g, kr, d], mask [b, 1, s, kr] -> [b, n, s, d]."""
+    sees = (~mask).any(dim=-1, keepdim=True)  # [b, 1, s, 1]
+    allowed = ~mask | ~sees  # a row that sees nothing attends to all keys, then is zeroed
+    out = F.scaled_dot_product_attention(q, k, v, allowed, enable_gqa=True)
+    return out * sees
 
 
 class GatedCrossAttentionLayer(MegatronModule):
@@ -71,20 +73,19 @@ class GatedCrossAttentionLayer(MegatronModule):
         self.cross_attn_attn_gate = _gate(config)
         self.cross_attn_mlp_gate = _gate(config)
     def attend(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-attention output before its gate: x [s(/tp), b, h] -> [s(/tp), b, h]."""
+        """Cross-attention output before its gate: x [s(/tp), b, h], images [kr, b, h] (each
+        row's own keys), mask [b, 1, s, kr] -> [s(/tp), b, h]."""
+        if images.shape[0] == 0:  # no image in the micro-batch: nothing to attend to
+            return torch.zeros_like(x)
         d = self.config.kv_channels
         q, _ = self.linear_q(x)  # [s, b, nh/tp * d] (gathered along s under SP)
-        k, _ = self.linear_k(images[:, None])  # [k, 1, ng/tp * d]
-        v, _ = self.linear_v(images[:, None])  # [k, 1, ng/tp * d]
-        s, b = q.shape[:2]
+        k, _ = self.linear_k(images)  # [kr, b, ng/tp * d]
+        v, _ = self.linear_v(images)  # [kr, b, ng/tp * d]
+        s, b, kr = q.shape[0], q.shape[1], k.shape[0]
         q = q.view(s, b, -1, d).permute(1, 2, 0, 3)  # [b, nh/tp, s, d]
-        per_group = self.n_heads // self.n_groups
-        groups = k.shape[-1] // d  # this rank's query groups (the image stream may be empty)
-        k = k.view(-1, 1, groups, d).permute(1, 2, 0, 3).repeat_interleave(per_group, 1)
-        v = v.view(-1, 1, groups, d).permute(1, 2, 0, 3).repeat_interleave(per_group, 1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(d)  # [b, n, s, k]
-        probs = masked_softmax_rows(scores, mask).to(v.dtype)
-        ctx = torch.matmul(probs, v)  # [b, nh/tp, s, d]
+        k = k.view(kr, b, -1, d).permute(1, 2, 0, 3)  # [b, ng/tp, kr, d]
+        v = v.view(kr, b, -1, d).permute(1, 2, 0, 3)
+        ctx = attend_or_zero(q.float(), k.float(), v.float(), mask).to(v.dtype)  # [b, nh, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nh/tp * d]
         out, _ = self.linear_proj(ctx)  # [s(/tp), b, h]
         return out
@@ -98,8 +99,8 @@ class GatedCrossAttentionLayer(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, images: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """hidden [s(/tp), b, h], images [k, h], mask [b, 1, s, k] -> [s(/tp), b, h]; the
-        identity without images."""
+        """hidden [s(/tp), b, h], images [kr, b, h], mask [b, 1, s, kr] (see
+        `PackedBatch.cross_attention_rows`) -> [s(/tp), b, h]; the identity without images."""
         if images is None:
             return hidden
         attn = self.attend(self.input_layernorm(hidden), images, mask)

@@ -41,7 +41,7 @@ class NVLMDecoderOnly(MegatronModule):
     def image_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """All images of the micro-batch as one stream -> [n_image_tokens, h_decoder]."""
         features = self.vision(batch.patches, batch.patch_positions,
-                               batch.encoder_attention_mask())  # [n, h_vision]
+                               batch.image_sizes)  # [n, h_vision]
         return self.projector(features, batch.image_sizes)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:

@@ -3,7 +3,8 @@
 X: every image of the micro-batch is a key/value source; the token stream has one `<image>` marker
 per image. H: tiled images; each thumbnail's embeddings are placed in the stream as in D (after its
 `<tile_global_thumbnail>` tag), the regular tiles are keys/values, each anchored at its tile tag.
-Both use the same PackedBatch: its `cross_attention_mask` says which image tokens a text token sees.
+Both use the same PackedBatch: `cross_attention_rows` gives each row its own images' tokens and
+says which of them a text token sees.
 """
 from __future__ import annotations
 
@@ -83,16 +84,19 @@ class NVLMCrossAttention(NVLMDecoderOnly):
     def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
         """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
         stage; hidden states and context rows [s(/tp) + m, b, h] on a stage before it."""
-        mask = batch.cross_attention_mask(~self.in_stream(batch), self.merge)  # [b, 1, s, k]
+        cross = ~self.in_stream(batch)  # [n_images]
+        index, mask = batch.cross_attention_rows(cross, self.merge)  # [b, kr], [b, 1, s, kr]
         if self.pre_process:
             hidden, context = self.embed_and_context(batch)
             carried = None
         else:  # the previous stage's hidden states reach the block through set_input_tensor
-            received, context, carried = self.received_parts(mask.shape[-1])
+            n_context = int(self.tokens_per_image(batch)[cross].sum())
+            received, context, carried = self.received_parts(n_context)
             self.language_model.block.set_input_tensor(received)
             hidden = None
+        keys = context[index].transpose(0, 1)  # [kr, b, h]: each row's own images
         out = self.language_model(hidden, batch.position_ids, batch.decoder_attention_mask(),
-                                  batch.labels if with_loss else None, context, mask)
+                                  batch.labels if with_loss else None, keys, mask)
         if self.language_model.post_process:
             return out
         if carried is None:

@@ -10,6 +10,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mmpretrain.model.packed_attention import PackedDotProductAttention
+
 
 def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
                        ffn_hidden_size: int, norm_eps: float, init_std: float, dtype: torch.dtype,
@@ -52,7 +54,9 @@ def decoder_layer_spec() -> ModuleSpec:
 
 
 def vision_layer_spec() -> ModuleSpec:
-    """Encoder layer: bidirectional self-attention (block-diagonal across packed images)."""
+    """Encoder layer: bidirectional self-attention within each image of the packed stream
+    (thd packed sequences, or a dense block-diagonal mask)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec

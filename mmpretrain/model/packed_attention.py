@@ -1,0 +1,61 @@
+"""Packed (THD) attention for the local spec: each sequence of a packed stream attends only
+within itself, at the cost of its own length squared instead of the stream's.
+
+megatron-core describes packed sequences with `PackedSeqParams(qkv_format="thd", cu_seqlens...)`
+and hands them to the core attention; its local `DotProductAttention` refuses them (only
+Transformer Engine's attention takes them). `PackedDotProductAttention` takes them on any device:
+the sequences are gathered into a padded batch [n_seq, L, heads, d] and attend through
+`scaled_dot_product_attention` with a padding (and, for the decoder, causal) mask. Without
+packed_seq_params it is megatron's dense-mask attention, unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+def packed_seq_params(lengths: torch.Tensor) -> PackedSeqParams:
+    """THD description of sequences of `lengths` [n] laid back to back (int32 cu_seqlens)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    longest = int(lengths.max()) if len(lengths) else 0
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def padded_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [n_seq, L] into the packed tokens (0 at padding), valid [n_seq, L] bool)."""
+    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=cu_seqlens.device)  # [L]
+    valid = offsets[None, :] < lengths[:, None]  # [n_seq, L]
+    return torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """Core attention that also takes THD packed sequences (see the module docstring)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        """THD: query [t, np, d], key/value [t, ng, d] -> [t, np * d]."""
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias)
+        if packed_seq_params.qkv_format != "thd" or attention_bias is not None:
+            raise ValueError("PackedDotProductAttention takes thd packed sequences without bias")
+        index, valid = padded_index(packed_seq_params.cu_seqlens_q)  # [n, L]
+        heads, groups = query.shape[1], key.shape[1]
+        q = query[index].transpose(1, 2)  # [n, np, L, d]
+        k = key[index].transpose(1, 2).repeat_interleave(heads // groups, 1)  # [n, np, L, d]
+        v = value[index].transpose(1, 2).repeat_interleave(heads // groups, 1)
+        allowed = valid[:, None, None, :]  # [n, 1, 1, L] keys of the sequence itself
+        if (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
+            allowed = allowed & torch.ones_like(valid[0][:, None] & valid[0][None, :]).tril()
+        dtype = torch.float32 if self.config.attention_softmax_in_fp32 else q.dtype
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), allowed,
+                                             scale=self.softmax_scale)  # [n, np, L, d]
+        out = out.to(query.dtype).transpose(1, 2)[valid]  # [t, np, d] in packed order
+        return out.reshape(out.shape[0], -1)
