@@ -117,3 +117,26 @@ def save_pixtral(out: Path, cfg: Config, seed: int = 3):
     randomize(model, seed)
     model.save_pretrained(out)
     return model
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an export's safetensors shards."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def design_config(data_path: Path, design: str = "d", tiles: bool = False, merge: int = 1) -> Config:
+    """The tiny model in another design (X: cross-attention before decoder layer 2; H: before
+    both), with NVLM tiles of 16 px (4 x 4 patches, at most 4 + a thumbnail) and/or 2x2 merge."""
+    cfg = tiny_config(data_path)
+    cfg.model.design = design
+    cfg.model.cross_attention_layers = {"x": [2], "h": [1, 2]}.get(design, [])
+    cfg.projector.merge = merge
+    if tiles:
+        cfg.data.resize, cfg.data.tile_size, cfg.data.max_tiles = "tiles", 16, 4
+    return cfg

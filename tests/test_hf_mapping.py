@@ -110,20 +110,24 @@ def test_shard_planning():
     assert plan_shards([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
 
 
-@pytest.mark.parametrize("setting, match", [
-    ("projector.merge=2", "projector.merge"),
-    ("projector.hidden_size=96", "projector.hidden_size"),
-    ("vision.norm_eps=1e-6", "vision.norm_eps"),
-    ("data.resize=tiles", "data.resize"),
+@pytest.mark.parametrize("settings, fmt", [
+    ([], "llava"),
+    (["projector.merge=2"], "nvlm"),
+    (["projector.hidden_size=96"], "nvlm"),
+    (["data.resize=tiles"], "nvlm"),
+    (["model.design=x", "model.cross_attention_every=1"], "nvlm"),
+    (["model.design=h", "model.cross_attention_every=1", "data.resize=tiles"], "nvlm"),
 ])
-def test_models_without_a_llava_equivalent_are_refused(setting, match):
-    from mmpretrain.config import ConfigError, load
+def test_export_format_llava_or_remote_code(settings, fmt):
+    from mmpretrain.config import load
     from mmpretrain.hf.configs import check_exportable
 
-    try:
-        cfg = load(None, [setting])
-    except ConfigError:
-        pytest.skip(f"{setting.split('=')[0]} is not a config key yet")
-    with pytest.raises(ConversionError, match=match):
-        check_exportable(cfg)
-    assert check_exportable(load(None, [])) == "llava"
+    assert check_exportable(load(None, settings)) == fmt
+
+
+def test_vision_norm_eps_other_than_pixtrals_is_refused():
+    from mmpretrain.config import load
+    from mmpretrain.hf.configs import check_exportable
+
+    with pytest.raises(ConversionError, match="vision.norm_eps"):
+        check_exportable(load(None, ["vision.norm_eps=1e-6"]))

@@ -1,10 +1,12 @@
 """Hugging Face conversion: export to transformers, import from it, and verification.
 
 `mmpretrain convert to-hf` writes the D design at native resolution as
-`transformers.LlavaForConditionalGeneration` (Pixtral vision tower, Llama decoder);
-`convert from-hf` reads such a model, or a Llama/Mistral causal LM plus an optional Pixtral
-vision tower, into a checkpoint that `mmpretrain train` starts from; `convert verify` compares
-the logits of both sides. The tensor names and layouts live in `mapping.py`.
+`transformers.LlavaForConditionalGeneration` (Pixtral vision tower, Llama decoder), and X, H,
+tiled D and pixel-shuffled D as the remote-code `NVLMForConditionalGeneration`
+(`configuration_nvlm.py`, `nvlm_layers.py`, `modeling_nvlm.py`, copied into the export; see
+`remote.py`); `convert from-hf` reads either, or a Llama/Mistral causal LM plus an optional
+Pixtral vision tower, into a checkpoint that `mmpretrain train` starts from; `convert verify`
+compares the logits of both sides. The tensor names and layouts live in `mapping.py`.
 
 This module stays import-light (no torch) so the CLI can name its errors cheaply.
 """

@@ -17,23 +17,16 @@ PIXTRAL_NORM_EPS = 1e-5
 
 
 def check_exportable(cfg: Config) -> str:
-    """The export format of this model ('llava'), or a ConversionError saying why there is none."""
-    if cfg.model.design != "d":
-        raise ConversionError(f"model.design={cfg.model.design!r}: only the D design exports to "
-                              "LlavaForConditionalGeneration; X/H need the remote-code export")
-    if getattr(cfg.data, "resize", "native") != "native":
-        raise ConversionError(f"data.resize={cfg.data.resize!r}: tiled images have no LLaVA "
-                              "equivalent; they need the remote-code export")
-    if cfg.projector.merge != 1:
-        raise ConversionError("projector.merge=2 (pixel shuffle) has no LLaVA equivalent; it needs "
-                              "the remote-code export")
-    if cfg.projector.hidden_size not in (None, cfg.decoder.hidden_size):
-        raise ConversionError(f"projector.hidden_size={cfg.projector.hidden_size}: LLaVA's projector "
-                              f"is decoder.hidden_size={cfg.decoder.hidden_size} wide")
+    """The export format of this model, or a ConversionError saying why there is none: 'llava'
+    (LlavaForConditionalGeneration) for D at native resolution without pixel shuffle and with a
+    decoder-wide projector, 'nvlm' (the remote-code model of `modeling_nvlm.py`) otherwise."""
     if not math.isclose(cfg.vision.norm_eps, PIXTRAL_NORM_EPS):
         raise ConversionError(f"vision.norm_eps={cfg.vision.norm_eps}: HF Pixtral's norms use "
                               f"eps={PIXTRAL_NORM_EPS}")
-    return "llava"
+    llava = (cfg.model.design == "d" and getattr(cfg.data, "resize", "native") == "native"
+             and cfg.projector.merge == 1
+             and cfg.projector.hidden_size in (None, cfg.decoder.hidden_size))
+    return "llava" if llava else "nvlm"
 
 
 def _side_cap(cfg: Config) -> int:
@@ -45,8 +38,8 @@ def max_image_side(cfg: Config) -> int:
     """Pixels per side the HF processor resizes to at most: the largest square within the
     token budget, and within data.max_image_side (the HF processor caps the longest edge where
     ours caps the patch count)."""
-    p = cfg.vision.patch_size
-    side = p * max(1, math.isqrt(cfg.data.image_token_budget))
+    p = cfg.vision.patch_size * cfg.projector.merge  # HF rounds sizes up to multiples of this
+    side = p * max(1, math.isqrt(cfg.data.image_token_budget) // cfg.projector.merge)
     return max(p, min(side, _side_cap(cfg) // p * p)) if _side_cap(cfg) else side
 
 
@@ -59,17 +52,25 @@ def rope_table_side(cfg: Config) -> int:
     return p * max(max_image_side(cfg) // p, min(budget, longest))
 
 
-def llava_config(cfg: Config, vocab_size: int, tok, dtype_name: str):
-    """The LlavaConfig of our D model; `vocab_size` is the padded size of our embedding."""
-    from transformers import LlamaConfig, LlavaConfig, PixtralVisionConfig
+def pixtral_config(cfg: Config, image_size: int | None = None):
+    """The PixtralVisionConfig of our encoder; `image_size` (pixels) is the side its 2-D RoPE
+    table covers (default: `rope_table_side`)."""
+    from transformers import PixtralVisionConfig
 
-    v, d = cfg.vision, cfg.decoder
-    vision = PixtralVisionConfig(
+    v = cfg.vision
+    return PixtralVisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_attention_heads, num_channels=3, image_size=rope_table_side(cfg),
-        patch_size=v.patch_size, hidden_act="silu", rope_theta=v.rope_theta,
-        initializer_range=cfg.model.init_std)
-    text = LlamaConfig(
+        num_attention_heads=v.num_attention_heads, num_channels=3,
+        image_size=image_size or rope_table_side(cfg), patch_size=v.patch_size, hidden_act="silu",
+        rope_theta=v.rope_theta, initializer_range=cfg.model.init_std)
+
+
+def llama_config(cfg: Config, vocab_size: int, tok):
+    """The LlamaConfig of our decoder; `vocab_size` is the padded size of our embedding."""
+    from transformers import LlamaConfig
+
+    d = cfg.decoder
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_hidden_size,
         num_hidden_layers=d.num_layers, num_attention_heads=d.num_attention_heads,
         num_key_value_heads=d.num_query_groups, head_dim=d.hidden_size // d.num_attention_heads,
@@ -77,9 +78,16 @@ def llava_config(cfg: Config, vocab_size: int, tok, dtype_name: str):
         rope_theta=d.rope_theta, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
         initializer_range=cfg.model.init_std, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id)
+
+
+def llava_config(cfg: Config, vocab_size: int, tok, dtype_name: str):
+    """The LlavaConfig of our D model; `vocab_size` is the padded size of our embedding."""
+    from transformers import LlavaConfig
+
     out = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.img_id,
-        projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_config=pixtral_config(cfg), text_config=llama_config(cfg, vocab_size, tok),
+        image_token_index=tok.img_id, projector_hidden_act="gelu",
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
         multimodal_projector_bias=True, image_seq_length=cfg.data.image_token_budget,
         tie_word_embeddings=False)
     out.architectures = ["LlavaForConditionalGeneration"]

@@ -9,9 +9,9 @@ The embedding and output layer keep their padded rows (a multiple of 128, see
 match ours column for column and a round trip is exact; the generation config suppresses the
 padding ids, which the tokenizer does not have.
 
-D at native resolution becomes LlavaForConditionalGeneration. X, H and tiled D need a
-remote-code model (a modeling file saved with the export); `configs.check_exportable` is where
-that choice is made.
+D at native resolution becomes LlavaForConditionalGeneration; X, H, tiled D and pixel-shuffled D
+become the remote-code NVLMForConditionalGeneration, whose configuration and modeling files are
+copied into the export (`remote.py`). `configs.check_exportable` is where that choice is made.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from mmpretrain.hf import local
 from mmpretrain.hf.configs import check_exportable, llava_config
 from mmpretrain.hf.mapping import Dims, Group, check_covers, llava_groups, model_tensors
 from mmpretrain.hf.processor import write_text_files
+from mmpretrain.hf.remote import nvlm_config, nvlm_groups, write_code
 from mmpretrain.hf.shards import parse_size, plan_shards, save_shard, shard_name, write_index
 
 log = logging.getLogger("mmpretrain")
@@ -38,14 +39,16 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 @dataclass(frozen=True)
 class Format:
-    """An export format: its tensor groups and its transformers config. (A remote-code format
-    for X/H/tiled D will also copy its configuration and modeling files into the export.)"""
+    """An export format: its tensor groups, its transformers config and, for remote code, what
+    writes its code files into the export."""
 
     groups: Callable[[Config], list[Group]]
     config: Callable[..., object]  # (cfg, padded vocab size, tokenizer, dtype name) -> config
+    code: Callable[[Path], None] | None = None
 
 
-FORMATS = {"llava": Format(lambda cfg: llava_groups(Dims.of(cfg)), llava_config)}
+FORMATS = {"llava": Format(lambda cfg: llava_groups(Dims.of(cfg)), llava_config),
+           "nvlm": Format(nvlm_groups, nvlm_config, write_code)}
 
 
 def group_bytes(group: Group, sources: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
@@ -102,6 +105,8 @@ def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: st
         stale.unlink()
     n = write_weights(out, groups, sources, out_dtype, shard_bytes)
     fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
+    if fmt.code is not None:
+        fmt.code(out)
     write_text_files(out, cfg, tok, vocab_size)
     (out / "mmpretrain.json").write_text(json.dumps(
         {"checkpoint": str(path.resolve()), "design": cfg.model.design,

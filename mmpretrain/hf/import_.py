@@ -1,9 +1,12 @@
 """`mmpretrain convert from-hf HF_DIR OUT --config JOB.yaml`: HF weights -> a run directory whose
 `latest` checkpoint `mmpretrain train` starts from.
 
-Sources: a LLaVA model with a Pixtral tower (all three parts), or a Llama/Mistral causal LM
-(the decoder) plus, with `--vision-tower`, a Pixtral vision model or another LLaVA's tower. What
-no source provides (the projector, usually) keeps the fresh initialisation of the job's seed.
+Sources: a LLaVA model with a Pixtral tower (all three parts), this project's remote-code export
+(`model_type: nvlm`: all parts and the cross-attention layers of X/H; its config is read as JSON,
+its code never run), or a Llama/Mistral causal LM (the decoder) plus, with `--vision-tower`, a
+Pixtral vision model or another LLaVA's tower. What no source provides (the projector, or the
+cross-attention layers of an X/H job fed from LLaVA) keeps the fresh initialisation of the job's
+seed.
 
 The model is built from the job config at TP=1/PP=1 on CPU, filled tensor group by tensor group
 (read lazily from safetensors), and saved as a weights-only dist checkpoint
@@ -17,6 +20,7 @@ beyond it keep their initialisation), never larger.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +41,12 @@ from mmpretrain.hf.mapping import (
     LM_HEAD,
     PROJECTOR,
     VISION,
-    Dims,
     Group,
     canonical_name,
     check_covers,
-    llava_groups,
     model_tensors,
 )
+from mmpretrain.hf.remote import CROSS, CROSS_PREFIX, check_nvlm_config, nvlm_groups
 from mmpretrain.hf.shards import WeightReader
 
 log = logging.getLogger("mmpretrain")
@@ -76,19 +79,23 @@ def read_config(directory: Path) -> dict:
 
     if not (directory / "config.json").is_file():
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "nvlm":
+        from mmpretrain.hf.configuration_nvlm import NVLMConfig  # ours: the export's code is not run
+
+        return NVLMConfig.from_pretrained(str(directory)).to_dict()
     return AutoConfig.from_pretrained(str(directory)).to_dict()
 
 
 def kind_of(config: dict) -> str:
-    """'llava', 'causal_lm' or 'pixtral', from the config's model_type."""
+    """'llava', 'nvlm', 'causal_lm' or 'pixtral', from the config's model_type."""
     kind = config.get("model_type")
-    if kind == "llava":
-        return "llava"
+    if kind in ("llava", "nvlm"):
+        return kind
     if kind in ("llama", "mistral"):
         return "causal_lm"
     if kind == "pixtral":
         return "pixtral"
-    raise ConversionError(f"model_type={kind!r}: expected llava, llama, mistral or pixtral")
+    raise ConversionError(f"model_type={kind!r}: expected llava, nvlm, llama, mistral or pixtral")
 
 
 def open_source(directory: str | Path, trust_pickle: bool, wanted: set[str]) -> Source:
@@ -97,10 +104,10 @@ def open_source(directory: str | Path, trust_pickle: bool, wanted: set[str]) -> 
     config = read_config(directory)
     kind = kind_of(config)
     src = Source(directory, config, WeightReader(directory, trust_pickle))
-    prefixes = {VISION: "vision_tower.", PROJECTOR: "multi_modal_projector.",
-                DECODER: "language_model."}
+    prefixes = {CROSS: CROSS_PREFIX, VISION: "vision_tower.", PROJECTOR: "multi_modal_projector.",
+                DECODER: "language_model."}  # the cross-attention layers' prefix first
     for name in src.reader.names():
-        canon = canonical_name(name, kind)
+        canon = name if kind == "nvlm" else canonical_name(name, kind)
         part = next((p for p, pre in prefixes.items() if canon.startswith(pre)), None)
         if part in wanted:
             src.names[canon] = name
@@ -113,7 +120,11 @@ def open_source(directory: str | Path, trust_pickle: bool, wanted: set[str]) -> 
 def check_configs(src: Source, cfg: Config) -> None:
     """The HF configs compute what the job's model computes (fields that shapes cannot show)."""
     c = src.config
-    if c["model_type"] == "llava":
+    if c["model_type"] == "nvlm":
+        check_text_config(c["text_config"], cfg)
+        check_vision_config(c["vision_config"], cfg)
+        check_nvlm_config(c, cfg)
+    elif c["model_type"] == "llava":
         if DECODER in src.parts:
             check_text_config(c["text_config"], cfg)
         if VISION in src.parts:
@@ -180,7 +191,7 @@ def fill(model, sources: list[Source], cfg: Config) -> dict[str, str]:
     from tqdm import tqdm
 
     ours = model_tensors(model.state_dict())
-    groups = llava_groups(Dims.of(cfg))
+    groups = nvlm_groups(cfg)  # LLaVA's groups, plus the cross-attention layers of X/H
     check_covers(groups, ours)
     plan = []
     for src in sources:
@@ -215,7 +226,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     from mmpretrain.config import dump
     from mmpretrain.parallel import cuda_to_cpu
 
-    main = open_source(hf_dir, trust_pickle, {VISION, PROJECTOR, DECODER})
+    main = open_source(hf_dir, trust_pickle, {VISION, PROJECTOR, DECODER, CROSS})
     if DECODER not in main.parts:
         raise ConversionError(f"{hf_dir}: no language model tensors (language_model.* or model.*)")
     sources = [main]
@@ -235,8 +246,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     model = local.build_cpu_model(build_cfg, tok)
     warn_vocab(main, tok, model.language_model.vocab_size)
     parts = fill(model, sources, build_cfg)
+    every = {g.part for g in nvlm_groups(build_cfg)}
     log.info("from-hf: %s; fresh: %s", ", ".join(f"{k} <- {v}" for k, v in sorted(parts.items())),
-             ", ".join(sorted({VISION, PROJECTOR, DECODER} - set(parts))) or "nothing")
+             ", ".join(sorted(every - set(parts))) or "nothing")
     out = Path(out)
     with cuda_to_cpu():
         ckpt = checkpoint.save_weights(out, 0, model, cfg, source=str(Path(hf_dir).resolve()))

@@ -64,7 +64,12 @@ def generation_config(tok: TextTokenizer, vocab_size: int):
 
 
 def write_text_files(out: Path, cfg: Config, tok: TextTokenizer, vocab_size: int) -> None:
-    """Tokenizer, processor and generation config files into `out`."""
+    """Tokenizer, processor and generation config files into `out`. The processor only for D at
+    native resolution (with or without pixel shuffle): PixtralProcessor writes neither X's
+    `<image>` markers nor tile tags, so X, H and tiled D get the tokenizer alone."""
     tokenizer = hf_tokenizer(tok, cfg.data.seq_length)
-    hf_processor(cfg, tokenizer).save_pretrained(out)
+    if cfg.model.design == "d" and cfg.data.resize == "native":
+        hf_processor(cfg, tokenizer).save_pretrained(out)
+    else:
+        tokenizer.save_pretrained(out)
     generation_config(tok, vocab_size).save_pretrained(out)

@@ -1,69 +1,34 @@
 """`mmpretrain convert verify CKPT HF_DIR`: both models on the same inputs, logits compared.
 
-Cases: text only, one image, several images of different sizes in one sequence. Both models get
-identical pixel tensors (random, already normalised) rather than each its own processor: the
-resize policies differ on purpose (see `processor.py`), the weights are what is checked.
+Cases (`cases.py`): text only, one image, several images of different sizes in one sequence, in
+the layout of the model's design (tiled images where the job tiles). Both models get identical
+pixel tensors (random, already normalised) rather than each its own processor: the resize policies
+differ on purpose (see `processor.py`), the weights and the computation are what is checked.
+A remote-code export is loaded with `trust_remote_code=True` after checking that its code files
+are the ones this version writes.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mmpretrain.data.images import ImagePatches
 from mmpretrain.data.packing import pack_rows
-from mmpretrain.data.sequence import TokenSequence, image_placeholder
+from mmpretrain.data.sequence import TokenSequence
 from mmpretrain.hf import VerificationError, local
+from mmpretrain.hf.cases import Case, design_cases, random_image, sample_cases  # noqa: F401
 
 log = logging.getLogger("mmpretrain")
-
-TEXTS = ("a red circle at the top left and a blue square in the center.",
-         "question: what color is the star? answer: green.", "the second picture shows")
-
-
-@dataclass
-class Case:
-    """One input sequence and its images, in placeholder order."""
-
-    name: str
-    ids: list[int]
-    images: list[ImagePatches]
-
-
-def random_image(rows: int, cols: int, patch: int, seed: int) -> ImagePatches:
-    """A normalised image of rows x cols patches as our encoder reads it."""
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(rows * cols, 3 * patch * patch, generator=g)  # [n, 3*p*p] (c, y, x)
-    return ImagePatches(pixels, rows, cols)
-
-
-def sample_cases(tok, patch: int, max_side: int = 64) -> list[Case]:
-    """Text only; one image; three images of different sizes between text. Grids stay within
-    `max_side` patches a side (HF Pixtral's RoPE table)."""
-    text = [tok.encode(t) for t in TEXTS]
-
-    def image(rows, cols, seed):
-        rows, cols = min(rows, max_side), min(cols, max_side)
-        img = random_image(rows, cols, patch, seed)
-        return img, image_placeholder(rows, cols, tok.img_id, tok.img_break_id, tok.img_end_id)
-
-    one, one_ids = image(3, 4, 1)
-    grids = [image(2, 3, 2), image(4, 2, 3), image(1, 5, 4)]
-    several = text[2] + grids[0][1] + text[0] + grids[1][1] + grids[2][1] + text[1]
-    bos = [tok.bos_id]
-    return [Case("text only", bos + text[0] + text[1], []),
-            Case("one image", bos + one_ids + text[0], [one]),
-            Case("several images", bos + several, [g[0] for g in grids])]
 
 
 def our_logits(model, case: Case, pad_id: int) -> torch.Tensor:
     """Our model's logits [s, v] (TP=1)."""
     from mmpretrain.parallel import cuda_to_cpu
 
-    seq = TokenSequence(case.ids, [True] * len(case.ids), case.images)
+    seq = TokenSequence(case.ids, [True] * len(case.ids), case.images, anchors=case.anchors)
     batch = pack_rows([[seq]], len(case.ids), pad_id)
     device = next(model.parameters()).device  # the GPU when one is present
     with torch.no_grad(), cuda_to_cpu():
@@ -88,14 +53,28 @@ def hf_logits(model, case: Case, patch: int) -> torch.Tensor:
     kwargs = {}
     if case.images:
         kwargs["pixel_values"], kwargs["image_sizes"] = pixel_batch(case.images, patch)
+        if is_remote(model.config):
+            kwargs["image_tiles"] = torch.tensor([img.tile for img in case.images])
     with torch.no_grad():
         return model(input_ids=torch.tensor([case.ids]), **kwargs).logits[0].float()  # [s, v]
 
 
-def load_hf(hf_dir: str | Path):
-    """The exported model in fp32, eval mode."""
-    from transformers import LlavaForConditionalGeneration
+def is_remote(config) -> bool:
+    """An NVLMForConditionalGeneration (remote-code) config."""
+    return getattr(config, "model_type", None) == "nvlm"
 
+
+def load_hf(hf_dir: str | Path):
+    """The exported model in fp32, eval mode: LLaVA, or the remote-code model of the export."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    from mmpretrain.hf.remote import check_code
+
+    conf = json.loads((Path(hf_dir) / "config.json").read_text())
+    if conf.get("model_type") == "nvlm":
+        check_code(Path(hf_dir))
+        return AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True,
+                                                    dtype=torch.float32).eval()
     return LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
 
@@ -108,11 +87,13 @@ def round_like_export(model, hf_dir: Path) -> None:
             p.copy_(p.to(dtype))
 
 
-def compare(ours, theirs, tok, patch: int) -> dict[str, float]:
-    """Max abs logit difference per case."""
+def compare(ours, theirs, tok, patch: int, cfg=None) -> dict[str, float]:
+    """Max abs logit difference per case (`cfg`, the job config, is needed for a remote-code
+    model: its cases follow the design)."""
     diffs = {}
     side = theirs.config.vision_config.image_size // patch
-    for case in sample_cases(tok, patch, side):
+    cases = design_cases(cfg, tok, side) if is_remote(theirs.config) else sample_cases(tok, patch, side)
+    for case in cases:
         a, b = our_logits(ours, case, tok.pad_id), hf_logits(theirs, case, patch)
         if a.shape != b.shape:
             raise VerificationError(f"{case.name}: logits {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -128,7 +109,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
     tok = local.open_tokenizer(cfg, tokenizer)
     ours = local.load_cpu_model(path, cfg, tok)
     round_like_export(ours, Path(hf_dir))
-    diffs = compare(ours, load_hf(hf_dir), tok, cfg.vision.patch_size)
+    diffs = compare(ours, load_hf(hf_dir), tok, cfg.vision.patch_size, cfg)
     for name, d in diffs.items():
         print(f"verify: {name:15s} max abs logit diff {d:.3e}")
     worst = max(diffs.values())

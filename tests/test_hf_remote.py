@@ -1,0 +1,207 @@
+"""`convert to-hf` of X, H, tiled D and pixel-shuffled D: the remote-code NVLMForConditionalGeneration
+written into the export, loaded by transformers with trust_remote_code=True, logits equal to ours
+(text only, one image, several images / tiled images), Mllama's gate names, an exact round trip
+through `from-hf`, and `generate` with its cache equal to full forward passes."""
+import json
+
+import pytest
+import torch
+from hf_helpers import design_config, random_checkpoint, write_dataset_tokenizer
+from safetensors import safe_open
+
+from mmpretrain.hf import ConversionError, local
+from mmpretrain.hf.export import export
+from mmpretrain.hf.import_ import import_hf
+from mmpretrain.hf.mapping import model_tensors
+from mmpretrain.hf.verify import compare, design_cases, load_hf, pixel_batch
+
+VARIANTS = {"x": ("x", False, 1), "h": ("h", True, 1), "d_tiles": ("d", True, 1),
+            "d_merge2": ("d", False, 2)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mmpretrain.parallel import init_distributed
+
+    init_distributed(1, 1, None, seed=1234)
+    root = tmp_path_factory.mktemp("hf_remote")
+    return root, write_dataset_tokenizer(root / "data"), {}
+
+
+@pytest.fixture
+def exported(world, name):
+    """(variant, config, tokenizer, checkpoint, export dir) of a random tiny model, made once."""
+    root, tok, made = world
+    if name not in made:
+        cfg = design_config(root / "data", *VARIANTS[name])
+        ckpt = random_checkpoint(root / name, cfg, tok, seed=3)
+        export(ckpt, root / f"hf_{name}", shard_size="40KB")
+        made[name] = name, cfg, tok, ckpt, root / f"hf_{name}"
+    return made[name]
+
+
+each_variant = pytest.mark.parametrize("name", list(VARIANTS))
+
+
+def ours_of(ckpt, tok):
+    return local.load_cpu_model(ckpt, local.checkpoint_config(ckpt), tok)
+
+
+@each_variant
+def test_loads_with_remote_code_and_logits_equal_ours(exported):
+    from transformers import AutoModelForCausalLM
+
+    name, cfg, tok, ckpt, out = exported
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["model_type"] == "nvlm" and conf["design"] == cfg.model.design
+    assert conf["auto_map"]["AutoModelForCausalLM"] == "modeling_nvlm.NVLMForConditionalGeneration"
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "NVLMForConditionalGeneration"
+    diffs = compare(ours_of(ckpt, tok), hf, tok, cfg.vision.patch_size, cfg)
+    assert set(diffs) == {"text only", "one image", "several images"}
+    assert max(diffs.values()) < 1e-4, diffs  # observed ~1e-6
+
+
+@each_variant
+def test_images_reach_the_logits_only_after_their_anchor(exported):
+    """Other pixels change the logits from the first image token on, never before it."""
+    _, cfg, tok, _, out = exported
+    hf, p = load_hf(out), cfg.vision.patch_size
+    case = design_cases(cfg, tok, hf.config.vision_config.image_size // p)[2]
+    pixels, sizes = pixel_batch(case.images, p)
+    tiles = torch.tensor([i.tile for i in case.images])
+    with torch.no_grad():
+        a, b = (hf(input_ids=torch.tensor([case.ids]), pixel_values=x, image_sizes=sizes,
+                   image_tiles=tiles).logits[0] for x in (pixels, pixels.flip(0) + 0.5))
+    first = min(case.anchors)
+    assert torch.equal(a[:first], b[:first])
+    assert (a[first + 1:] - b[first + 1:]).abs().amax(-1).min() > 1e-3  # every later token
+
+
+@each_variant
+def test_round_trip_is_exact(exported, tmp_path):
+    _, cfg, tok, ckpt, out = exported
+    back = import_hf(out, tmp_path / "back", local.checkpoint_config(ckpt))
+    a, b = model_tensors(ours_of(ckpt, tok).state_dict()), model_tensors(ours_of(back, tok).state_dict())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@each_variant
+def test_export_files(exported):
+    name, _, _, _, out = exported
+    for f in ("configuration_nvlm.py", "nvlm_layers.py", "modeling_nvlm.py", "tokenizer.json",
+              "generation_config.json", "model.safetensors.index.json"):
+        assert (out / f).is_file(), f
+    # PixtralProcessor writes D's native layout only (with its spatial merge)
+    assert (out / "processor_config.json").is_file() == (name == "d_merge2")
+
+
+@pytest.mark.parametrize("name", ["x"])
+def test_x_gates_have_mllama_names(exported):
+    _, _, tok, ckpt, out = exported
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    prefix = "language_model.model.cross_attention_layers.1."  # before decoder layer 2 (1-based)
+    ours = ours_of(ckpt, tok).language_model.cross_attention_2
+    for gate in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+        with safe_open(str(out / index[prefix + gate]), "pt") as f:
+            assert torch.equal(f.get_tensor(prefix + gate), getattr(ours, gate).detach())
+    assert {k[len(prefix):] for k in index if k.startswith(prefix)} == {
+        "input_layernorm.weight", "cross_attn.q_proj.weight", "cross_attn.k_proj.weight",
+        "cross_attn.v_proj.weight", "cross_attn.o_proj.weight", "cross_attn_attn_gate",
+        "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight", "cross_attn_mlp_gate"}
+    assert not any(k.startswith("language_model.model.cross_attention_layers.0.") for k in index)
+
+
+@pytest.mark.parametrize("name", ["x", "h"])
+def test_generate_with_cache_equals_full_forward(exported):
+    """The image context outlives the prompt: cached greedy steps give the logits of whole passes."""
+    _, cfg, tok, _, out = exported
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    p = cfg.vision.patch_size
+    case = design_cases(cfg, tok, hf.config.vision_config.image_size // p)[2]
+    pixels, sizes = pixel_batch(case.images, p)
+    images = dict(pixel_values=pixels, image_sizes=sizes,
+                  image_tiles=torch.tensor([i.tile for i in case.images]))
+    ids = torch.tensor([case.ids[:-1]])
+    gen = hf.generate(input_ids=ids, **images, max_new_tokens=4, return_dict_in_generate=True,
+                      output_logits=True)
+    full = gen.sequences
+    with torch.no_grad():
+        logits = hf(input_ids=full[:, :-1], **images).logits[0, ids.shape[1] - 1:]
+    torch.testing.assert_close(torch.cat(gen.logits), logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["x"])
+def test_verify_runs_only_the_code_it_wrote(exported, tmp_path):
+    import shutil
+
+    out = exported[-1]
+    shutil.copytree(out, tmp_path / "hf")
+    with open(tmp_path / "hf" / "modeling_nvlm.py", "a") as f:
+        f.write("\nprint('not ours')\n")
+    with pytest.raises(ConversionError, match="modeling_nvlm.py"):
+        load_hf(tmp_path / "hf")
+
+
+def test_cli_to_hf_of_x_verifies(world, tmp_path, capsys):
+    from mmpretrain.cli import main
+
+    root, tok, _ = world
+    ckpt = random_checkpoint(tmp_path / "run", design_config(root / "data", "x"), tok, seed=5)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf"), "--tol", "1e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify: several images" in printed and "verify: ok" in printed
+
+
+@pytest.mark.parametrize("name", ["x", "h"])
+def test_a_batch_of_rows_equals_each_row_alone(exported):
+    """Images are routed to their own row: two right-padded rows give each row's own logits."""
+    _, cfg, tok, _, out = exported
+    hf, p = load_hf(out), cfg.vision.patch_size
+    cases = design_cases(cfg, tok, hf.config.vision_config.image_size // p)[1:]
+    width = max(len(c.ids) for c in cases)
+    ids = torch.tensor([c.ids + [tok.pad_id] * (width - len(c.ids)) for c in cases])
+
+    def inputs(images):
+        pixels, sizes = pixel_batch(images, p)
+        return dict(pixel_values=pixels, image_sizes=sizes,
+                    image_tiles=torch.tensor([i.tile for i in images]))
+
+    with torch.no_grad():
+        both = hf(input_ids=ids, **inputs(cases[0].images + cases[1].images)).logits
+        for row, c in enumerate(cases):
+            alone = hf(input_ids=torch.tensor([c.ids]), **inputs(c.images)).logits[0]
+            torch.testing.assert_close(both[row, :len(c.ids)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["d_merge2"])
+def test_merged_d_runs_from_its_processor(exported):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    _, cfg, tok, _, out = exported
+    processor = AutoProcessor.from_pretrained(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 45, 3), dtype=np.uint8))
+    inputs = processor(text="[IMG]question: what color is the star? answer:", images=image,
+                       return_tensors="pt")
+    unit = cfg.vision.patch_size * cfg.projector.merge
+    assert inputs["input_ids"][0].tolist().count(tok.img_id) == (inputs["image_sizes"][0] // unit).prod()
+    with torch.no_grad():
+        assert load_hf(out)(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_llava_into_an_x_job_keeps_fresh_cross_attention(world, tmp_path):
+    from hf_helpers import save_llava
+
+    root, tok, _ = world
+    cfg = design_config(root / "data", "x")
+    save_llava(tmp_path / "llava", cfg, tok)
+    ckpt = import_hf(tmp_path / "llava", tmp_path / "run", cfg)
+    gate = ours_of(ckpt, tok).language_model.cross_attention_2.cross_attn_attn_gate
+    assert torch.equal(gate.detach(), torch.zeros(1))  # the job's fresh initialisation
