@@ -1,10 +1,12 @@
-"""The remote-code export reads a checkpoint saved under any layout: an X model re-saved under
-TP=2 exports the same tensors as the one-process checkpoint it came from, and verifies."""
+"""The remote-code export reads a checkpoint saved under any layout: an X or H model re-saved
+under TP=2 x PP=2 exports the same tensors as the one-process checkpoint it came from, and
+verifies."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hf_helpers import design_config, hf_tensors, random_checkpoint, write_dataset_tokenizer
 
@@ -14,17 +16,18 @@ from mmpretrain.hf.verify import verify
 HERE = Path(__file__).parent
 
 
-def test_x_export_from_tp2_equals_export_from_tp1(tmp_path):
+@pytest.mark.parametrize("design", ["x", "h"])
+def test_export_from_tp2_pp2_equals_export_from_tp1(tmp_path, design):
     from mmpretrain.parallel import init_distributed
 
     init_distributed(1, 1, None, seed=1234)
     tok = write_dataset_tokenizer(tmp_path / "data")
-    cfg = design_config(tmp_path / "data", "x")
+    cfg = design_config(tmp_path / "data", design, tiles=design == "h")
     source = random_checkpoint(tmp_path / "tp1", cfg, tok)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            str(HERE / "hf_parallel_worker.py"), str(tmp_path / "tp1" / "config.yaml"), str(source),
-           str(tmp_path / "tp2"), "parallel.tp=2,parallel.pp=1"]
+           str(tmp_path / "tp2"), "parallel.tp=2,parallel.pp=2,data.max_patches=256"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     export(source, tmp_path / "hf_tp1")
