@@ -13,11 +13,13 @@ from mmpretrain.data.shards import ShardError, ShardReader
 from streaming.base.format import get_index_basename
 
 
-def open_dataset(path: str | Path, split: str = "train", cache_dir: str | Path = "") -> ShardReader:
-    """The shards of `path`/`split`, or of `path` itself when it has no `split`/ directory."""
+def open_dataset(path: str | Path, split: str = "train", cache_dir: str | Path = "",
+                 cache_limit: int | str = 0) -> ShardReader:
+    """The shards of `path`/`split`, or of `path` itself when it has no `split`/ directory.
+    A remote `path` is read through the shard cache in `cache_dir`, of at most `cache_limit`."""
     path = str(path)
     if is_remote(path):
-        return _open_remote(path.rstrip("/"), split, cache_dir)
+        return _open_remote(path.rstrip("/"), split, cache_dir, cache_limit)
     for candidate in (Path(path) / split, Path(path)):
         if (candidate / get_index_basename()).is_file():
             return ShardReader(candidate)
@@ -25,10 +27,11 @@ def open_dataset(path: str | Path, split: str = "train", cache_dir: str | Path =
                             f"{Path(path) / get_index_basename()} exists")
 
 
-def _open_remote(remote: str, split: str, cache_dir: str | Path) -> ShardReader:
+def _open_remote(remote: str, split: str, cache_dir: str | Path,
+                 cache_limit: int | str = 0) -> ShardReader:
     errors = []
     for url in (f"{remote}/{split}", remote):
-        fetcher = ShardFetcher(url, cache_dir_for(url, cache_dir))
+        fetcher = ShardFetcher(url, cache_dir_for(url, cache_dir), limit=cache_limit)
         try:
             fetcher.fetch_index()
         except FileNotFoundError as e:

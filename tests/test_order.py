@@ -66,6 +66,9 @@ def test_remote_dataset_is_fetched_into_the_cache_lazily(tmp_path):
     assert reader[29]["id"] == "s29"
     assert len(list(fetcher.local.glob("shard.*"))) == 1
     assert [s["id"] for s in reader] == [f"s{i}" for i in range(30)]
+    assert [p.name for p in fetcher.local.iterdir() if p.name.startswith(".")] == \
+        [f".{reader.locate(29)[0]}.lock"]  # the last shard read stays pinned until the next fetch
+    fetcher.release()
     assert not [p for p in fetcher.local.iterdir() if p.name.startswith(".")]  # no locks, no parts
     with pytest.raises(FileNotFoundError, match="index"):
         ShardFetcher(str(tmp_path / "nowhere"), tmp_path / "cache" / "x").fetch_index()
