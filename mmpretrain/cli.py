@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh; refuses a non-empty run directory unless --overwrite")
     t.add_argument("--overwrite", action="store_true",
                    help="with --no-resume: delete the run directory's contents first")
+    t.add_argument("--init-from", metavar="PATH", default=None,
+                   help="when the run directory has no checkpoint yet, start from the model weights "
+                        "of this checkpoint (or run directory's latest) with a fresh optimizer, "
+                        "schedule and data order; overrides checkpoint.init_from")
 
     e = sub.add_parser("eval", help="held-out loss of a run's latest checkpoint")
     e.add_argument("--run", required=True, help="run directory")
@@ -67,7 +71,8 @@ def _add_convert(sub) -> None:
     csub = c.add_subparsers(dest="convert_command", required=True, parser_class=_Parser)
     tol = dict(type=float, default=1e-3, help="largest allowed max abs logit difference (default 1e-3)")
     tok = dict(default=None, help="tokenizer.json to use instead of the one under data.path")
-    t = csub.add_parser("to-hf", help="a checkpoint -> transformers LlavaForConditionalGeneration")
+    t = csub.add_parser("to-hf", help="a checkpoint -> transformers LlavaForConditionalGeneration "
+                                      "(D, native) or remote-code NVLM (X, H, tiles, merge=2)")
     t.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_N) or run dir (its latest)")
     t.add_argument("out", help="output directory")
     t.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -76,9 +81,10 @@ def _add_convert(sub) -> None:
     t.add_argument("--tokenizer", **tok)
     t.add_argument("--no-verify", action="store_true", help="skip comparing logits after the export")
     t.add_argument("--tol", **tol)
-    f = csub.add_parser("from-hf", help="HF LLaVA / Llama / Mistral (+ Pixtral tower) -> a run dir "
-                                        "that `mmpretrain train` starts from")
-    f.add_argument("hf_dir", help="HF model directory (LLaVA with a Pixtral tower, or a causal LM)")
+    f = csub.add_parser("from-hf", help="HF LLaVA / NVLM export / Llama / Mistral (+ Pixtral tower) "
+                                        "-> a run dir that `mmpretrain train` starts from")
+    f.add_argument("hf_dir", help="HF model directory (LLaVA with a Pixtral tower, an NVLM export, "
+                                  "or a causal LM)")
     f.add_argument("out", help="output run directory (gets checkpoints/step_00000000 and latest)")
     f.add_argument("--config", required=True, help="the job config the weights must fit")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -145,9 +151,12 @@ def _add_slurm(sub) -> None:
 def _train(args) -> None:
     from pathlib import Path
 
-    from mmpretrain.config import load
+    from mmpretrain.config import check_trainable, load
 
     cfg = load(args.config, args.set)  # config errors surface before the slow imports
+    if args.init_from is not None:
+        cfg.checkpoint.init_from = args.init_from
+    check_trainable(cfg)
     from mmpretrain.train.loop import train
 
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)

@@ -17,7 +17,7 @@ from mmpretrain.slurm import JobSpec, render, time_seconds
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
-JOBS = sorted(ROOT.glob("jobs/nvlm-d-*.yaml"))
+JOBS = sorted(ROOT.glob("jobs/nvlm-*.yaml"))  # every design, both scales and stages
 
 # srun: start SLURM_NTASKS copies of the command (everything from the first non-option word), each
 # with its SLURM_PROCID/SLURM_LOCALID, forward TERM/USR1 to them, exit with the first failure.

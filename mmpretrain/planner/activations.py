@@ -15,7 +15,9 @@ d = h/a, t the tensor-parallel size and n the tokens of the stream:
     q, k, v             n*a*d/t + 2*n*a*d/t    (local: k, v repeated to a heads for GQA)
                         n*a*d/t + 2*n*g*d/t    (TE, or selective recompute)
     scores              a/t*s^2 per sequence, fp32 softmax + a copy in the parameter dtype
-                        (local spec without recompute; flash attention keeps n*a/t fp32 instead)
+                        (local spec's decoder without recompute; flash attention keeps n*a/t fp32
+                        instead; the local spec's encoder attends per image through torch's
+                        scaled_dot_product_attention: fp32 q, k, v, output and log-sum-exp)
     attention output    n*a*d/t                (input of the output projection)
     MLP norm, FC1 input as for attention
     SwiGLU              2*n*f/t                (TE's fused SwiGLU keeps only FC1's output; local:
@@ -26,8 +28,10 @@ Full recomputation keeps only each layer's input (n*h, /t with SP) and rebuilds 
 time in the backward pass (Korthikanti's 2*s*b*h). Under FP8 the linear layers keep their inputs in
 one byte. Besides what a layer keeps, its forward and backward need transient memory; for the
 local spec's materialised scores that is large, and the counts used here (raw scores and their fp32
-copy in the forward, four fp32 score-sized tensors at the backward of the in-place mask) were
-measured with torch's profiler on CPU, where `tests/test_planner.py` holds the whole estimate to 5%.
+copy in the forward, three fp32 and one parameter-dtype score-sized tensors at the backward of the
+in-place mask) were measured with torch's profiler on CPU, where `tests/test_planner.py` holds the
+whole estimate to 5% for D, X and H. The gated cross-attention layers of X/H are counted by
+`cross_attention_memory`.
 """
 from __future__ import annotations
 
@@ -77,9 +81,14 @@ def score_elements(heads_per_rank: float, lengths: list[int] | tuple[int, ...]) 
 
 
 def layer_memory(shape: Shape, tokens: int, lengths: tuple[int, ...], tp: int, sp: bool,
-                 num: Numerics, trains: bool = True, grads: bool = True) -> LayerMemory:
+                 num: Numerics, trains: bool = True, grads: bool = True,
+                 packed: int | None = None) -> LayerMemory:
     """One layer over a stream of `tokens` made of dense-attention sequences of `lengths`
-    (the local spec's score blocks: decoder rows, or the encoder's whole packed stream).
+    (the local spec's score blocks: the decoder's rows). `packed`: the attention is
+    `mmpretrain.model.packed_attention` instead (the encoder under the local spec: each image
+    attends within itself through torch's scaled_dot_product_attention in fp32, on the images
+    gathered into a padded batch of `packed` rows), which keeps no scores: its fp32 q, k, v,
+    output and log-sum-exp (selective recomputation: the core attention's inputs only).
     A frozen layer (`trains` False) that gradients pass through keeps no linear-layer inputs and
     no normalised inputs: those serve only weight gradients. A layer no gradient passes through
     (`grads` False: frozen, with nothing before it training) keeps nothing."""
@@ -92,20 +101,27 @@ def layer_memory(shape: Shape, tokens: int, lengths: tuple[int, ...], tp: int, s
     # inputs of QKV, output projection, FC1, FC2 (kept for the weight gradients only)
     qkv_in, proj_in, fc1_in, fc2_in = (outside * bl, tokens * a * d / tp * bl, outside * bl,
                                        tokens * f / tp * bl) if trains else (0.0,) * 4
-    keep_scores = local and num.recompute == "none"
+    sdpa = local and packed is not None
+    keep_scores = local and not sdpa and num.recompute == "none"
     kv_heads = a if keep_scores else g
     qkv = tokens * (a + 2 * kv_heads) * d / tp * b
     rope = 4 * tokens * d * b if local else 0.0
-    scores = score_elements(a / tp, lengths)
-    if keep_scores:
+    scores = 0.0 if sdpa else score_elements(a / tp, lengths)
+    if sdpa and num.recompute == "none":  # fp32 q, k, v (heads repeated), output, log-sum-exp
+        qkv, attention = 3 * packed * a / tp * d * FP32, packed * a / tp * (d + 1) * FP32
+    elif keep_scores:
         attention = scores * (FP32 + _copy(b))
     else:
         attention = 0.0 if local else tokens * a / tp * FP32 + tokens * a * d / tp * b * (bl != b)
     swiglu = tokens * f / tp * b * (4 if local else 2)
     full = norms + qkv_in + proj_in + fc1_in + fc2_in + qkv + rope + attention + swiglu
     released = norms / 2 + fc1_in + fc2_in + swiglu + proj_in + attention  # before scores' backward
-    working = _working(tokens * f / tp * b, scores, released, num)
-    forward = _forward(scores, keep_scores and grads, num) if local else 0.0
+    if sdpa:  # the gradients of q, k, v and the output in fp32 (recomputed inputs on top)
+        recomputed = 0.0 if num.recompute == "none" else (4 * d + 1) * packed * a / tp * FP32
+        working = max(3 * tokens * f / tp * b, recomputed + 4 * packed * a / tp * d * FP32)
+    else:
+        working = _working(tokens * f / tp * b, scores, released, num)
+    forward = _forward(scores, keep_scores and grads, num) if local and not sdpa else 0.0
     if not grads:
         return LayerMemory(0.0, 0.0, forward)
     if num.recompute == "full":
@@ -120,15 +136,16 @@ def _copy(b: int) -> int:
 
 def _working(ffn_elements: float, scores: float, released: float, num: Numerics) -> float:
     """Memory a layer's backward needs on top of what the stage keeps: the MLP's input gradients
-    (FC2 input, FC1 output); for the local spec the score gradients, four fp32 [a/t, s, s] at the
-    in-place mask's backward (measured), less what the MLP, the output projection and the kept
-    scores have released by then; recomputed scores come on top."""
+    (FC2 input, FC1 output); for the local spec the score gradients at the in-place mask's
+    backward, three fp32 and one parameter-dtype [a/t, s, s] (measured on CPU: four fp32 in fp32,
+    3.5 in bf16), less what the MLP, the output projection and the kept scores have released by
+    then; recomputed scores come on top."""
     b = num.param_bytes
     mlp = 3 * ffn_elements
     if num.spec != "local":
         return mlp
     recomputed = scores * (FP32 + _copy(b)) if num.recompute != "none" else 0.0
-    return max(mlp, recomputed + 4 * scores * FP32 - released)
+    return max(mlp, recomputed + scores * (3 * FP32 + b) - released)
 
 
 def _forward(scores: float, kept: bool, num: Numerics) -> float:
@@ -139,24 +156,39 @@ def _forward(scores: float, kept: bool, num: Numerics) -> float:
     return transient + (0.0 if kept else scores * (FP32 + _copy(b)))
 
 
-def cross_attention_memory(shape: Shape, tokens: int, rows: int, images: int, tp: int, sp: bool,
-                           num: Numerics) -> LayerMemory:
-    """A gated cross-attention layer of X/H (an estimate until the model has one): the decoder
-    layer's accounting with queries over the `tokens` text positions and keys/values over the
-    `images` image tokens of the micro-batch (`rows` rows, each attending to its own images),
-    plus the inputs of the two tanh gates (the attention and MLP outputs)."""
-    b, bl = num.param_bytes, num.linear_input_bytes
+def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp: int, sp: bool,
+                           num: Numerics, trains: bool = True, grads: bool = True) -> LayerMemory:
+    """A gated cross-attention layer of X/H (`mmpretrain.model.cross_attention`) over `tokens`
+    text positions in `rows` rows, each row attending to its own images' tokens padded to `width`
+    keys. The layer is this project's own module whatever the spec: torch RMSNorms, megatron
+    linears (no FP8), and torch's scaled_dot_product_attention in fp32 with a boolean mask (flash
+    attention on CPU, memory-efficient attention on GPUs: no scores kept). What autograd keeps:
+
+        norms                   as the decoder's (local spec)
+        q, proj, FC1, FC2 input the inputs of its linears (when it trains)
+        attention               fp32 q [b, a/t, s, d], k and v [b, g/t, kr, d], the output and the
+                                log-sum-exp; the mask as an fp32 bias [b, 1, s, kr]
+        SwiGLU                  2*n*f/t + 2*n*f/t (megatron's unfused MLP, as the local spec)
+        gate inputs             the attention and MLP outputs (for the gates' gradients)
+
+    The keys [kr, b, h] and the boolean mask are shared by all cross-attention layers of a chunk
+    and are counted once per chunk (`memory.ActivationModel.context`). Full recomputation reruns
+    the layer with the decoder layer it precedes: it keeps nothing itself."""
+    b = num.param_bytes
     h, f, a, g, d = shape.hidden, shape.ffn, shape.heads, shape.groups, shape.head_dim
-    local, shard = num.spec == "local", (tp if sp else 1)
+    shard = tp if sp else 1
+    local = Numerics(b, "local", num.recompute, False)
     outside = tokens * h / shard
-    kv_heads = a if local and num.recompute == "none" else g
-    kept = 2 * norm_kept(outside, tokens / shard, num) + 2 * outside * bl  # norms, q and FC1 inputs
-    kept += images * h * bl + tokens * a * d / tp * b + 2 * images * kv_heads * d / tp * b
-    scores = a / tp * tokens * images / max(rows, 1)  # each row's text over its row's images
-    kept += scores * (FP32 + _copy(b)) if local and num.recompute == "none" else tokens * a / tp * FP32
-    kept += tokens * a * d / tp * bl + tokens * f / tp * (b * (4 if local else 2) + bl)  # proj, MLP
-    kept += 2 * outside * b  # gate inputs
-    working = max(3 * tokens * f / tp * b, 4 * scores * FP32 if local else 0.0)
+    keys = rows * width
+    if not grads:
+        return LayerMemory(0.0, 0.0, 0.0)
+    kept = 2 * norm_kept(outside, tokens / shard, local, trains)
+    if trains:  # inputs of q, proj, FC1, FC2 and of the two gates
+        kept += 2 * outside * b + tokens * a * d / tp * b + tokens * f / tp * b + 2 * outside * b
+    kept += (2 * tokens * a * d + 2 * keys * g * d + tokens * a) / tp * FP32  # q, out, k, v, lse
+    kept += tokens * width * FP32  # the mask as an fp32 bias
+    kept += tokens * f / tp * b * 4  # SwiGLU: FC1 output, silu output, the linear half
+    working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * g * d) / tp * FP32)
     if num.recompute == "full":
-        return LayerMemory(outside * b, working + kept)
+        return LayerMemory(0.0, working + kept)
     return LayerMemory(kept, working)

@@ -11,6 +11,12 @@ Data parallelism: one reduction of the fp32 gradients per step (an all-reduce, o
 optimizer's reduce-scatter + all-gather of the same volume), 2 (dp - 1) / dp of them per GPU, over
 the inter-node link (NVLink when the whole job is one node). The DDP config has
 `overlap_grad_reduce=False`, so it is exposed.
+
+Pipeline parallelism: per micro-batch and model chunk, a stage sends its output forward and the
+gradient of its input backward: one [s(/t), b, h] tensor each way (Narayanan et al. 2021), for X/H
+with the image context rows appended (`workload.context_capacity` tokens, whole on every
+tensor-parallel rank). Pipeline neighbours are tp x dp ranks apart in megatron's rank order
+(tp fastest, pp slowest), so on another node as soon as tp x dp fills one. Counted as exposed.
 """
 from __future__ import annotations
 
@@ -33,3 +39,16 @@ def dp_seconds(grad_params: int, dp: int, world: int, gpus_per_node: int, gpu: G
     """Exposed gradient reduction per step of a rank holding `grad_params` trainable parameters."""
     bandwidth = gpu.nvlink_gbs if world <= gpus_per_node else gpu.network_gbs
     return ring_bytes(grad_params * 4, dp) / (bandwidth * 1e9)
+
+
+def p2p_bytes(tokens: int, width: int, tp: int, sp: bool, context_tokens: int, act_bytes: int) -> float:
+    """Bytes of one tensor sent between pipeline stages: the hidden states ([s/t, b, h] under
+    sequence parallelism) and the X/H image context rows."""
+    return (tokens / (tp if sp else 1) + context_tokens) * width * act_bytes
+
+
+def p2p_seconds(size: float, chunks: int, tp: int, dp: int, gpus_per_node: int, gpu: GPU) -> float:
+    """Exposed pipeline communication of one micro-batch on a stage with `chunks` model chunks:
+    one send forward and one backward of `size` bytes per chunk."""
+    bandwidth = gpu.network_gbs if tp * dp >= gpus_per_node else gpu.nvlink_gbs
+    return 2 * chunks * size / (bandwidth * 1e9)

@@ -8,15 +8,17 @@ Megatron-LM and PaLM (Chowdhery et al. 2022, appendix B) count it; the encoder's
 block-diagonal, so it is counted per image. A part that does not train skips its weight
 gradients; a part before which nothing trains (a frozen encoder) skips its backward entirely.
 Recomputation adds forwards to the hardware FLOPs but not to the model FLOPs (MFU's convention).
-Cross-attention layers (X/H): text queries over the image tokens of the micro-batch's rows.
+Cross-attention layers (X/H): queries and MLP over the text positions, keys and values over each
+row's own image tokens (padded to the row with the most, kr), and attention as the model computes
+it: every row's queries against its kr keys under a mask (4*b*s*kr*h per layer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from mmpretrain.config import Config
-from mmpretrain.planner.params import ModelParams, padded_vocab
-from mmpretrain.planner.stages import Stage, chunk_xattn_layers
+from mmpretrain.planner.params import ModelParams, Trains, padded_vocab
+from mmpretrain.planner.stages import Stage, first_grad_layer, grad_layers
 from mmpretrain.planner.workload import Workload
 
 
@@ -57,9 +59,8 @@ class ModelFlops:
     def __init__(self, cfg: Config, model: ModelParams, work: Workload, vocab_size: int):
         self.cfg, self.model, self.work = cfg, model, work
         self.vocab = padded_vocab(vocab_size, cfg.parallel.tp)
-        self.vision_trains = not cfg.vision.freeze
-        self.projector_grads = self.vision_trains or not cfg.projector.freeze
-        self.decoder_trains = not cfg.decoder.freeze
+        self.trains = Trains.of(cfg)
+        self.grad_from = first_grad_layer(cfg, model)
 
     def vision(self) -> Flops:
         """Patch embedding and encoder layers."""
@@ -67,38 +68,54 @@ class ModelFlops:
         per_image = w.patches / max(w.images, 1)
         attn = 4.0 * w.patches * per_image * v.hidden_size * v.num_layers
         params = self.model.vision.total
-        return _layer(params, w.patches, attn, self.vision_trains, False)
+        return _layer(params, w.patches, attn, self.trains.vision, False)
 
     def projector(self) -> Flops:
         """The projector over the image tokens."""
         return _layer(self.model.projector.total, self.work.image_tokens, 0.0,
-                      not self.cfg.projector.freeze, self.vision_trains)
+                      self.trains.projector, self.trains.vision)
 
-    def decoder_layers(self, n: int) -> Flops:
-        """n decoder layers."""
+    def decoder_layers(self, n: int, grads: bool = True) -> Flops:
+        """n decoder layers (`grads`: gradients pass through them)."""
         d, w = self.cfg.decoder, self.work
         attn = 4.0 * w.micro_batch * w.seq_length ** 2 * d.hidden_size * n
-        return _layer(self.model.layer.total * n, w.tokens, attn, self.decoder_trains,
-                      self.projector_grads)
+        return _layer(self.model.layer.total * n, w.tokens, attn, self.trains.decoder, grads)
 
-    def xattn_layers(self, n: int) -> Flops:
-        """n cross-attention layers (always trained): text queries, image keys and values."""
+    def xattn_layers(self, n: int, grads: bool = True) -> Flops:
+        """n cross-attention layers: queries and MLP over the text, keys and values over the
+        image tokens, dense masked attention of every row over all of them."""
         w, d = self.work, self.cfg.decoder
         kv = 2 * d.hidden_size * d.num_query_groups * (d.hidden_size // d.num_attention_heads)
         q_side = self.model.xattn.total - kv
-        attn = 4.0 * w.seq_length * w.image_tokens * d.hidden_size * n
-        return _layer(q_side * n, w.tokens, attn, True, True) + \
-            _layer(kv * n, w.image_tokens, 0.0, True, True)
+        attn = 4.0 * w.tokens * w.keys_per_row * d.hidden_size * n
+        t = self.trains
+        kv_trains, kv_grads = (t.xattn, t.images_need_grads) if grads else (False, False)
+        return _layer(q_side * n, w.tokens, attn, t.xattn and grads, grads) + \
+            _layer(kv * n, w.micro_batch * w.keys_per_row, 0.0, kv_trains, kv_grads)
 
     def head(self) -> Flops:
         """The output layer (the embedding lookup costs no FLOPs)."""
         params = self.vocab * self.cfg.decoder.hidden_size
-        return _layer(params, self.work.tokens, 0.0, self.decoder_trains, self.projector_grads)
+        return _layer(params, self.work.tokens, 0.0, self.trains.decoder,
+                      self.grad_from < self.model.num_layers)
+
+    def _layer_counts(self, stage: Stage) -> tuple[int, int, int, int]:
+        """(decoder layers with gradients, without; cross-attention layers with, without)."""
+        dec = xat = dec_g = xat_g = 0
+        for start, n in zip(stage.chunk_first_layer, stage.chunk_layers):
+            dec += n
+            dec_g += grad_layers(start, n, self.grad_from)
+            for i in range(start, start + n):
+                if self.model.xattn_before(i):
+                    xat += 1
+                    xat_g += i >= self.grad_from
+        return dec_g, dec - dec_g, xat_g, xat - xat_g
 
     def stage(self, stage: Stage) -> Flops:
         """A pipeline stage's share: its layers, plus encoder/projector first, head last."""
-        out = self.decoder_layers(stage.layers) + self.xattn_layers(
-            sum(chunk_xattn_layers(self.model, stage)))
+        dec_g, dec_n, xat_g, xat_n = self._layer_counts(stage)
+        out = self.decoder_layers(dec_g, True) + self.decoder_layers(dec_n, False) \
+            + self.xattn_layers(xat_g, True) + self.xattn_layers(xat_n, False)
         if stage.first:
             out = out + self.vision() + self.projector()
         if stage.last:
@@ -107,11 +124,14 @@ class ModelFlops:
 
     def recompute(self, stage: Stage, mode: str) -> Flops:
         """Extra forward FLOPs recomputation adds on `stage`: the attention core (selective), or
-        whole decoder layers (full)."""
-        if mode == "none" or not self.projector_grads and not self.decoder_trains:
+        whole decoder layers with their cross-attention layers (full); only where gradients
+        pass (no backward, nothing to recompute)."""
+        dec_g, _, xat_g, _ = self._layer_counts(stage)
+        if mode == "none" or not dec_g:
             return Flops()
-        d, w, n = self.cfg.decoder, self.work, stage.layers
-        attn = 4.0 * w.micro_batch * w.seq_length ** 2 * d.hidden_size * n
+        d, w = self.cfg.decoder, self.work
+        attn = 4.0 * w.micro_batch * w.seq_length ** 2 * d.hidden_size * dec_g
         if mode == "selective":
             return Flops(0.0, attn)
-        return Flops(2.0 * self.model.layer.total * n * w.tokens, attn)
+        xattn = self.xattn_layers(xat_g, False)  # one more forward of each
+        return Flops(2.0 * self.model.layer.total * dec_g * w.tokens, attn) + xattn

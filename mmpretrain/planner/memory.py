@@ -12,6 +12,11 @@ Activations come from `activations.layer_memory` per layer and micro-batch, summ
 and multiplied by the micro-batches in flight as `schedule.inflight_peak` finds them. The peak adds
 working memory: on the last stage the logits and the loss (the vocab-parallel cross entropy keeps
 an fp32 softmax of [s, b, V/t]), elsewhere the largest layer's backward.
+
+X/H chunks also hold the image context per micro-batch: the cross-attended image tokens and the
+cross-attention mask (shared by the chunk's cross-attention layers), and under pipeline parallelism
+the context rows every stage receives with the hidden states and sends on (padded to
+data.max_patches / merge^2 tokens; `workload.context_capacity`).
 """
 from __future__ import annotations
 
@@ -27,10 +32,10 @@ from mmpretrain.planner.activations import (
     norm_kept,
     score_elements,
 )
-from mmpretrain.planner.params import ModelParams, padded_vocab
+from mmpretrain.planner.params import ModelParams, Trains, padded_vocab
 from mmpretrain.planner.schedule import inflight_peak
-from mmpretrain.planner.stages import Stage, chunk_xattn_layers, stage_params
-from mmpretrain.planner.workload import Numerics, Workload
+from mmpretrain.planner.stages import Stage, first_grad_layer, stage_params
+from mmpretrain.planner.workload import Numerics, Workload, context_capacity
 
 
 @dataclass(frozen=True)
@@ -84,28 +89,45 @@ class ActivationModel:
         self.cfg, self.work, self.num = cfg, work, num
         self.tp, self.sp = cfg.parallel.tp, cfg.parallel.sequence_parallel
         self.vocab = padded_vocab(vocab_size, self.tp)
-        self.vision_trains = not cfg.vision.freeze
-        self.projector_grads = self.vision_trains or not cfg.projector.freeze
-        self.decoder_grads = self.projector_grads or not cfg.decoder.freeze
+        self.trains = Trains.of(cfg)
+        self.vision_trains = self.trains.vision
+        self.projector_grads = self.trains.images_need_grads
 
-    def decoder_layer(self) -> LayerMemory:
-        """One decoder layer (nothing kept if nothing before or in it trains)."""
+    def decoder_layer(self, grads: bool = True) -> LayerMemory:
+        """One decoder layer; `grads`: whether gradients pass through it (nothing kept if not)."""
         w = self.work
         return layer_memory(decoder_shape(self.cfg), w.tokens, (w.seq_length,) * w.micro_batch,
-                            self.tp, self.sp, self.num, not self.cfg.decoder.freeze,
-                            self.decoder_grads)
+                            self.tp, self.sp, self.num, self.trains.decoder, grads)
 
-    def xattn_layer(self) -> LayerMemory:
-        """One cross-attention layer of X/H (trained whenever it exists)."""
+    def xattn_layer(self, grads: bool = True) -> LayerMemory:
+        """One cross-attention layer of X/H."""
         w = self.work
         return cross_attention_memory(decoder_shape(self.cfg), w.tokens, w.micro_batch,
-                                      w.image_tokens, self.tp, self.sp, self.num)
+                                      w.keys_per_row, self.tp, self.sp, self.num, self.trains.xattn,
+                                      grads)
+
+    def context(self, first: bool, last: bool, xattn_grads: bool) -> float:
+        """X/H, per chunk and micro-batch: each row's keys [kr, b, h] gathered from the context
+        and the boolean mask [b, 1, s, kr], which the chunk's cross-attention layers share
+        (`xattn_grads`: it has some that gradients pass through); on a chunk after the first the
+        context rows received with the hidden states (held for the backward), on a chunk before
+        the last the context rows of its output."""
+        if self.cfg.model.design == "d":
+            return 0.0
+        w, b, h = self.work, self.num.param_bytes, self.cfg.decoder.hidden_size
+        capacity = context_capacity(self.cfg)
+        held = w.tokens * w.keys_per_row * (1 + h * b / w.seq_length) if xattn_grads else 0.0
+        if not first:
+            held += capacity * h * b
+        if not last:
+            held += capacity * h * b
+        return held
 
     def vision_layer(self) -> LayerMemory:
         """One encoder layer over the packed image stream (no sequence parallelism there)."""
         n = self.work.patches
-        return layer_memory(vision_shape(self.cfg), n, (n,), self.tp, False, self.num,
-                            self.vision_trains, self.vision_trains)
+        return layer_memory(vision_shape(self.cfg), n, (), self.tp, False, self.num,
+                            self.vision_trains, self.vision_trains, packed=self.work.padded_patches)
 
     def encoder_input(self) -> LayerMemory:
         """Patches, the pre-norm and the encoder's boolean mask (local spec), if the encoder trains."""
@@ -114,7 +136,6 @@ class ActivationModel:
             return LayerMemory(0.0, 0.0)
         kept = w.patches * 3 * v.patch_size ** 2 * self.num.param_bytes
         kept += norm_kept(w.patches * v.hidden_size, w.patches, self.num)
-        kept += w.patches ** 2 if self.num.spec == "local" else 0.0
         return LayerMemory(kept, 0.0)
 
     def projector(self) -> LayerMemory:
@@ -123,7 +144,7 @@ class ActivationModel:
             return LayerMemory(0.0, 0.0)
         w, b = self.work, self.num.param_bytes
         inner = self.cfg.projector.hidden_size or self.cfg.decoder.hidden_size
-        trains = not self.cfg.projector.freeze
+        trains = self.trains.projector
         kept = w.image_tokens * inner / self.tp * b * (2 if trains else 1)
         kept += w.image_tokens * self.cfg.vision.hidden_size * self.cfg.projector.merge ** 2 * b * trains
         return LayerMemory(kept, 0.0)
@@ -135,16 +156,16 @@ class ActivationModel:
         shard = self.tp if self.sp else 1
         return mask + w.tokens * self.cfg.decoder.hidden_size / shard * self.num.param_bytes
 
-    def head(self) -> LayerMemory:
+    def head(self, grads: bool = True) -> LayerMemory:
         """The final norm, output layer and cross entropy."""
         w, b = self.work, self.num.param_bytes
         shard = self.tp if self.sp else 1
         h = self.cfg.decoder.hidden_size
         logits = w.tokens * self.vocab / self.tp
         logits_copy = logits * b if b != FP32 else 0.0  # next to the fp32 copy
-        if not self.decoder_grads:
+        if not grads:
             return LayerMemory(0.0, 0.0, logits_copy + logits * FP32)
-        trains = not self.cfg.decoder.freeze
+        trains = self.trains.decoder
         kept = norm_kept(w.tokens * h / shard, w.tokens / shard, self.num, trains)
         kept += w.tokens * h / shard * self.num.linear_input_bytes * trains + logits * FP32
         # The fp32 logits become the softmax in place; in the backward the gradient of the
@@ -153,13 +174,13 @@ class ActivationModel:
         return LayerMemory(kept, working, logits_copy)
 
     def dense_buffer(self) -> float:
-        """megatron's global score buffer (local spec): the largest [b*a/t, s, s] of any layer."""
+        """megatron's global score buffer (local spec): the decoder's [b*a/t, s, s] (the encoder's
+        packed attention does not use it)."""
         if self.num.spec != "local":
             return 0.0
         w, c = self.work, self.cfg
         dec = score_elements(c.decoder.num_attention_heads / self.tp, (w.seq_length,) * w.micro_batch)
-        vis = score_elements(c.vision.num_attention_heads / self.tp, (w.patches,))
-        return max(dec, vis) * self.num.param_bytes
+        return dec * self.num.param_bytes
 
 
 def peak_working(parts: list[LayerMemory]) -> float:
@@ -178,17 +199,21 @@ def peak_working(parts: list[LayerMemory]) -> float:
     return worst
 
 
-def chunk_parts(acts: ActivationModel, n_layers: int, n_xattn: int, first: bool,
-                last: bool) -> list[LayerMemory]:
-    """A chunk's parts in forward order: encoder layers and projector, decoder (and
-    cross-attention) layers, head."""
+def chunk_parts(acts: ActivationModel, model: ModelParams, first_layer: int, n_layers: int,
+                first: bool, last: bool, grad_from: int) -> list[LayerMemory]:
+    """A chunk's parts in forward order: encoder layers and projector, decoder layers (each
+    preceded by its cross-attention layer, if any), head. `grad_from`: the first decoder layer
+    gradients pass through (`stages.first_grad_layer`)."""
     parts: list[LayerMemory] = []
     if first:
         parts += [acts.encoder_input(), *[acts.vision_layer()] * acts.cfg.vision.num_layers,
                   acts.projector()]
-    parts += [acts.decoder_layer()] * n_layers + [acts.xattn_layer()] * n_xattn
+    for i in range(first_layer, first_layer + n_layers):
+        if model.xattn_before(i):
+            parts.append(acts.xattn_layer(i >= grad_from))
+        parts.append(acts.decoder_layer(i >= grad_from))
     if last:
-        parts.append(acts.head())
+        parts.append(acts.head(grad_from < model.num_layers))
     return parts
 
 
@@ -197,11 +222,14 @@ def stage_memory(cfg: Config, model: ModelParams, stage: Stage, acts: Activation
     """Peak bytes per GPU of `stage` with `n_micro` micro-batches per step."""
     p, v = cfg.parallel.pp, len(stage.chunk_layers)
     chunk_bytes, working = [], 0.0
-    n_xattn = chunk_xattn_layers(model, stage)
-    for c, n_layers in enumerate(stage.chunk_layers):
-        parts = chunk_parts(acts, n_layers, n_xattn[c], stage.first and c == 0,
-                            stage.last and c == v - 1)
-        chunk_bytes.append(sum(part.saved for part in parts) + acts.chunk_extra())
+    grad_from = first_grad_layer(cfg, model)
+    for c, (start, n_layers) in enumerate(zip(stage.chunk_first_layer, stage.chunk_layers)):
+        first, last = stage.first and c == 0, stage.last and c == v - 1
+        parts = chunk_parts(acts, model, start, n_layers, first, last, grad_from)
+        xattn_grads = any(model.xattn_before(i) and i >= grad_from
+                          for i in range(start, start + n_layers))
+        chunk_bytes.append(sum(part.saved for part in parts) + acts.chunk_extra()
+                           + acts.context(first, last, xattn_grads))
         working = max(working, peak_working(parts))
     held = inflight_peak(p, v, n_micro, stage.index, chunk_bytes)
     weights, grads, adam = states(cfg, model, stage, dp, acts.num)

@@ -6,17 +6,19 @@ model): megatron's local layer spec has no biases and no QK norm, its fused QKV 
 parallelism splits those matrices (and column-parallel biases) over tp ranks and replicates norms,
 row-parallel biases and the encoder's patch embedding. The vocabulary is padded as the model pads it.
 
-Cross-attention layers (designs X and H) are counted by `cross_attention_layer`, Flamingo/Mllama
-style: a norm, queries from the text stream, keys and values from the projected image tokens, an
-output projection, a norm and a SwiGLU MLP, plus the two tanh gates. The model's X/H layers do not
-exist yet; when they do, a test must pin this count to them as it does for D.
+Cross-attention layers (designs X and H) are counted by `cross_attention_layer` as
+`mmpretrain.model.cross_attention` builds them, Flamingo/Mllama style: a norm, queries from the text
+stream, keys and values from the projected image tokens, an output projection, a norm and a SwiGLU
+MLP, plus the two tanh gates. One precedes each decoder layer `config.cross_attention_positions`
+names (`model.cross_attention_every` and/or `model.cross_attention_layers`); a test pins the counts
+of D, X and H to instantiated models.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from mmpretrain.config import Config
+from mmpretrain.config import Config, cross_attention_positions
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,35 @@ def xattn_layer(cfg: Config) -> Count:
                                  d.ffn_hidden_size, d.hidden_size, cfg.parallel.tp)
 
 
-def cross_attention_every(cfg: Config) -> int | None:
-    """k for designs X/H (a cross-attention layer after every k-th decoder layer), None for D."""
+def xattn_positions(cfg: Config) -> tuple[int, ...]:
+    """1-based decoder layers a cross-attention layer precedes (X/H); () for D."""
     if cfg.model.design == "d":
-        return None
-    k = getattr(cfg.model, "cross_attention_every", None)
-    if not k:
-        raise ValueError(f"model.design {cfg.model.design!r} needs model.cross_attention_every")
-    return k
+        return ()
+    return tuple(cross_attention_positions(cfg))
+
+
+@dataclass(frozen=True)
+class Trains:
+    """Which parts train, as `mmpretrain.model.build` sets requires_grad: the freeze flags, and
+    `model.train_only_cross_attention` (encoder and decoder frozen, projector and cross-attention
+    layers trained). Cross-attention layers belong to the decoder, so decoder.freeze freezes them."""
+
+    vision: bool
+    projector: bool
+    decoder: bool
+    xattn: bool
+
+    @classmethod
+    def of(cls, cfg: Config) -> Trains:
+        """The parts of `cfg`'s model that train."""
+        only = cfg.model.train_only_cross_attention
+        return cls(vision=not (cfg.vision.freeze or only), projector=only or not cfg.projector.freeze,
+                   decoder=not (cfg.decoder.freeze or only), xattn=only or not cfg.decoder.freeze)
+
+    @property
+    def images_need_grads(self) -> bool:
+        """Whether gradients flow back into the projected image tokens."""
+        return self.vision or self.projector
 
 
 def embedding(cfg: Config, vocab_size: int) -> Count:
@@ -128,19 +151,22 @@ class ModelParams:
     final_norm: Count
     output: Count
     num_layers: int
-    every: int | None
+    positions: tuple[int, ...] = ()
+    """1-based decoder layers preceded by a cross-attention layer (X/H)."""
 
     def xattn_layers(self, first: int, count: int) -> int:
-        """Cross-attention layers after decoder layers first .. first+count-1 (one after each
-        k-th decoder layer: after layers k-1, 2k-1, ...)."""
-        if not self.every:
-            return 0
-        return (first + count) // self.every - first // self.every
+        """Cross-attention layers before the decoder layers of 0-based indices first ..
+        first+count-1 (the one before 1-based layer L belongs with layer L)."""
+        return sum(1 for p in self.positions if first < p <= first + count)
+
+    def xattn_before(self, layer: int) -> bool:
+        """Whether a cross-attention layer precedes the decoder layer of 0-based index `layer`."""
+        return layer + 1 in self.positions
 
     @property
     def decoder(self) -> Count:
         """The decoder with its embeddings (and X/H cross-attention layers)."""
-        n_x = self.xattn_layers(0, self.num_layers)
+        n_x = len(self.positions)
         return self.embedding + self.layer * self.num_layers + self.xattn * n_x + self.final_norm \
             + self.output
 
@@ -156,4 +182,4 @@ def count(cfg: Config, vocab_size: int) -> ModelParams:
     emb = embedding(cfg, vocab_size)
     return ModelParams(vision_encoder(cfg), projector(cfg), emb, decoder_layer(cfg),
                        xattn_layer(cfg), replicated(h), emb, cfg.decoder.num_layers,
-                       cross_attention_every(cfg))
+                       xattn_positions(cfg))

@@ -20,7 +20,8 @@ def layout_line(plan: Plan, cfg) -> str:
     vpp = f" x vpp {plan.vpp}" if plan.vpp else ""
     opts = [o for o, on in (("sequence parallel", p.sequence_parallel),
                             ("distributed optimizer", p.distributed_optimizer)) if on]
-    prec = "fp8 " + t.fp8 if t.fp8 else ("fp32" if plan.num.param_bytes == 4 else "bf16")
+    prec = f"fp8 {t.fp8} (needs the Transformer Engine spec: training refuses it until then)" \
+        if t.fp8 else ("fp32" if plan.num.param_bytes == 4 else "bf16")
     return (f"tp {plan.tp} x pp {plan.pp}{vpp} x dp {plan.dp}; {', '.join(opts) or 'no SP/ZeRO'}; "
             f"recompute {t.recompute}; {prec}; {plan.num.spec} spec")
 
@@ -41,13 +42,15 @@ def text(plan: Plan, cfg, name: str, nodes: int, gpus_per_node: int) -> str:
     """The plan as a report."""
     w, g, mp = plan.work, plan.gpu, plan.model
     vis = mp.vision.total
+    cross = (f", {w.cross_tokens} of them cross-attended by {len(mp.positions)} cross-attention "
+             f"layers") if mp.positions else ""
     lines = [
         f"{name}: {nodes} node(s) x {gpus_per_node} {g.name} = {plan.world} GPUs "
         f"({g.memory_gib:.1f} GiB, {g.bf16_tflops:.0f} TFLOP/s bf16 each)",
         f"layout      {layout_line(plan, cfg)}",
-        f"micro-batch {w.micro_batch} x {w.seq_length} tokens, {w.image_tokens} of them image tokens "
-        f"from {w.patches} patches in {w.images} images; {plan.n_micro} micro-batches per step "
-        f"per data-parallel rank",
+        f"micro-batch {w.micro_batch} x {w.seq_length} tokens; {w.image_tokens} projected image "
+        f"tokens from {w.patches} patches in {w.images} images{cross}; {plan.n_micro} "
+        f"micro-batches per step per data-parallel rank",
         f"parameters  {_b(mp.total)} total (vision {_b(vis)}, projector {_b(mp.projector.total)}, "
         f"decoder {_b(mp.decoder.total)}), {_b(plan.trainable)} trainable",
         "memory per GPU, GiB:",
@@ -59,6 +62,9 @@ def text(plan: Plan, cfg, name: str, nodes: int, gpus_per_node: int) -> str:
         "encoder included)",
         f"pipeline    bubble {plan.bubble:.1%} = (pp-1)/(vpp*m); per-micro-batch stage times "
         + ", ".join(f"{s.seconds * 1e3:.0f} ms" for s in plan.stages),
+        *([f"p2p         {plan.p2p_bytes / 2**20:.1f} MiB per send between stages"
+           + (f" (hidden states + image context of {plan.context_tokens} tokens)"
+              if plan.context_tokens else " (hidden states)")] if plan.pp > 1 else []),
         f"step        {plan.step_seconds:.2f} s at MFU {plan.mfu:.2f} of peak per busy GPU "
         f"(data-parallel gradient reduction {plan.dp_seconds:.2f} s exposed)",
         f"throughput  {plan.tokens_per_step:,} tokens/step, {plan.tokens_per_second:,.0f} tokens/s "
@@ -101,6 +107,7 @@ def as_dict(plan: Plan) -> dict:
         "gpu_bytes": plan.gpu.memory_bytes, "fits": plan.fits,
         "model_flops_per_step": plan.model_flops_per_step, "bubble": plan.bubble,
         "step_seconds": plan.step_seconds, "tokens_per_step": plan.tokens_per_step,
+        "p2p_bytes": plan.p2p_bytes, "context_tokens": plan.context_tokens,
         "tokens_per_second": plan.tokens_per_second, "mfu": plan.mfu,
         "achieved_mfu": plan.achieved_mfu,
     }

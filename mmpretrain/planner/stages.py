@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmpretrain.config import Config
-from mmpretrain.planner.params import ZERO, Count, ModelParams
+from mmpretrain.planner.params import ZERO, Count, ModelParams, Trains
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,36 @@ def chunk_xattn_layers(model: ModelParams, stage: Stage) -> list[int]:
     return [model.xattn_layers(f, n) for f, n in zip(stage.chunk_first_layer, stage.chunk_layers)]
 
 
+def first_grad_layer(cfg: Config, model: ModelParams) -> int:
+    """0-based index of the first decoder layer that gradients pass through (num_layers: none).
+    From the first layer when the decoder trains or trained image embeddings sit in the token
+    stream (D, H's thumbnails); else from the first cross-attention layer when it trains or reads
+    trained image tokens (X; H with the projector and encoder frozen)."""
+    t = Trains.of(cfg)
+    if t.decoder or (cfg.model.design in ("d", "h") and t.images_need_grads):
+        return 0
+    if model.positions and (t.xattn or t.images_need_grads):
+        return min(model.positions) - 1
+    return model.num_layers
+
+
+def grad_layers(first: int, count: int, start: int) -> int:
+    """How many of the decoder layers first .. first+count-1 gradients pass through (those from
+    `start` on)."""
+    return max(0, first + count - max(first, start))
+
+
 def stage_params(cfg: Config, model: ModelParams, stage: Stage) -> StageParams:
-    """Per-rank parameters of `stage`, split by the config's freeze flags."""
+    """Per-rank parameters of `stage`, split by what trains (`params.Trains`)."""
+    t = Trains.of(cfg)
     parts: list[tuple[Count, bool]] = []
     if stage.first:
-        parts += [(model.vision, cfg.vision.freeze), (model.projector, cfg.projector.freeze),
-                  (model.embedding, cfg.decoder.freeze)]
+        parts += [(model.vision, t.vision), (model.projector, t.projector),
+                  (model.embedding, t.decoder)]
     n_x = sum(chunk_xattn_layers(model, stage))
-    parts += [(model.layer * stage.layers, cfg.decoder.freeze), (model.xattn * n_x, False)]
+    parts += [(model.layer * stage.layers, t.decoder), (model.xattn * n_x, t.xattn)]
     if stage.last:
-        parts += [(model.final_norm + model.output, cfg.decoder.freeze)]
-    trainable = sum((c for c, frozen in parts if not frozen), ZERO).per_rank
-    frozen = sum((c for c, frozen in parts if frozen), ZERO).per_rank
+        parts += [(model.final_norm + model.output, t.decoder)]
+    trainable = sum((c for c, trains in parts if trains), ZERO).per_rank
+    frozen = sum((c for c, trains in parts if not trains), ZERO).per_rank
     return StageParams(trainable, frozen)

@@ -1,10 +1,15 @@
 """What one micro-batch holds, and the numerics the planner assumes.
 
-The decoder sees `micro_batch` packed rows of `seq_length` tokens. A fraction of those positions
-are image tokens; each stands for merge^2 encoder patches, and all patches of the micro-batch form
-one encoder stream. Memory is planned for the worst case by default (every position an image token:
-the packer can fill a row with images, up to `data.max_patches` when set), images at their largest
-(the token budget, or one tile).
+The decoder sees `micro_batch` packed rows of `seq_length` tokens. Images reach it two ways: as
+projected embeddings in the token stream (design D; H's thumbnails), or as the keys and values of
+the gated cross-attention layers (X: every image, one `<image>` marker in the stream; H: the
+regular tiles, one tile tag each). Each projected token stands for merge^2 encoder patches, and all
+patches of the micro-batch form one encoder stream. Memory is planned for the worst case by default:
+every decoder position an image placeholder, marker or tag (`image_fraction` 1), images at their
+largest (D: the token budget or a tile per position; X: a whole tiled image per marker; H: one
+tile per tag, the most cross-attended tokens per decoder position), capped by `data.max_patches`
+when set (the packer's cap on one micro-batch's encoder stream; X and H need it under pipeline
+parallelism, where the image context travels between stages in rows sized for it).
 """
 from __future__ import annotations
 
@@ -24,39 +29,85 @@ class Workload:
     seq_length: int
     micro_batch: int
     image_tokens: int
-    """Decoder positions holding an image embedding, over the micro-batch."""
+    """Projected image tokens of the micro-batch (the projector's output; for D all of them sit in
+    the decoder stream)."""
     patches: int
     """Length of the encoder stream (image_tokens * merge^2)."""
     images: int
     """Images in the micro-batch (the encoder's attention is block-diagonal over them)."""
+    cross_tokens: int = 0
+    """Projected image tokens the cross-attention layers read (X/H; 0 for D): their keys/values."""
+    cross_width: int = 0
+    """Keys per row of the cross-attention (each row attends to its own images, padded to the
+    row with the most); 0: all cross_tokens in one row, the worst case."""
+    patch_rows: int = 0
+    """Rows of the encoder's padded per-image batch (images x the longest); 0: the patches (all
+    images of one size)."""
 
     @property
     def tokens(self) -> int:
         """Decoder positions of the micro-batch."""
         return self.seq_length * self.micro_batch
 
+    @property
+    def keys_per_row(self) -> int:
+        """kr: the cross-attention's keys per row."""
+        return self.cross_width or self.cross_tokens
+
+    @property
+    def padded_patches(self) -> int:
+        """The encoder's patches padded per image to the longest (local spec's packed attention)."""
+        return self.patch_rows or self.patches
+
     @classmethod
     def from_config(cls, cfg: Config, image_fraction: float = 1.0) -> Workload:
-        """A micro-batch whose positions are `image_fraction` image tokens, in full-size images."""
+        """A micro-batch whose positions are `image_fraction` image positions (placeholders for D,
+        markers for X, tile tags for H), in full-size images, capped by data.max_patches."""
         if not 0.0 <= image_fraction <= 1.0:
             raise ValueError(f"image fraction must be in [0, 1], got {image_fraction}")
         d, m = cfg.data, cfg.projector.merge
         s, b = d.seq_length, d.micro_batch_size
-        image_tokens = int(image_fraction * s * b)
-        patches = image_tokens * m * m
+        positions = int(image_fraction * s * b)
+        design = cfg.model.design
+        if design == "d":
+            patches = positions * m * m  # one projected token per position
+        elif design == "x":
+            patches = positions * source_image_patches(cfg)  # a whole image per <image> marker
+        else:  # h: one tile per tag, all of it cross-attended (single-tile images)
+            patches = positions * patches_per_image(cfg)
         if getattr(d, "max_patches", 0):  # the packer's cap on one micro-batch's encoder stream
             patches = min(patches, d.max_patches)
-            image_tokens = patches // (m * m)
+        image_tokens = patches // (m * m)
         images = math.ceil(patches / patches_per_image(cfg)) if patches else 0
-        return cls(s, b, image_tokens, patches, images)
+        cross = image_tokens if design in ("x", "h") else 0
+        return cls(s, b, image_tokens, patches, images, cross)
 
 
 def patches_per_image(cfg: Config) -> int:
-    """Patches of the largest image: a tile under NVLM tiling, else the token budget."""
+    """Patches of the largest image the encoder sees: a tile under NVLM tiling, else the token
+    budget."""
     d = cfg.data
     if getattr(d, "resize", "native") == "tiles":
         return (d.tile_size // cfg.vision.patch_size) ** 2
     return d.image_token_budget
+
+
+def source_image_patches(cfg: Config) -> int:
+    """Patches of the largest source image: max_tiles tiles and the thumbnail under tiling."""
+    d = cfg.data
+    if getattr(d, "resize", "native") == "tiles":
+        thumbnail = 1 if d.tile_thumbnail and d.max_tiles > 1 else 0
+        return (d.max_tiles + thumbnail) * patches_per_image(cfg)
+    return d.image_token_budget
+
+
+def context_capacity(cfg: Config) -> int:
+    """Rows x micro-batch of the image context X/H send between pipeline stages (their model pads
+    the context to data.max_patches / merge^2 tokens, in rows of micro_batch_size); 0 without."""
+    if cfg.model.design == "d" or cfg.parallel.pp == 1 or not cfg.data.max_patches:
+        return 0
+    b = cfg.data.micro_batch_size
+    return math.ceil(cfg.data.max_patches // cfg.projector.merge ** 2 / b) * b
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,24 @@
-"""Where a run starts: its own latest checkpoint, a named one, or nothing."""
+"""Where a run starts: its own latest checkpoint, a named one, the weights of another run
+(`checkpoint.init_from`), or nothing."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
 from mmpretrain.config import ConfigError
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory standing for its latest checkpoint."""
+def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
+    """A checkpoint directory, or a run directory standing for its latest checkpoint; `what`
+    names the setting in the error."""
     p = Path(path)
     if (p / "state.json").is_file():
         return p
     latest = latest_checkpoint(p) if p.is_dir() else None
     if latest is None:
-        raise CheckpointError(f"--resume {path}: neither a checkpoint nor a run with one")
+        raise CheckpointError(f"{what} {path}: neither a checkpoint nor a run with one")
     return latest
 
 
@@ -38,3 +41,24 @@ def start_checkpoint(run_dir: Path, resume: str | None, fresh: bool, overwrite: 
     if resume is not None:
         return resolve_checkpoint(resume)
     return latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: `checkpoint` None for a fresh start; `weights_only` for the model
+    weights of another run (`checkpoint.init_from`) with a fresh optimizer, schedule, step and data
+    position."""
+
+    checkpoint: Path | None
+    weights_only: bool = False
+
+
+def start_point(run_dir: Path, resume: str | None, fresh: bool, overwrite: bool, rank0: bool,
+                init_from: str = "") -> Start:
+    """`start_checkpoint`, and when that finds nothing (a new or emptied run directory, no
+    --resume), the weights of `init_from` if set. A run that has saved a checkpoint of its own
+    resumes from it instead, so a requeued stage-2 job never re-initialises from stage 1."""
+    own = start_checkpoint(run_dir, resume, fresh, overwrite, rank0)
+    if own is not None or not init_from:
+        return Start(own)
+    return Start(resolve_checkpoint(init_from, "checkpoint.init_from"), weights_only=True)
