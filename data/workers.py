@@ -27,25 +27,44 @@ def _run(arg):
     return _FN(arg)
 
 
-def ordered_map(fn: Callable, args: Iterable, workers: int = 0, lookahead: int = 0) -> Iterator:
-    """fn(a) for each a of `args`, in order; with `workers` processes at most `lookahead` ahead."""
-    if workers <= 0:
-        for a in args:
-            yield fn(a)
-        return
-    lookahead = lookahead or 4 * workers
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["mmpretrain.data.loader", "mmpretrain.data.build"])
-    pool = ctx.Pool(workers, initializer=_init, initargs=(fn,))
-    try:
+class WorkerPool:
+    """`workers` processes running `fn`; `map` gives ordered results of any number of streams
+    over the same processes (the loader's slots). workers=0: everything runs inline."""
+
+    def __init__(self, fn: Callable, workers: int = 0):
+        self.fn, self.workers, self.pool = fn, workers, None
+        if workers > 0:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["mmpretrain.data.loader", "mmpretrain.data.build"])
+            self.pool = ctx.Pool(workers, initializer=_init, initargs=(fn,))
+
+    def map(self, args: Iterable, lookahead: int = 0) -> Iterator:
+        """fn(a) for each a of `args`, in order, computed at most `lookahead` ahead."""
+        if self.pool is None:
+            for a in args:
+                yield self.fn(a)
+            return
+        lookahead = lookahead or 4 * self.workers
         pending: deque = deque()
-        it = iter(args)
-        for a in it:
-            pending.append(pool.apply_async(_run, (a,)))
+        for a in args:
+            pending.append(self.pool.apply_async(_run, (a,)))
             if len(pending) >= lookahead:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def ordered_map(fn: Callable, args: Iterable, workers: int = 0, lookahead: int = 0) -> Iterator:
+    """fn(a) for each a of `args`, in order; with `workers` processes at most `lookahead` ahead."""
+    pool = WorkerPool(fn, workers)
+    try:
+        yield from pool.map(args, lookahead)
     finally:
-        pool.terminate()
-        pool.join()
+        pool.close()

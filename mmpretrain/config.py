@@ -116,6 +116,9 @@ class DataConfig:
     """Training mixture of {path, weight}; empty: <path>/train alone."""
     cache_dir: str = ""
     """Local cache for shards of remote datasets; empty: ~/.cache/mmpretrain/shards."""
+    cache_limit: str | int = ""
+    """Most bytes cache_dir may hold on a node, e.g. "200GB" (2^30 bytes a GB) or a byte count,
+    LRU-evicted; "" or 0: none."""
     resize: Literal["native", "tiles"] = "native"
     """Image policy: 'native' (aspect kept, token budget) or 'tiles' (NVLM tiles + thumbnail)."""
     max_image_side: int = 0
@@ -194,6 +197,10 @@ class CheckpointConfig:
     """Checkpoints to keep (the newest ones); the one `latest` names is never deleted."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    init_from: str = ""
+    """Weights-only start (a checkpoint or a run dir's latest) when the run has no checkpoint yet."""
+    async_save: bool = False
+    """Write checkpoint tensors in a background process while training goes on (megatron-core)."""
 
 
 @dataclass
@@ -236,8 +243,13 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], key)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, inner, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(" or ".join(errors))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -350,6 +362,15 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_trainable(cfg: Config) -> None:
+    """Settings a config may hold (`mmpretrain plan` models them) that training cannot run yet."""
+    if cfg.train.fp8 is not None:
+        raise ConfigError(
+            f"train.fp8: {cfg.train.fp8!r} needs the Transformer Engine layer spec, which this "
+            "version does not have (model.spec is 'local' only; issue 9): set train.fp8: null "
+            "(`mmpretrain plan` still shows what FP8 would give)")
 
 
 def validate(cfg: Config) -> None:

@@ -40,7 +40,8 @@ def packing_settings(cfg: Config) -> PackingSettings:
 def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
     """The shard readers of `split` and their mixture weights (None: one dataset)."""
     if split == "train" and cfg.data.datasets:
-        return ([open_dataset(ds.path, split, cfg.data.cache_dir) for ds in cfg.data.datasets],
+        return ([open_dataset(ds.path, split, cfg.data.cache_dir, cfg.data.cache_limit)
+                 for ds in cfg.data.datasets],
                 [ds.weight for ds in cfg.data.datasets])
     path = Path(cfg.data.path) / split
     if not path.is_dir():
@@ -49,8 +50,12 @@ def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
 
 
 def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
-                shuffle: bool = True, device_id: int | None = None) -> PackedLoader:
-    """A packed loader over `<data.path>/<split>`, or over the `data.datasets` mixture for train."""
+                shuffle: bool = True, device_id: int | None = None,
+                slots: int | None = None) -> PackedLoader:
+    """A packed loader over `<data.path>/<split>`, or over the `data.datasets` mixture for train.
+    `slots`: micro-batches per global batch, each packed from its own share of the samples (the
+    training loop passes global_batch_size / micro_batch_size, so that the batches do not depend
+    on dp_size); default dp_size, one per rank."""
     readers, weights = _readers(cfg, split)
     if device_id is None and cfg.data.workers == 0 and torch.cuda.is_available():
         device_id = torch.cuda.current_device()  # DALI's mixed decoder (not in forked workers)
@@ -58,4 +63,4 @@ def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, d
                         cfg.data.micro_batch_size, seed=cfg.data.shuffle_seed, dp_rank=dp_rank,
                         dp_size=dp_size, shuffle=shuffle, packing=packing_settings(cfg),
                         workers=cfg.data.workers, weights=weights, device_id=device_id,
-                        design=cfg.model.design)
+                        design=cfg.model.design, slots=slots)

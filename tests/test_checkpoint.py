@@ -131,12 +131,42 @@ def test_kill_during_save_keeps_the_previous_checkpoint(small_dataset, tmp_path)
     assert latest(run) == "step_00000004" and not (run / "checkpoints" / ".tmp-step_00000004").exists()
 
 
-def test_sigusr1_saves_and_exits_with_the_requeue_code(small_dataset, tmp_path):
+def test_kill_during_async_save_keeps_latest_while_training_went_on(small_dataset, tmp_path):
+    run, ready = tmp_path / "run", tmp_path / "ready"
+    args = train_args(run, small_dataset, "--set", "checkpoint.every=2", "--set", "train.steps=6",
+                      "--set", "checkpoint.async_save=true")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_write.py"), "4",
+                             str(ready), *args], cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not (
+            ready.exists() and (run / "metrics.jsonl").is_file() and 6 in logged_steps(run)):
+        time.sleep(0.05)
+    try:
+        assert ready.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+        # the writer of step 4 never finishes, yet steps 5 and 6 trained meanwhile; the run now
+        # waits for the write before its final save
+        assert logged_steps(run)[-2:] == [5, 6] and latest(run) == "step_00000002"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its forked writer processes
+        proc.wait()
+    assert latest(run) == "step_00000002"
+    tmp = run / "checkpoints" / ".tmp-step_00000004"
+    assert tmp.is_dir() and not (tmp / ".metadata").exists()  # the interrupted save
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "did not finish" in r.stderr and f"resumed from {run}/checkpoints/step_00000002" in r.stderr
+    assert latest(run) == "step_00000006" and not tmp.exists()
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigusr1_saves_and_exits_with_the_requeue_code(small_dataset, tmp_path, async_save):
     from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
 
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mmpretrain",
-                             *train_args(run, small_dataset, "--set", "train.steps=1000")],
+                             *train_args(run, small_dataset, "--set", "train.steps=1000",
+                                         "--set", f"checkpoint.async_save={async_save}")],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 240
@@ -148,3 +178,5 @@ def test_sigusr1_saves_and_exits_with_the_requeue_code(small_dataset, tmp_path):
     saved = latest(run)
     step = int(saved.split("_")[1])
     assert 1 <= step < 1000 and logged_steps(run)[-1] == step
+    assert (run / "checkpoints" / saved / ".metadata").is_file()  # complete before the exit
+    assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -304,7 +304,7 @@ def test_gate_learning_rate_multiplier():
     cfg = config(cross_attention_gate_lr_mult=10.0)
     ocfg = OptimizerConfig(lr=cfg.train.lr, min_lr=cfg.train.min_lr)
     gate = [v for k, v in param_overrides(ocfg, cfg).items() if k.name == "*_gate"]
-    assert gate == [{"max_lr": cfg.train.lr * 10, "min_lr": cfg.train.min_lr * 10}]
+    assert gate == [{"max_lr": cfg.train.lr * 10, "min_lr": cfg.train.min_lr * 10, "lr_mult": 10.0}]
     assert not [k for k in param_overrides(ocfg, config("d")) if k.name == "*_gate"]
 
 

@@ -1,5 +1,7 @@
-"""The packed loader over the real synthetic shards: determinism, data-parallel split, resume."""
+"""The packed loader over the real synthetic shards: determinism, data-parallel split, resume,
+global batches that do not depend on the data-parallel size."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -130,3 +132,47 @@ def test_tiles_policy_through_the_loader(small_dataset):
         thumbs = int((batch.tokens == tok.thumbnail_id).sum())
         assert tags + thumbs == len(batch.image_tiles) and thumbs == int((batch.image_tiles == -1).sum())
         assert batch.loss_mask[batch.tokens == tok.thumbnail_id].sum() == 0
+
+
+def hashes_by_slot(cfg, tok, dp_size, steps, n_slots, state=None):
+    """{(step, slot): batch} over all data-parallel ranks, each rank's loader started from `state`
+    (one state, or the list of all old ranks' states) when given; and the ranks' new states."""
+    out, states = {}, []
+    for rank in range(dp_size):
+        loader = make_loader(cfg, "train", tok, rank, dp_size, slots=n_slots)
+        if state is not None:
+            loader.load_state_dict(json.loads(json.dumps(state)))
+        it = iter(loader)
+        start = loader.slots[0].batches
+        for step in range(start, start + steps):
+            for slot in range(rank, n_slots, dp_size):  # the order the training loop takes them
+                out[step, slot] = next(it)
+        states.append(loader.state_dict())
+    return out, states
+
+
+def test_global_batches_do_not_depend_on_the_data_parallel_size(small_dataset):
+    cfg = cfg_for(small_dataset)
+    tok = open_tokenizer(cfg)
+    want, _ = hashes_by_slot(cfg, tok, 1, 6, 4)
+    assert len({tuple(b.tokens.flatten().tolist()) for b in want.values()}) == 24
+    for dp in (2, 4):
+        got, _ = hashes_by_slot(cfg, tok, dp, 6, 4)
+        assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in want), dp
+    one = make_loader(cfg, "train", tok, 1, 2, slots=4)  # a rank reads only its own slots
+    seqs = [t for t, _ in itertools.islice(one.sequences(), 10)]
+    assert all(t % 4 == 1 for t in seqs)
+    with pytest.raises(ValueError, match="cannot be split"):
+        make_loader(cfg, "train", tok, 0, 3, slots=4)
+
+
+@pytest.mark.parametrize("old_dp, new_dp", [(1, 2), (2, 1), (2, 4)])
+def test_resume_under_another_data_parallel_size_gives_the_same_batches(small_dataset, old_dp,
+                                                                         new_dp):
+    cfg = cfg_for(small_dataset)
+    tok = open_tokenizer(cfg)
+    want, _ = hashes_by_slot(cfg, tok, 1, 9, 4)
+    _, states = hashes_by_slot(cfg, tok, old_dp, 4, 4)
+    got, _ = hashes_by_slot(cfg, tok, new_dp, 5, 4, states)
+    assert sorted(got) == [(s, j) for s in range(4, 9) for j in range(4)]
+    assert all(same(got[k], want[k]) for k in got)

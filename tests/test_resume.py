@@ -44,29 +44,30 @@ def test_restart_equals_uninterrupted_run(small_dataset, sets):
         it = iter(first)
         head = [batch_hash(next(it)) for _ in range(stop)]
         state = json.loads(json.dumps(first.state_dict()))  # as the checkpoint stores it
-        assert state["buffer"], "the packer's buffer is part of the state"
+        assert state["slots"][0]["buffer"], "the packer's buffer is part of the state"
         resumed = make_loader(cfg, "train", tok)
         resumed.load_state_dict(state)
         assert head + hashes(resumed, 40 - stop) == full, f"resume after {stop} batches"
 
 
-def test_workers_give_the_same_batches(small_dataset):
+@pytest.mark.parametrize("slots", [1, 3])
+def test_workers_give_the_same_batches(small_dataset, slots):
     cfg = cfg_for(small_dataset)
     tok = open_tokenizer(cfg)
-    inline = hashes(make_loader(cfg, "train", tok), 12)
-    forked = make_loader(cfg_for(small_dataset, "data.workers=2"), "train", tok)
+    inline = hashes(make_loader(cfg, "train", tok, slots=slots), 12)
+    forked = make_loader(cfg_for(small_dataset, "data.workers=2"), "train", tok, slots=slots)
     it = iter(forked)
     head = [batch_hash(next(it)) for _ in range(5)]
     state = forked.state_dict()
     it.close()  # stops the workers
-    again = make_loader(cfg_for(small_dataset, "data.workers=1"), "train", tok)
+    again = make_loader(cfg_for(small_dataset, "data.workers=1"), "train", tok, slots=slots)
     again.load_state_dict(state)
     assert head + hashes(again, 7) == inline
 
 
 def consume(state, n_reads, buffer_every=5):
     """Simulate a rank reading n_reads positions, every `buffer_every`-th left in its buffer."""
-    pos = Position.from_dict(state, state["dp_rank"], state["dp_size"])
+    pos = Position.from_dict(state)
     read, buffered = [], []
     for t in itertools.islice(pos.iterate(), n_reads):
         pos.advance(t)
@@ -78,7 +79,7 @@ def test_reshard_consumes_every_position_exactly_once():
     emitted = []
     states = []
     for rank, reads in enumerate([13, 29, 21]):  # three old ranks at uneven places
-        read, st = consume({"version": 2, "cursor": 0, "dp_rank": rank, "dp_size": 3}, reads)
+        read, st = consume({"cursor": 0, "slot": rank, "n_slots": 3}, reads)
         emitted += read
         states.append(st)
     for new_size in (2, 5):
@@ -117,4 +118,21 @@ def test_a_state_of_the_first_loader_resumes_approximately(small_dataset):
     cfg = cfg_for(small_dataset)
     loader = make_loader(cfg, "train", open_tokenizer(cfg))
     loader.load_state_dict({"epoch": 1, "index": 10, "skipped": {}})
-    assert loader.state_dict()["origin"] == 170 and next(iter(loader)).tokens.shape == (2, 128)
+    assert loader.state_dict()["slots"][0]["origin"] == 170
+    assert next(iter(loader)).tokens.shape == (2, 128)
+
+
+def test_a_state_of_the_one_packer_per_rank_loader_resumes_exactly(small_dataset):
+    """Version 2 (one packer per data-parallel rank r of R) is slot r of R."""
+    cfg = cfg_for(small_dataset)
+    tok = open_tokenizer(cfg)
+    full = hashes(make_loader(cfg, "train", tok), 10)
+    first = make_loader(cfg, "train", tok)
+    head = hashes(first, 4)
+    slot = first.state_dict()["slots"][0]
+    v2 = {"version": 2, "origin": slot["origin"], "cursor": slot["cursor"], "dp_rank": 0,
+          "dp_size": 1, "done": slot["done"], "buffer": slot["buffer"], "counts": slot["counts"],
+          "tokens": slot["tokens"], "slots": slot["capacity"]}
+    resumed = make_loader(cfg, "train", tok)
+    resumed.load_state_dict(v2)
+    assert head + hashes(resumed, 6) == full

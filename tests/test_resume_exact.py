@@ -2,8 +2,11 @@
 
 Exact: 2N steps uninterrupted versus N steps, a kill -9 of the whole process group after the
 checkpoint at N, and a restart: steps N+1..2N log bitwise-identical losses (one process, TP2, PP2,
-DP2). Resharding: a checkpoint saved at TP2xPP2 (4 ranks) resumed at 1 rank and at TP2: the first
-resumed loss equals the one the original layout computed for that step."""
+DP2). Resharding: a checkpoint saved at TP2xPP2 (4 ranks) resumed at 1 rank, at TP2 and at DP2, and
+the DP2 run's checkpoint resumed at 1 rank: the first resumed loss equals the one the original
+layout computed for that step (the global batch of a step does not depend on the layout). Asynchronous saving
+(`checkpoint.async_save`) writes the same checkpoint as a synchronous save and does not change
+training."""
 import json
 import os
 import signal
@@ -76,7 +79,9 @@ def kill_after_checkpoint(cmd, run_dir: Path, step: int) -> None:
     (2, ["parallel.tp=2"]),
     (2, ["parallel.pp=2"]),
     (2, []),  # DP2
-], ids=["single", "tp2", "pp2", "dp2"])
+    (2, ["parallel.pp=2", "model.design=x", "model.cross_attention_every=2",
+         "model.cross_attention_gate_lr_mult=20", "data.max_patches=256"]),
+], ids=["single", "tp2", "pp2", "dp2", "x_pp2_gate_lr"])
 def test_kill_and_restart_gives_bitwise_identical_losses(tmp_path, small_dataset, world, sets):
     sets = [*sets, f"train.steps={2 * N}", f"checkpoint.every={N}"]
     run(command(world, tmp_path / "a", small_dataset, sets))
@@ -89,14 +94,74 @@ def test_kill_and_restart_gives_bitwise_identical_losses(tmp_path, small_dataset
 
 
 def test_checkpoint_from_tp2_pp2_resumes_at_other_layouts(tmp_path, small_dataset):
-    sets = ["train.steps=3", "checkpoint.every=2", "checkpoint.keep=5"]
-    run(command(4, tmp_path / "orig", small_dataset, ["parallel.tp=2", "parallel.pp=2", *sets]))
-    want = losses(tmp_path / "orig")[3]
-    ckpt = tmp_path / "orig" / "checkpoints" / "step_00000002"
-    for world, layout in ((1, []), (2, ["parallel.tp=2"])):
-        out = tmp_path / f"resumed{world}"
-        err = run(command(world, out, small_dataset, [*layout, *sets], "--resume", str(ckpt)))
+    sets = ["checkpoint.every=2", "checkpoint.keep=5"]
+    orig = tmp_path / "orig"
+    run(command(4, orig, small_dataset, ["parallel.tp=2", "parallel.pp=2", "train.steps=4", *sets]))
+    want = losses(orig)
+
+    def resume(world: int, layout: list[str], out: Path, ckpt: Path, step: int) -> None:
+        err = run(command(world, out, small_dataset, [*layout, f"train.steps={step}", *sets],
+                          "--resume", str(ckpt)))
         assert "under another layout" in err
         got = losses(out)
-        assert list(got) == [3]
-        assert abs(got[3] - want) <= 1e-5 * abs(want), (got[3], want)
+        assert list(got) == [step]
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (out.name, got[step], want[step])
+
+    ckpt = orig / "checkpoints" / "step_00000002"
+    for world, layout, name in ((1, [], "one"), (2, ["parallel.tp=2"], "tp2"), (2, [], "dp2")):
+        resume(world, layout, tmp_path / name, ckpt, 3)
+    # the DP2 run's own checkpoint (each rank saved the state of its micro-batch slot) at 1 rank
+    resume(1, [], tmp_path / "dp2-one", tmp_path / "dp2" / "checkpoints" / "step_00000003", 4)
+
+def checkpoint_contents(path: Path, out: Path) -> dict:
+    """Everything a checkpoint directory holds: its tensors (read without a process group), the
+    common state, and the small files (state, loader positions, RNG states, config)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(path, out)
+    contents = {"tensors": torch.load(out, weights_only=False),
+                "common": torch.load(path / "common.pt", weights_only=False)}
+    for f in sorted(path.rglob("*")):
+        if f.suffix in (".json", ".yaml"):
+            contents[f.relative_to(path).as_posix()] = f.read_text()
+        elif f.parent.name == "rng":
+            contents[f"rng/{f.name}"] = torch.load(f, weights_only=False)
+    return contents
+
+
+def equal(a, b) -> bool:
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["single", "dp2"])
+def test_async_save_equals_a_synchronous_one(tmp_path, small_dataset, world):
+    sets = [f"train.steps={2 * N}", f"checkpoint.every={N}"]
+    run(command(world, tmp_path / "sync", small_dataset, sets))
+    err = run(command(world, tmp_path / "async", small_dataset, [*sets, "checkpoint.async_save=true"]))
+    assert "written in the background and published" in err
+    want = losses(tmp_path / "sync")
+    assert losses(tmp_path / "async") == want  # background writes do not disturb training
+    for step in (N, 2 * N):
+        name = f"step_{step:08d}"
+        a, b = (checkpoint_contents(tmp_path / r / "checkpoints" / name, tmp_path / f"{r}{step}.pt")
+                for r in ("sync", "async"))
+        assert a.keys() == b.keys() and len(a["tensors"]) > 50
+        b["config.yaml"] = b["config.yaml"].replace("async_save: true", "async_save: false")
+        assert [k for k in a if not equal(a[k], b[k])] == [], name
+    resumed = tmp_path / "resumed"
+    run(command(world, resumed, small_dataset, sets, "--resume",
+                str(tmp_path / "async" / "checkpoints" / f"step_{N:08d}")))
+    got = losses(resumed)
+    assert [got[s] for s in range(N + 1, 2 * N + 1)] == [want[s] for s in range(N + 1, 2 * N + 1)]

@@ -8,7 +8,15 @@ from mmpretrain.checkpoint.files import (
     latest_checkpoint,
     stale_saves,
 )
-from mmpretrain.checkpoint.store import load_model, load_training, model_state, save, save_weights
+from mmpretrain.checkpoint.store import (
+    AsyncSaves,
+    load_model,
+    load_training,
+    model_state,
+    save,
+    save_weights,
+)
 
-__all__ = ["LATEST", "CheckpointError", "checkpoint_root", "clear_stale_saves", "latest_checkpoint",
-           "load_model", "load_training", "model_state", "save", "save_weights", "stale_saves"]
+__all__ = ["LATEST", "AsyncSaves", "CheckpointError", "checkpoint_root", "clear_stale_saves",
+           "latest_checkpoint", "load_model", "load_training", "model_state", "save", "save_weights",
+           "stale_saves"]

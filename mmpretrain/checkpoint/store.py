@@ -3,15 +3,24 @@
 A checkpoint holds the model and optimizer (sharded tensors under global names: any tp/pp/vpp/dp
 layout loads what another saved), plus files next to them:
     state.json          step, consumed samples, LR schedule (rank 0)
-    loader_dp{r}.json   the data loader's position of data-parallel rank r
+    loader_dp{r}.json   the data loader's state of data-parallel rank r (its micro-batch slots)
     rng/rank{r}.pt      the RNG states of global rank r (restored when the layout is unchanged)
     config.yaml         the resolved config
+
+Saving is synchronous, or asynchronous with megatron-core's own machinery (`AsyncSaves`,
+`checkpoint.async_save`): the tensors are planned and staged on the host while training waits,
+then written by a forked process (megatron's `TemporalAsyncCaller`) while training goes on; once
+every rank has written, the finalize step (megatron's `.metadata`, then ours: rename and
+`latest`) publishes the checkpoint. Everything else (state.json, loader, RNG, config) describes
+the step of the save and is written into the temporary directory when the save is scheduled.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +39,8 @@ from mmpretrain.checkpoint.files import (
     write_atomic,
 )
 from mmpretrain.config import Config, dump
+
+log = logging.getLogger(__name__)
 
 
 def model_state(chunks) -> dict:
@@ -64,10 +75,54 @@ def _write_rank_files(tmp: Path, loader_state: dict) -> None:
         (tmp / f"loader_dp{dp}.json").write_text(json.dumps(loader_state))
 
 
+class AsyncSaves:
+    """Checkpoint saves in flight: megatron-core's `AsyncCallsQueue` with one forked writer per
+    save (`TemporalAsyncCaller`). Every method is a collective while a save is pending: all ranks
+    call it at the same points of the loop."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)  # a persistent worker would get the
+        # tensors through shared memory; on CPU those are the live parameters, still training
+        self.scheduled: dict[int, float] = {}  # step -> time scheduled
+
+    @property
+    def pending(self) -> int:
+        """Saves scheduled and not yet published."""
+        return self.queue.get_num_unfinalized_calls()
+
+    def schedule(self, request, step: int) -> None:
+        self.scheduled[step] = time.time()
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Publish the saves every rank has finished writing; never waits for a write."""
+        if self.pending:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every scheduled save is written and published."""
+        if self.pending:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        """Wait for the pending saves; stop the writer."""
+        self.wait()
+        self.queue.close()
+
+
 def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,
-         cfg: Config, consumed_samples: int, keep: int = 2, keep_every: int = 0) -> Path:
+         cfg: Config, consumed_samples: int, keep: int = 2, keep_every: int = 0,
+         async_saves: AsyncSaves | None = None) -> Path:
     """Save on all ranks under a temporary name; rank 0 publishes it as `latest` once every rank
-    has written, so a crash at any point leaves the previous checkpoint and `latest` intact."""
+    has written, so a crash at any point leaves the previous checkpoint and `latest` intact.
+
+    With `async_saves` the tensor files are written in the background and this returns once they
+    are staged; the checkpoint is published by a later `async_saves.poll()` or `.wait()`."""
+    if async_saves is not None:
+        async_saves.wait()  # one save at a time: the previous one is published first
+    t0 = time.time()
     root = checkpoint_root(run_dir)
     final, tmp = step_dir(root, step), root / (TMP_PREFIX + step_dir(root, step).name)
     if dist.get_rank() == 0:
@@ -76,7 +131,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
     dist.barrier()
     state = model_state(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(dict(state))
-    dist_checkpointing.save(state, str(tmp))
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=async_saves is not None)
     _write_rank_files(tmp, loader_state)
     if dist.get_rank() == 0:
         meta = {"step": step, "consumed_samples": consumed_samples,
@@ -84,10 +139,31 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
                 "layout": _layout()}
         (tmp / "state.json").write_text(json.dumps(meta))
         dump(cfg, tmp / "config.yaml")
-    dist.barrier()
+
+    def publish() -> None:  # after every rank has written its files
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _publish(tmp, final, keep, keep_every)
+        dist.barrier()
+
+    if async_saves is None:
+        publish()
+        if dist.get_rank() == 0:
+            log.info("checkpoint %s saved in %.2f s", final.name, time.time() - t0)
+        return final
+
+    def published() -> None:
+        publish()
+        took = time.time() - async_saves.scheduled.pop(step, time.time())
+        if dist.get_rank() == 0:
+            log.info("checkpoint %s written in the background and published (%.1f s after "
+                     "it was scheduled)", final.name, took)
+
+    request.add_finalize_fn(published)
+    async_saves.schedule(request, step)
     if dist.get_rank() == 0:
-        _publish(tmp, final, keep, keep_every)
-    dist.barrier()
+        log.info("checkpoint %s staged in %.2f s; writing it in the background", final.name,
+                 time.time() - t0)
     return final
 
 
@@ -130,12 +206,15 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
 
 
 def _loader_state(path: Path, meta: dict) -> dict | list | None:
-    """This data-parallel rank's saved loader position; under another data-parallel size the
-    positions of all saved ranks (the loader re-splits the stream from them)."""
+    """This data-parallel rank's saved loader state (the states of its micro-batch slots); under
+    another data-parallel size, or from a loader of one packer per rank, the states of all saved
+    ranks (the loader takes its slots from them, or re-splits the stream exactly)."""
     saved_dp = meta["layout"][3] if meta.get("layout") else 1
     if saved_dp == parallel_state.get_data_parallel_world_size():
         own = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
-        return json.loads(own.read_text()) if own.is_file() else None
+        state = json.loads(own.read_text()) if own.is_file() else None
+        if state is None or state.get("version", 0) >= 3:
+            return state
     files = [path / f"loader_dp{r}.json" for r in range(saved_dp)]
     return [json.loads(f.read_text()) for f in files] if all(f.is_file() for f in files) else None
 
@@ -145,6 +224,14 @@ def _load_weights_only(path: Path, chunks, optimizer) -> dict:
     load_model(path, chunks)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
     return {**json.loads((path / "state.json").read_text()), "loader": None}
+
+
+def load_weights(path: Path, chunks, optimizer) -> None:
+    """Only the model weights of any checkpoint (full or weights-only, saved under any layout)
+    into the chunks and the optimizer's main copies; the optimizer states, schedule, step, RNG and
+    data position stay as built (fresh). The weights-only start of `checkpoint.init_from`."""
+    load_model(path, chunks)
+    optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
 
 
 def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: str) -> Path:

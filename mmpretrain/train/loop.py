@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mmpretrain import checkpoint
-from mmpretrain.config import Config, dump
+from mmpretrain.config import Config, check_trainable, dump
 from mmpretrain.dataset import make_loader, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
@@ -18,7 +18,7 @@ from mmpretrain.parallel.layout import ParallelLayout
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
-from mmpretrain.train.resume import start_checkpoint
+from mmpretrain.train.resume import start_point
 from mmpretrain.train.step import device, train_step
 
 log = logging.getLogger("mmpretrain")
@@ -67,17 +67,39 @@ def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int]:
     return meta["step"], meta["consumed_samples"]
 
 
+def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int]:
+    """Only the model weights of another run's checkpoint (`checkpoint.init_from`); the optimizer,
+    schedule, step and data position start fresh."""
+    from mmpretrain.checkpoint.store import load_weights
+
+    with cuda_to_cpu():
+        load_weights(ckpt, chunks, optimizer)
+    if is_rank0():
+        log.info("initialised the model weights from %s (checkpoint.init_from); optimizer, "
+                 "schedule, step and data order start fresh", ckpt)
+    return 0, 0
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bool = False,
           overwrite: bool = False) -> dict:
     """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
-    `start_checkpoint` for `resume`, `fresh` and `overwrite`); return the last logged record."""
+    `start_checkpoint` for `resume`, `fresh` and `overwrite`, `start_point` for
+    checkpoint.init_from); return the last logged record."""
+    check_trainable(cfg)
     run_dir = Path(run_dir)
     layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
     n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
-    loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp)
-    ckpt = start_checkpoint(run_dir, resume, fresh, overwrite, is_rank0())
+    loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp,
+                         slots=cfg.train.global_batch_size // cfg.data.micro_batch_size)  # the
+    # global batch is the same under any dp: each of its micro-batches has a packer of its own
+    begin = start_point(run_dir, resume, fresh, overwrite, is_rank0(), cfg.checkpoint.init_from)
     dist.barrier()
-    start, consumed = _resume(ckpt, chunks, optimizer, scheduler, loader) if ckpt else (0, 0)
+    if begin.weights_only:
+        start, consumed = _init_weights(begin.checkpoint, chunks, optimizer)
+    elif begin.checkpoint:
+        start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
+    else:
+        start, consumed = 0, 0
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
@@ -89,6 +111,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1: save after this step, then exit
+    saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.time()
         microbatches = [next(batches) for _ in range(n_micro)]
@@ -105,11 +128,15 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
             metrics.log(record)
         every = cfg.checkpoint.every
         stop = preempt.stop_requested(device())  # agreed by all ranks
-        if step == cfg.train.steps or (every and step % every == 0) or stop:
-            with cuda_to_cpu():
+        with cuda_to_cpu():
+            if saves:
+                saves.poll()  # publish a background save once every rank has written it
+            if step == cfg.train.steps or (every and step % every == 0) or stop:
                 checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
                                 cfg, consumed + int(seen), cfg.checkpoint.keep,
-                                cfg.checkpoint.keep_every)
+                                cfg.checkpoint.keep_every, saves)
+            if saves and (stop or step == cfg.train.steps):
+                saves.close()  # the last save is written and published before the exit
         if stop and step < cfg.train.steps:
             if metrics:
                 metrics.close()

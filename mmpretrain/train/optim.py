@@ -44,8 +44,11 @@ def param_overrides(ocfg: OptimizerConfig, cfg: Config) -> dict:
     overrides = get_standard_config_overrides(ocfg)
     mult = cfg.model.cross_attention_gate_lr_mult
     if cfg.model.design != "d" and mult != 1.0:
+        # max_lr/min_lr scale the schedule; lr_mult (unused by the schedule) keeps the group's
+        # identity, (wd_mult, lr_mult, ...), apart from the other no-weight-decay parameters' when
+        # megatron matches saved optimizer groups to the model's on load.
         overrides[ParamKey(name="*_gate")] = {"max_lr": cfg.train.lr * mult,
-                                              "min_lr": cfg.train.min_lr * mult}
+                                              "min_lr": cfg.train.min_lr * mult, "lr_mult": mult}
     return overrides
 
 
