@@ -109,7 +109,8 @@ def test_x_gates_have_mllama_names(exported):
             assert torch.equal(f.get_tensor(prefix + gate), getattr(ours, gate).detach())
     assert {k[len(prefix):] for k in index if k.startswith(prefix)} == {
         "input_layernorm.weight", "cross_attn.q_proj.weight", "cross_attn.k_proj.weight",
-        "cross_attn.v_proj.weight", "cross_attn.o_proj.weight", "cross_attn_attn_gate",
+        "cross_attn.v_proj.weight", "cross_attn.o_proj.weight", "cross_attn.q_norm.weight",
+        "cross_attn.k_norm.weight", "cross_attn_attn_gate",
         "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
         "mlp.down_proj.weight", "cross_attn_mlp_gate"}
     assert not any(k.startswith("language_model.model.cross_attention_layers.0.") for k in index)

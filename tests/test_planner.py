@@ -116,7 +116,7 @@ def test_cross_attention_positions_split_over_stages():
                                           "model.cross_attention_layers=[1, 4]"])
     assert P.count(cfg, 100).positions == (1, 4, 8, 12)
     layer = P.cross_attention_layer(h=64, heads=4, groups=2, ffn=128, kv_in=64, tp=2)
-    assert layer.total == 2 * 64 + 64 * 64 + 64 * 2 * 2 * 16 + 64 * 64 + 3 * 64 * 128 + 2
+    assert layer.total == 2 * 64 + 2 * 16 + 64 * 64 + 64 * 2 * 2 * 16 + 64 * 64 + 3 * 64 * 128 + 2
 
 
 def _persistent_bytes(chunks, ddps, optimizer) -> int:

@@ -62,7 +62,8 @@ class ImageContext:
 
 
 class NVLMCrossAttention(nn.Module):
-    """Text queries, image keys/values (grouped-query heads, no RoPE); fully masked rows give 0."""
+    """Text queries, image keys/values (grouped-query heads, no RoPE, q and k RMS-normed per head);
+    fully masked rows give 0."""
 
     def __init__(self, config):
         super().__init__()
@@ -73,6 +74,8 @@ class NVLMCrossAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.groups * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.groups * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, as Mllama
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """x [b, q, h], images [k, h], visible [b, q, k] -> [b, q, h]."""
@@ -81,6 +84,7 @@ class NVLMCrossAttention(nn.Module):
         query = self.q_proj(x).view(b, q, self.heads, d).transpose(1, 2)  # [b, H, q, d]
         key = self.k_proj(images).view(-1, self.groups, d).transpose(0, 1)  # [G, k, d]
         value = self.v_proj(images).view(-1, self.groups, d).transpose(0, 1)
+        query, key = self.q_norm(query), self.k_norm(key)
         key, value = key.repeat_interleave(per_group, 0), value.repeat_interleave(per_group, 0)
         scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(d)  # [b, H, q, k]
         hidden = ~visible[:, None]  # [b, 1, q, k]

@@ -15,6 +15,7 @@ with Mllama's names for the parts of a cross-attention decoder layer:
     input_layernorm.weight                  input_layernorm.weight
     linear_q / linear_k / linear_v.weight   cross_attn.q_proj / k_proj / v_proj.weight
     linear_proj.weight                      cross_attn.o_proj.weight
+    q_norm / k_norm.weight                  cross_attn.q_norm / k_norm.weight   [d], per head
     cross_attn_attn_gate                    cross_attn_attn_gate            [1], tanh-gated
     pre_mlp_layernorm.weight                post_attention_layernorm.weight
     mlp.linear_fc1.weight (gate; up)        mlp.gate_proj.weight, mlp.up_proj.weight
@@ -62,6 +63,8 @@ def cross_groups(cfg: Config) -> list[Group]:
         out += [_rename(CROSS, f"{ours}.input_layernorm.weight", f"{hf}.input_layernorm.weight")]
         out += [_rename(CROSS, f"{ours}.linear_{a}.weight", f"{hf}.cross_attn.{b}_proj.weight")
                 for a, b in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"))]
+        out += [_rename(CROSS, f"{ours}.{a}_norm.weight", f"{hf}.cross_attn.{a}_norm.weight")
+                for a in ("q", "k")]
         out += [_rename(CROSS, f"{ours}.cross_attn_attn_gate", f"{hf}.cross_attn_attn_gate"),
                 _rename(CROSS, f"{ours}.pre_mlp_layernorm.weight", f"{hf}.post_attention_layernorm.weight"),
                 _mlp(CROSS, f"{ours}.mlp", f"{hf}.mlp"),

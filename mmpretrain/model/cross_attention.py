@@ -1,6 +1,6 @@
 """Gated cross-attention layer of the X and H designs: text queries, image keys and values.
 
-    h = h + tanh(attn_gate) * CrossAttention(RMSNorm(h), images)
+    h = h + tanh(attn_gate) * CrossAttention(RMSNorm(h), images)   (q, k RMS-normed per head)
     h = h + tanh(mlp_gate) * has_image * SwiGLU(RMSNorm(h))
 Both gates start at 0, so an untrained layer is the identity. A token whose mask row is all True
 (no image of its sample before it) gets exactly zero from both sub-layers.
@@ -28,6 +28,22 @@ def _norm(config: TransformerConfig):
     spec = decoder_layer_spec().submodules.input_layernorm
     return build_module(spec, config=config, hidden_size=config.hidden_size,
                         eps=config.layernorm_epsilon)
+
+
+class HeadRMSNorm(torch.nn.Module):
+    """RMSNorm over the head dimension of [..., heads, d] with one weight [d] shared by all heads
+    (Mllama's q_norm/k_norm). Under tensor parallelism each rank normalises its own heads, so the
+    weight enters through megatron's copy-to-TP region: its gradient is summed over TP ranks."""
+
+    def __init__(self, d: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(d, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.weight)
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * weight
 
 
 def _gate(config: TransformerConfig) -> torch.nn.Parameter:
@@ -70,6 +86,10 @@ class GatedCrossAttentionLayer(MegatronModule):
         self.pre_mlp_layernorm = _norm(config)
         self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
                                              linear_fc2=tensor_parallel.RowParallelLinear))
+        # Queries and keys normalised per head (as Mllama does): the attention logits start at a
+        # useful scale whatever the image embeddings' scale, so the layer learns to look early.
+        self.q_norm = HeadRMSNorm(config.kv_channels, config.layernorm_epsilon, config.params_dtype)
+        self.k_norm = HeadRMSNorm(config.kv_channels, config.layernorm_epsilon, config.params_dtype)
         self.cross_attn_attn_gate = _gate(config)
         self.cross_attn_mlp_gate = _gate(config)
     def attend(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,6 +105,7 @@ class GatedCrossAttentionLayer(MegatronModule):
         q = q.view(s, b, -1, d).permute(1, 2, 0, 3)  # [b, nh/tp, s, d]
         k = k.view(kr, b, -1, d).permute(1, 2, 0, 3)  # [b, ng/tp, kr, d]
         v = v.view(kr, b, -1, d).permute(1, 2, 0, 3)
+        q, k = self.q_norm(q), self.k_norm(k)
         ctx = attend_or_zero(q.float(), k.float(), v.float(), mask).to(v.dtype)  # [b, nh, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nh/tp * d]
         out, _ = self.linear_proj(ctx)  # [s(/tp), b, h]

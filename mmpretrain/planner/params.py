@@ -64,11 +64,11 @@ def transformer_layer(h: int, heads: int, groups: int, ffn: int, tp: int) -> Cou
 
 def cross_attention_layer(h: int, heads: int, groups: int, ffn: int, kv_in: int, tp: int) -> Count:
     """A gated cross-attention layer (X/H): norm, q from text, k/v from `kv_in`-wide image tokens,
-    output projection, norm, SwiGLU MLP, and two scalar tanh gates."""
+    per-head q/k norms, output projection, norm, SwiGLU MLP, and two scalar tanh gates."""
     d = h // heads
     attention = split(h * heads * d, tp) + split(kv_in * 2 * groups * d, tp) + split(heads * d * h, tp)
     mlp = split(h * 2 * ffn, tp) + split(ffn * h, tp)
-    return replicated(h) * 2 + attention + mlp + replicated(2)
+    return replicated(h) * 2 + replicated(d) * 2 + attention + mlp + replicated(2)
 
 
 def vision_encoder(cfg: Config) -> Count:
