@@ -4,11 +4,11 @@ import pytest
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from mmpretrain.data.packing import pack_rows
+from mmpretrain.data.sequence import TokenSequence
 from mmpretrain.parallel import cuda_to_cpu
 from test_model_packing import random_image, tiny_model
 
-from mmpretrain.data.packing import pack_rows
-from mmpretrain.data.sequence import TokenSequence
 from mmpretrain.model.packed_attention import PackedDotProductAttention, packed_seq_params
 from mmpretrain.model.specs import transformer_config
 

@@ -12,6 +12,7 @@ output projection row-parallel. With sequence parallel the text stream arrives s
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel

@@ -1,0 +1,33 @@
+"""The job config: one typed tree of dataclasses, loaded strictly from YAML.
+
+Every field carries a one-line docstring (the string literal under it). Unknown keys and wrong
+types are `ConfigError`s naming the dotted key; `--set a.b=value` overrides go through the same
+checks. The resolved tree is written to the run directory as `config.yaml`.
+
+    tree.py    the sections (dataclasses) and ConfigError
+    parse.py   load / from_dict / apply_override / dump
+    checks.py  validate, check_trainable, cross_attention_positions
+"""
+from mmpretrain.config.checks import check_trainable, cross_attention_positions, validate
+from mmpretrain.config.parse import apply_override, dump, from_dict, load, to_dict
+from mmpretrain.config.tree import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DatasetConfig,
+    DecoderConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    ProjectorConfig,
+    TrainConfig,
+    VisionConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "DecoderConfig",
+    "LoggingConfig", "ModelConfig", "ParallelConfig", "ProjectorConfig", "TrainConfig",
+    "VisionConfig", "apply_override", "check_trainable", "cross_attention_positions", "dump",
+    "from_dict", "load", "to_dict", "validate",
+]

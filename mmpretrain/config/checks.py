@@ -1,0 +1,94 @@
+"""Checks of a whole config (sizes, divisibility, designs, data settings), each a ConfigError
+naming the setting."""
+from __future__ import annotations
+
+from mmpretrain.config.tree import Config, ConfigError
+
+
+def check_trainable(cfg: Config) -> None:
+    """Settings a config may hold (`mmpretrain plan` models them) that training cannot run yet."""
+    if cfg.train.fp8 is not None:
+        raise ConfigError(
+            f"train.fp8: {cfg.train.fp8!r} needs the Transformer Engine layer spec, which this "
+            "version does not have (model.spec is 'local' only; issue 9): set train.fp8: null "
+            "(`mmpretrain plan` still shows what FP8 would give)")
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields that the types cannot express."""
+    positive = {
+        "vision.num_layers": cfg.vision.num_layers, "vision.hidden_size": cfg.vision.hidden_size,
+        "vision.patch_size": cfg.vision.patch_size, "decoder.num_layers": cfg.decoder.num_layers,
+        "decoder.hidden_size": cfg.decoder.hidden_size, "data.seq_length": cfg.data.seq_length,
+        "data.micro_batch_size": cfg.data.micro_batch_size, "train.steps": cfg.train.steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "data.image_token_budget": cfg.data.image_token_budget,
+        "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be positive, got {v}")
+    if cfg.projector.merge not in (1, 2):
+        raise ConfigError(f"projector.merge: must be 1 or 2, got {cfg.projector.merge}")
+    for sec in ("vision", "decoder"):
+        c = getattr(cfg, sec)
+        if c.hidden_size % c.num_attention_heads:
+            raise ConfigError(f"{sec}.hidden_size {c.hidden_size} is not divisible by "
+                              f"{sec}.num_attention_heads {c.num_attention_heads}")
+    head_dim = cfg.vision.hidden_size // cfg.vision.num_attention_heads
+    if head_dim % 4:
+        raise ConfigError(f"vision head dim {head_dim} must be a multiple of 4 for 2-D RoPE")
+    d = cfg.decoder
+    if d.num_attention_heads % d.num_query_groups:
+        raise ConfigError(f"decoder.num_attention_heads {d.num_attention_heads} is not divisible by "
+                          f"decoder.num_query_groups {d.num_query_groups}")
+    if cfg.data.image_token_budget < cfg.projector.merge ** 2:
+        raise ConfigError("data.image_token_budget is smaller than one merged token")
+    _validate_data(cfg)
+    _validate_cross_attention(cfg)
+
+
+def cross_attention_positions(cfg: Config) -> list[int]:
+    """Sorted 1-based decoder layers that a gated cross-attention layer precedes (x/h designs)."""
+    m, n = cfg.model, cfg.decoder.num_layers
+    every = range(m.cross_attention_every, n + 1, m.cross_attention_every) \
+        if m.cross_attention_every > 0 else []
+    return sorted(set(every) | set(m.cross_attention_layers))
+
+
+def _validate_cross_attention(cfg: Config) -> None:
+    """x/h need cross-attention layers at valid positions; h needs tiled images."""
+    m = cfg.model
+    if m.cross_attention_every < 0:
+        raise ConfigError(f"model.cross_attention_every: must be >= 0, got {m.cross_attention_every}")
+    bad = [k for k in m.cross_attention_layers if not 1 <= k <= cfg.decoder.num_layers]
+    if bad:
+        raise ConfigError(f"model.cross_attention_layers: {bad} outside 1..decoder.num_layers")
+    if m.design in ("x", "h") and not cross_attention_positions(cfg):
+        raise ConfigError(f"model.design={m.design} needs model.cross_attention_every or "
+                          "model.cross_attention_layers")
+    if m.design == "h" and cfg.data.resize != "tiles":
+        raise ConfigError("model.design=h needs data.resize=tiles (thumbnail in stream, tiles "
+                          "through cross-attention)")
+    if m.design in ("x", "h") and cfg.parallel.pp > 1 and cfg.data.max_patches <= 0:
+        raise ConfigError(f"model.design={m.design} with parallel.pp > 1 needs data.max_patches > 0: "
+                          "the image context travels between pipeline stages in rows sized for "
+                          "data.max_patches / projector.merge^2 image tokens per micro-batch")
+    if m.train_only_cross_attention and m.design == "d":
+        raise ConfigError("model.train_only_cross_attention needs model.design x or h")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Checks of the data section (image policy, mixture, packing)."""
+    d, unit = cfg.data, cfg.vision.patch_size * cfg.projector.merge
+    if d.resize == "tiles" and (d.tile_size <= 0 or d.tile_size % unit):
+        raise ConfigError(f"data.tile_size {d.tile_size} is not a positive multiple of "
+                          f"vision.patch_size x projector.merge = {unit}")
+    if not 1 <= d.max_tiles <= 12:
+        raise ConfigError(f"data.max_tiles: must be 1..12 (the tokenizer's tile tags), got {d.max_tiles}")
+    for i, ds in enumerate(d.datasets):
+        if not ds.path or ds.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}]: needs a path and a positive weight, got {ds}")
+    if d.workers < 0 or d.max_patches < 0 or d.pack_buffer < 1 or d.max_image_pixels <= 0:
+        raise ConfigError("data.workers/max_patches must be >= 0, data.pack_buffer >= 1, "
+                          "data.max_image_pixels > 0")
