@@ -1,5 +1,6 @@
-"""Export reads a checkpoint saved under any layout: TP2 x PP2 exports the same tensors as the
-one-process checkpoint it was resharded from."""
+"""Export reads a checkpoint saved under any layout: a D, X or H model re-saved under TP=2 x PP=2
+exports the same tensors as the one-process checkpoint it came from, and verifies (Llava for D,
+the remote-code model for X and H)."""
 import os
 import subprocess
 import sys
@@ -7,36 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import random_checkpoint, tiny_config, write_dataset_tokenizer
-from safetensors import safe_open
+from hf_helpers import design_config, hf_tensors, random_checkpoint, write_dataset_tokenizer
 
 from mmpretrain.hf.export import export
 from mmpretrain.hf.verify import verify
 
 HERE = Path(__file__).parent
+# X/H under pipeline parallelism size the image context sent between stages by data.max_patches.
+LAYOUT = "parallel.tp=2,parallel.pp=2,data.max_patches=256"
 
 
-def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in directory.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-@pytest.mark.skipif(not hasattr(__import__("mmpretrain.model.build", fromlist=["x"]),
-                                "build_model_chunks"), reason="pipeline parallelism not built")
-def test_export_from_tp2_pp2_equals_export_from_tp1(tmp_path):
+@pytest.mark.parametrize("design", ["d", "x", "h"])
+def test_export_from_tp2_pp2_equals_export_from_tp1(tmp_path, design):
     from mmpretrain.parallel import init_distributed
 
     init_distributed(1, 1, None, seed=1234)
     tok = write_dataset_tokenizer(tmp_path / "data")
-    cfg = tiny_config(tmp_path / "data")
+    cfg = design_config(tmp_path / "data", design, tiles=design == "h")
     source = random_checkpoint(tmp_path / "tp1", cfg, tok)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            str(HERE / "hf_parallel_worker.py"), str(tmp_path / "tp1" / "config.yaml"), str(source),
-           str(tmp_path / "tp2pp2")]
+           str(tmp_path / "tp2pp2"), LAYOUT]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     export(source, tmp_path / "hf_tp1")
@@ -44,6 +37,8 @@ def test_export_from_tp2_pp2_equals_export_from_tp1(tmp_path):
     assert resharded.name == "step_00000001"
     a, b = hf_tensors(tmp_path / "hf_tp1"), hf_tensors(tmp_path / "hf_tp2pp2")
     assert a.keys() == b.keys()
+    if design != "d":
+        assert any(".cross_attn_attn_gate" in k for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert max(verify(resharded, tmp_path / "hf_tp2pp2", tol=1e-4).values()) < 1e-4

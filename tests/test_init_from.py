@@ -22,10 +22,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 SMALL = ["data.seq_length=128", "data.image_token_budget=16", "data.micro_batch_size=2",
          "train.global_batch_size=4", "logging.every=1", "train.warmup_steps=2"]
 STAGE1 = ["train.steps=3", "model.train_only_cross_attention=true"]
-# Stage 2's gates at the base lr: with a multiplier their optimizer group has the same megatron
-# key (wd_mult, lr_mult, ...) as the no-weight-decay group, and resuming the run's own checkpoint
-# fails ("loaded state dict contains a parameter group that doesn't match the size"), a bug of
-# train/optim.py's override, outside what this file tests.
+# Stage 2 at lr 0 with the gates at the base lr: its weights stay stage 1's, so the saved tensors
+# can be compared exactly (a gate lr multiplier resumes too: tests/test_resume_exact.py).
 STAGE2 = ["train.seed=99", "train.lr=0", "train.min_lr=0", "vision.freeze=true",
           "model.cross_attention_gate_lr_mult=1"]
 
