@@ -24,7 +24,7 @@ class PackedBatch:
     tokens: torch.Tensor  # [b, s] int64
     labels: torch.Tensor  # [b, s] int64, the next token within the same sample (0 elsewhere)
     loss_mask: torch.Tensor  # [b, s] float32, 1 where labels[i] is a text token of the same sample
-    position_ids: torch.Tensor  # [b, s] int64, restarting at 0 for each sample
+    position_ids: torch.Tensor  # [b, s] int64, restarting at 0 for each sample and the padding
     sample_ids: torch.Tensor  # [b, s] int64, sample index within the row, -1 on padding
     patches: torch.Tensor  # [n_patches, 3*p*p] float32, all images back to back
     image_sizes: torch.Tensor  # [n_images, 2] int64 patch grid (rows, cols), in placeholder order
@@ -69,6 +69,16 @@ class PackedBatch:
         same = sid[:, :, None] == sid[:, None, :]  # [b, s, s]
         causal = torch.ones(s, s, dtype=torch.bool, device=sid.device).tril()
         return ~(same & causal)[:, None]
+
+    def decoder_seqlens(self) -> torch.Tensor:
+        """[n_runs] lengths of the runs of one sample (the padding of a row is one more run), row
+        after row: the thd description of the decoder stream [b*s] that `decoder_attention_mask`
+        describes densely (a token sees the earlier tokens of its own run)."""
+        sid = self.sample_ids
+        starts = torch.ones_like(sid, dtype=torch.bool)  # [b, s]
+        starts[:, 1:] = sid[:, 1:] != sid[:, :-1]
+        at = starts.flatten().nonzero()[:, 0]  # [n_runs] first token of each run
+        return torch.diff(at, append=at.new_tensor([sid.numel()]))
 
     def cross_attention_mask(self, cross: torch.Tensor, merge: int = 1) -> torch.Tensor:
         """[b, 1, s, k] bool, True where a token may NOT attend to an image token (X/H designs).
@@ -153,6 +163,7 @@ def pack_rows(rows: list[list[TokenSequence]], seq_len: int, pad_id: int) -> Pac
                 sizes.append((img.rows, img.cols))
                 tiles.append(img.tile)
             at += n
+        position_ids[r, at:] = torch.arange(seq_len - at)  # the padding is one more run
     return PackedBatch(
         tokens, labels, loss_mask, position_ids, sample_ids, encoder_stream(patches),
         torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),

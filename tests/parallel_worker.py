@@ -35,6 +35,16 @@ def batch_to(b: PackedBatch) -> dict:
     return {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
 
 
+def merge_rows(batches: list[PackedBatch]) -> PackedBatch:
+    """Micro-batches of one row each -> one micro-batch of their rows (images in row order)."""
+    seq_len = batches[0].tokens.shape[1]
+    anchors = [torch.where(b.image_anchors >= 0, b.image_anchors + r * seq_len, b.image_anchors)
+               for r, b in enumerate(batches)]
+    fields = {f.name: torch.cat([getattr(b, f.name) for b in batches])
+              for f in dataclasses.fields(PackedBatch)}
+    return PackedBatch(**{**fields, "image_anchors": torch.cat(anchors)})
+
+
 def unshard_dp_grads(ddps) -> None:
     """With the distributed optimizer each data-parallel rank holds only its reduced shard of a
     bucket's gradients: gather the shards so every rank sees the whole reduced gradient."""
@@ -61,8 +71,9 @@ def run_layout(cfg, ref: dict) -> dict:
 
     losses = []
     for step, global_batch in enumerate(ref["batches"]):
-        n = len(global_batch) // dp
-        mine = [batch_from(d) for d in global_batch[dp_rank * n:(dp_rank + 1) * n]]
+        n, mbs = len(global_batch) // dp, cfg.data.micro_batch_size  # the reference's are rows
+        rows = [batch_from(d) for d in global_batch[dp_rank * n:(dp_rank + 1) * n]]
+        mine = [merge_rows(rows[i:i + mbs]) for i in range(0, n, mbs)]
         loss, *_ = train_step(ddps, optimizer, mine, cfg.data.seq_length,
                               after_backward=capture if step == 0 else None)
         scheduler.step(1)

@@ -34,6 +34,7 @@ MODEL = ["vision.hidden_size=32", "vision.ffn_hidden_size=64", "vision.num_layer
          "data.seq_length=128", "data.micro_batch_size=1", "data.image_token_budget=16",
          f"train.global_batch_size={MICRO}", "train.steps=10", "train.warmup_steps=1",
          "train.lr=1e-3", "train.precision=fp32"]
+THD = ["model.packed_attention=thd", "data.micro_batch_size=2", "data.max_patches=128"]
 LAYOUTS = {  # name: (world size, settings)
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
@@ -45,6 +46,12 @@ LAYOUTS = {  # name: (world size, settings)
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # The decoder's samples as thd packed sequences, micro-batches of two rows: [2s, 1, h] between
+    # stages (X/H: with the image context of both rows). Reference: the dense mask, rows alone.
+    "tp2_sp_thd": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", *THD]),
+    "pp2_vpp2_thd": (2, ["parallel.pp=2", "parallel.vpp=2", *THD]),
+    "tp2_pp2_sp_thd": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                           *THD]),
 }
 
 

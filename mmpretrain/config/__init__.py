@@ -6,9 +6,15 @@ checks. The resolved tree is written to the run directory as `config.yaml`.
 
     tree.py    the sections (dataclasses) and ConfigError
     parse.py   load / from_dict / apply_override / dump
-    checks.py  validate, check_trainable, cross_attention_positions
+    checks.py  validate, check_trainable, layer_spec_name, decoder_thd, cross_attention_positions
 """
-from mmpretrain.config.checks import check_trainable, cross_attention_positions, validate
+from mmpretrain.config.checks import (
+    check_trainable,
+    cross_attention_positions,
+    decoder_thd,
+    layer_spec_name,
+    validate,
+)
 from mmpretrain.config.parse import apply_override, dump, from_dict, load, to_dict
 from mmpretrain.config.tree import (
     CheckpointConfig,
@@ -28,6 +34,6 @@ from mmpretrain.config.tree import (
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "DecoderConfig",
     "LoggingConfig", "ModelConfig", "ParallelConfig", "ProjectorConfig", "TrainConfig",
-    "VisionConfig", "apply_override", "check_trainable", "cross_attention_positions", "dump",
-    "from_dict", "load", "to_dict", "validate",
+    "VisionConfig", "apply_override", "check_trainable", "cross_attention_positions",
+    "decoder_thd", "dump", "from_dict", "layer_spec_name", "load", "to_dict", "validate",
 ]

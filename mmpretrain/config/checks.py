@@ -6,12 +6,49 @@ from mmpretrain.config.tree import Config, ConfigError
 
 
 def check_trainable(cfg: Config) -> None:
-    """Settings a config may hold (`mmpretrain plan` models them) that training cannot run yet."""
-    if cfg.train.fp8 is not None:
-        raise ConfigError(
-            f"train.fp8: {cfg.train.fp8!r} needs the Transformer Engine layer spec, which this "
-            "version does not have (model.spec is 'local' only; issue 9): set train.fp8: null "
-            "(`mmpretrain plan` still shows what FP8 would give)")
+    """Settings a config may hold (`mmpretrain plan` models them) that cannot run here: the TE
+    spec without Transformer Engine or CUDA, FP8 without it or on a GPU without FP8."""
+    spec = layer_spec_name(cfg)
+    decoder_thd(cfg, spec)
+    if cfg.train.fp8 is None:
+        return
+    if spec != "te":
+        raise ConfigError(f"train.fp8: {cfg.train.fp8!r} runs on Transformer Engine layers "
+                          f"(model.spec te), and this run has the {spec} spec: {_te_reason()}")
+    from mmpretrain.model.te_specs import fp8_unavailable
+
+    reason = fp8_unavailable(cfg.train.fp8_recipe)
+    if reason:
+        raise ConfigError(f"train.fp8_recipe: {cfg.train.fp8_recipe!r} cannot run here: {reason}")
+
+
+def _te_reason() -> str:
+    from mmpretrain.model.te_specs import te_unavailable
+
+    return te_unavailable() or "Transformer Engine is available (set model.spec: te or auto)"
+
+
+def layer_spec_name(cfg: Config) -> str:
+    """'te' or 'local': model.spec, with 'auto' resolved on this machine."""
+    from mmpretrain.model.te_specs import te_unavailable
+
+    spec = cfg.model.spec
+    if spec == "local":
+        return spec
+    reason = te_unavailable()
+    if spec == "te" and reason:
+        raise ConfigError(f"model.spec: 'te' needs Transformer Engine on CUDA: {reason} "
+                          "(model.spec: local runs anywhere)")
+    return "local" if reason else "te"
+
+
+def decoder_thd(cfg: Config, spec: str) -> bool:
+    """Whether the decoder's packed samples attend as thd sequences (else a dense mask)."""
+    mode = cfg.model.packed_attention
+    if mode == "mask" and spec == "te":
+        raise ConfigError("model.packed_attention: 'mask' needs model.spec local (Transformer "
+                          "Engine's attention takes thd packed sequences)")
+    return mode == "thd" or (mode == "auto" and spec == "te")
 
 
 def validate(cfg: Config) -> None:
@@ -42,6 +79,9 @@ def validate(cfg: Config) -> None:
     if d.num_attention_heads % d.num_query_groups:
         raise ConfigError(f"decoder.num_attention_heads {d.num_attention_heads} is not divisible by "
                           f"decoder.num_query_groups {d.num_query_groups}")
+    if cfg.train.fp8 is not None and cfg.data.seq_length % 16:
+        raise ConfigError(f"data.seq_length {cfg.data.seq_length} must be a multiple of 16 for FP8 "
+                          "(train.fp8): FP8 GEMMs take token counts in multiples of 16")
     if cfg.data.image_token_budget < cfg.projector.merge ** 2:
         raise ConfigError("data.image_token_budget is smaller than one merged token")
     _validate_data(cfg)

@@ -23,8 +23,12 @@ class ModelConfig:
     """x/h: learning-rate multiplier of the tanh gates (at the base lr they open slowly from 0)."""
     init_std: float = 0.02
     """Standard deviation of the normal init of all weight matrices."""
-    spec: Literal["local"] = "local"
-    """Layer implementation: 'local' (megatron-core modules, CPU and GPU)."""
+    spec: Literal["auto", "local", "te"] = "auto"
+    """Layers: 'te' (Transformer Engine: fused norm+linear, flash/cuDNN attention, FP8; CUDA),
+    'local' (megatron-core modules, any device), 'auto' (te where it imports and CUDA is present)."""
+    packed_attention: Literal["auto", "thd", "mask"] = "auto"
+    """How the decoder keeps packed samples apart: 'thd' (PackedSeqParams cu_seqlens), 'mask' (a
+    dense block-diagonal causal mask; local spec only), 'auto' (thd with te, mask with local)."""
 
 
 @dataclass
@@ -45,6 +49,8 @@ class VisionConfig:
     """Epsilon of the encoder's RMSNorms."""
     freeze: bool = False
     """Keep the vision encoder's weights fixed."""
+    fp8: bool = False
+    """With train.fp8: the encoder's linear layers in FP8 too (its patch stream padded to 16)."""
 
 
 @dataclass
@@ -159,7 +165,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core only) or full (each layer's input kept)."""
     fp8: Literal["hybrid", "e4m3"] | None = None
-    """FP8 recipe of the linear layers (Transformer Engine, H100 and newer); null for bf16."""
+    """FP8 format of the decoder's linear layers (Transformer Engine, H100 and newer); null: bf16."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
+    """FP8 scaling: 'delayed' (amax history), 'tensorwise' (current scaling), 'mxfp8' (B200)."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 TP=1/PP=1 and load the weights (a dist checkpoint reshards from any saved layout)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,10 +53,12 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None) -> TextToken
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer):
     """The model of `cfg` in one process, in eval mode (megatron initialised here): on CPU, or on
-    the GPU when one is present (megatron's layers then allocate there)."""
+    the GPU when one is present (megatron's layers then allocate there). Always the local spec
+    without FP8: the reference that exports and evaluations compare with."""
     from mmpretrain.model.build import build_model
     from mmpretrain.parallel import cuda_to_cpu, init_distributed
 
+    cfg = replace(cfg, model=replace(cfg.model, spec="local"), train=replace(cfg.train, fp8=None))
     init_distributed(seed=cfg.train.seed)
     with cuda_to_cpu():
         model = build_model(cfg, tok.vocab_size, tok.img_id)

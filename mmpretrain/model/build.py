@@ -6,12 +6,13 @@ import math
 import torch
 from megatron.core import parallel_state as ps
 
-from mmpretrain.config import Config, cross_attention_positions
+from mmpretrain.config import Config, cross_attention_positions, decoder_thd, layer_spec_name
 from mmpretrain.model.decoder import LanguageDecoder
 from mmpretrain.model.nvlm import NVLMDecoderOnly
 from mmpretrain.model.nvlm_x import NVLMCrossAttention
 from mmpretrain.model.projector import Projector
-from mmpretrain.model.specs import transformer_config
+from mmpretrain.model.specs import LayerSpecs, layer_specs, transformer_config
+from mmpretrain.model.te_specs import fp8_settings
 from mmpretrain.model.vision import VisionEncoder
 
 
@@ -41,43 +42,48 @@ def _configs(cfg: Config):
     p, v, d = cfg.parallel, cfg.vision, cfg.decoder
     common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu,
                   recompute=cfg.train.recompute)
+    fp8 = fp8_settings(cfg.train.fp8, cfg.train.fp8_recipe)
     # The encoder runs whole on the first pipeline stage: to megatron it is a 1-stage model.
     vcfg = transformer_config(
         num_layers=v.num_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size, norm_eps=v.norm_eps, pp=1, rotary_interleaved=True,
-        **common)
+        fp8=fp8 if v.fp8 else None, **common)
     dcfg = transformer_config(
         num_layers=d.num_layers, hidden_size=d.hidden_size, num_attention_heads=d.num_attention_heads,
         num_query_groups=d.num_query_groups, ffn_hidden_size=d.ffn_hidden_size, norm_eps=d.norm_eps,
         pp=p.pp, vpp=p.vpp, first_stage_layers=p.first_stage_decoder_layers,
-        sequence_parallel=p.sequence_parallel, **common)
+        sequence_parallel=p.sequence_parallel, fp8=fp8, **common)
     return vcfg, dcfg
 
 
 def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
-                vp_stage: int | None) -> NVLMDecoderOnly:
+                vp_stage: int | None, specs: LayerSpecs) -> NVLMDecoderOnly:
     """The model chunk of this pipeline rank for virtual stage `vp_stage`."""
     first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     v, d = cfg.vision, cfg.decoder
     vision = projector = None
     if first:
-        vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta)
+        vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta, specs,
+                               pad_to=16 if vcfg.fp8 else 1)
         hidden = cfg.projector.hidden_size or d.hidden_size
         projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
     design = cfg.model.design
     cross = tuple(cross_attention_positions(cfg)) if design in ("x", "h") else ()
     decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, cfg.parallel.tp),
-                              cfg.data.seq_length, d.rope_theta, first, last, vp_stage, cross)
+                              cfg.data.seq_length, d.rope_theta, first, last, vp_stage, cross,
+                              specs)
     set_frozen(vision, v.freeze)
     set_frozen(projector, cfg.projector.freeze)
     set_frozen(decoder, d.freeze)
     if cfg.model.train_only_cross_attention:
         freeze_all_but_cross_attention(vision, projector, decoder)
+    thd = decoder_thd(cfg, specs.name)
     if design == "d":
-        return NVLMDecoderOnly(vision, projector, decoder, image_token_id)
+        return NVLMDecoderOnly(vision, projector, decoder, image_token_id, thd)
     return NVLMCrossAttention(vision, projector, decoder, image_token_id, design,
-                              cfg.projector.merge, cfg.data.max_patches // cfg.projector.merge ** 2)
+                              cfg.projector.merge, cfg.data.max_patches // cfg.projector.merge ** 2,
+                              thd)
 
 
 def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) -> None:
@@ -92,10 +98,11 @@ def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) 
 def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:
     """This rank's model chunks (one per virtual pipeline stage), on the current device."""
     vcfg, dcfg = _configs(cfg)
+    specs = layer_specs(layer_spec_name(cfg))
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     chunks = []
     for vp_stage in stages:
-        chunk = build_chunk(cfg, vocab_size, image_token_id, vcfg, dcfg, vp_stage)
+        chunk = build_chunk(cfg, vocab_size, image_token_id, vcfg, dcfg, vp_stage, specs)
         # megatron's torch-norm fallback makes fp32 weights; the mixed-precision optimizer expects
         # every parameter in the model dtype (megatron's own trainer casts through Float16Module).
         chunk.to(dcfg.params_dtype)

@@ -21,13 +21,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mmpretrain.model.specs import decoder_layer_spec
+from mmpretrain.model.packed_attention import from_thd, to_thd
+from mmpretrain.model.specs import LayerSpecs
 
 
-def _norm(config: TransformerConfig):
-    """The decoder's own RMSNorm module type, for the same sequence-parallel handling."""
-    spec = decoder_layer_spec().submodules.input_layernorm
-    return build_module(spec, config=config, hidden_size=config.hidden_size,
+def _norm(config: TransformerConfig, specs: LayerSpecs):
+    """The decoder's own RMSNorm module, for the same sequence-parallel handling."""
+    return build_module(specs.norm, config=config, hidden_size=config.hidden_size,
                         eps=config.layernorm_epsilon)
 
 
@@ -68,25 +68,25 @@ def attend_or_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class GatedCrossAttentionLayer(MegatronModule):
     """One gated cross-attention layer; the images and mask come with each call."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, specs: LayerSpecs):
         super().__init__(config)
         h, d = config.hidden_size, config.kv_channels
         self.n_heads, self.n_groups = config.num_attention_heads, config.num_query_groups
+        column, row = specs.column_linear, specs.row_linear
         linear = dict(config=config, init_method=config.init_method, bias=False,
-                      gather_output=False)
+                      gather_output=False, skip_bias_add=False, is_expert=False)
         # The image stream is not sequence-split: its projections must not gather along s.
         image_cfg = dataclasses.replace(config, sequence_parallel=False)
         image_linear = {**linear, "config": image_cfg}
-        self.input_layernorm = _norm(config)
-        self.linear_q = tensor_parallel.ColumnParallelLinear(h, self.n_heads * d, **linear)
-        self.linear_k = tensor_parallel.ColumnParallelLinear(h, self.n_groups * d, **image_linear)
-        self.linear_v = tensor_parallel.ColumnParallelLinear(h, self.n_groups * d, **image_linear)
-        self.linear_proj = tensor_parallel.RowParallelLinear(
-            self.n_heads * d, h, config=config, init_method=config.output_layer_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=True)
-        self.pre_mlp_layernorm = _norm(config)
-        self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
-                                             linear_fc2=tensor_parallel.RowParallelLinear))
+        self.input_layernorm = _norm(config, specs)
+        self.linear_q = column(h, self.n_heads * d, **linear)
+        self.linear_k = column(h, self.n_groups * d, **image_linear)
+        self.linear_v = column(h, self.n_groups * d, **image_linear)
+        self.linear_proj = row(self.n_heads * d, h, config=config,
+                               init_method=config.output_layer_init_method, bias=False,
+                               input_is_parallel=True, skip_bias_add=True, is_expert=False)
+        self.pre_mlp_layernorm = _norm(config, specs)
+        self.mlp = MLP(config, MLPSubmodules(linear_fc1=column, linear_fc2=row))
         # Queries and keys normalised per head (as Mllama does): the attention logits start at a
         # useful scale whatever the image embeddings' scale, so the layer learns to look early.
         self.q_norm = HeadRMSNorm(config.kv_channels, config.layernorm_epsilon, config.params_dtype)
@@ -94,38 +94,43 @@ class GatedCrossAttentionLayer(MegatronModule):
         self.cross_attn_attn_gate = _gate(config)
         self.cross_attn_mlp_gate = _gate(config)
     def attend(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-attention output before its gate: x [s(/tp), b, h], images [kr, b, h] (each
-        row's own keys), mask [b, 1, s, kr] -> [s(/tp), b, h]."""
+        """Cross-attention output before its gate: x [s(/tp), b, h] or, thd, [b*s(/tp), 1, h],
+        images [kr, b, h] (each row's own keys), mask [b, 1, s, kr] -> the shape of x."""
         if images.shape[0] == 0:  # no image in the micro-batch: nothing to attend to
             return torch.zeros_like(x)
-        d = self.config.kv_channels
+        d, (b, _, s, kr) = self.config.kv_channels, mask.shape
         q, _ = self.linear_q(x)  # [s, b, nh/tp * d] (gathered along s under SP)
         k, _ = self.linear_k(images)  # [kr, b, ng/tp * d]
         v, _ = self.linear_v(images)  # [kr, b, ng/tp * d]
-        s, b, kr = q.shape[0], q.shape[1], k.shape[0]
-        q = q.view(s, b, -1, d).permute(1, 2, 0, 3)  # [b, nh/tp, s, d]
+        thd = q.shape[1] != b  # (with b == 1 the two layouts are the same)
+        q = from_thd(q, b) if thd else q  # [s, b, nh/tp * d]
+        q = q.reshape(s, b, -1, d).permute(1, 2, 0, 3)  # [b, nh/tp, s, d]
         k = k.view(kr, b, -1, d).permute(1, 2, 0, 3)  # [b, ng/tp, kr, d]
         v = v.view(kr, b, -1, d).permute(1, 2, 0, 3)
         q, k = self.q_norm(q), self.k_norm(k)
         ctx = attend_or_zero(q.float(), k.float(), v.float(), mask).to(v.dtype)  # [b, nh, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nh/tp * d]
-        out, _ = self.linear_proj(ctx)  # [s(/tp), b, h]
+        out, _ = self.linear_proj(to_thd(ctx) if thd else ctx)  # the shape of x
         return out
 
-    def has_image(self, mask: torch.Tensor) -> torch.Tensor:
-        """[s(/tp), b, 1] 1.0 where a token sees at least one image (this rank's share of s)."""
+    def has_image(self, mask: torch.Tensor, thd: bool) -> torch.Tensor:
+        """[s(/tp), b, 1] (thd: [b*s(/tp), 1, 1]) 1.0 where a token sees at least one image (this
+        rank's share of the stream)."""
         rows = (~mask[:, 0]).any(dim=-1).t()[..., None].to(self.config.params_dtype)  # [s, b, 1]
+        rows = to_thd(rows) if thd else rows
         if self.config.sequence_parallel:
             rows = tensor_parallel.scatter_to_sequence_parallel_region(rows)
         return rows
 
     def forward(self, hidden: torch.Tensor, images: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """hidden [s(/tp), b, h], images [kr, b, h], mask [b, 1, s, kr] (see
-        `PackedBatch.cross_attention_rows`) -> [s(/tp), b, h]; the identity without images."""
+        """hidden [s(/tp), b, h] (thd: [b*s(/tp), 1, h]), images [kr, b, h], mask [b, 1, s, kr]
+        (see `PackedBatch.cross_attention_rows`) -> the shape of hidden; the identity without
+        images."""
         if images is None:
             return hidden
         attn = self.attend(self.input_layernorm(hidden), images, mask)
         hidden = hidden + torch.tanh(self.cross_attn_attn_gate) * attn
         mlp, _ = self.mlp(self.pre_mlp_layernorm(hidden))  # [s(/tp), b, h]
-        return hidden + torch.tanh(self.cross_attn_mlp_gate) * self.has_image(mask) * mlp
+        thd = hidden.shape[1] != mask.shape[0]
+        return hidden + torch.tanh(self.cross_attn_mlp_gate) * self.has_image(mask, thd) * mlp

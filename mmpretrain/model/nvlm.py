@@ -7,6 +7,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from mmpretrain.data.packing import PackedBatch
 from mmpretrain.model.decoder import LanguageDecoder
+from mmpretrain.model.packed_attention import packed_seq_params
 from mmpretrain.model.projector import Projector
 from mmpretrain.model.vision import VisionEncoder
 
@@ -19,11 +20,12 @@ class NVLMDecoderOnly(MegatronModule):
     """
 
     def __init__(self, vision: VisionEncoder | None, projector: Projector | None,
-                 language_model: LanguageDecoder, image_token_id: int):
+                 language_model: LanguageDecoder, image_token_id: int, thd: bool = True):
         super().__init__(language_model.config)  # the schedules read the decoder's config
         self.vision, self.projector, self.language_model = vision, projector, language_model
         self.pre_process = language_model.pre_process
         self.image_token_id = image_token_id
+        self.thd = thd  # the decoder's samples as thd packed sequences (else a dense mask)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
 
@@ -33,10 +35,18 @@ class NVLMDecoderOnly(MegatronModule):
             input_tensor = input_tensor[0]
         self.language_model.block.set_input_tensor(input_tensor)
 
-    def pipeline_seq_length(self, seq_len: int, micro_batch_size: int) -> int:
-        """Rows of the tensor sent between pipeline stages (before megatron's division by tp under
-        sequence parallel): the hidden states only."""
-        return seq_len
+    def pipeline_shape(self, seq_len: int, micro_batch_size: int) -> tuple[int, int]:
+        """(rows, columns) of the hidden states sent between pipeline stages, before megatron's
+        division of the rows by tp under sequence parallel: [s, b] or, thd, [b*s, 1]."""
+        return (seq_len * micro_batch_size, 1) if self.thd else (seq_len, micro_batch_size)
+
+    def packing(self, batch: PackedBatch) -> dict:
+        """How the decoder keeps packed samples apart: thd packed sequences or the dense mask."""
+        if self.thd:
+            return {"attention_mask": None,
+                    "packed_seq_params": packed_seq_params(batch.decoder_seqlens())}
+        return {"attention_mask": batch.decoder_attention_mask(),  # [b, 1, s, s]
+                "packed_seq_params": None}
 
     def image_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """All images of the micro-batch as one stream -> [n_image_tokens, h_decoder]."""
@@ -58,10 +68,10 @@ class NVLMDecoderOnly(MegatronModule):
     def forward(self, batch: PackedBatch, with_loss: bool = True) -> torch.Tensor:
         """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
         stage; hidden states on a stage before it."""
-        mask = batch.decoder_attention_mask()  # [b, 1, s, s]
         embeddings = self.embed(batch) if self.pre_process else None
-        return self.language_model(embeddings, batch.position_ids, mask,
-                                   batch.labels if with_loss else None)
+        return self.language_model(embeddings, batch.position_ids,
+                                   labels=batch.labels if with_loss else None,
+                                   **self.packing(batch))
 
 
 def place_images(emb: torch.Tensor, slots: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

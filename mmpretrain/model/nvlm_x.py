@@ -28,8 +28,8 @@ class NVLMCrossAttention(NVLMDecoderOnly):
 
     def __init__(self, vision: VisionEncoder | None, projector: Projector | None,
                  language_model: LanguageDecoder, image_token_id: int, design: str, merge: int,
-                 context_capacity: int = 0):
-        super().__init__(vision, projector, language_model, image_token_id)
+                 context_capacity: int = 0, thd: bool = True):
+        super().__init__(vision, projector, language_model, image_token_id, thd)
         self.design, self.merge, self.context_capacity = design, merge, context_capacity
         self.pipelined = self.config.pipeline_model_parallel_size > 1
         if self.pipelined and context_capacity <= 0:
@@ -38,16 +38,19 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         self.received: torch.Tensor | None = None
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline hook: [s(/tp) + m, b, h], the previous stage's hidden states and context rows."""
+        """Pipeline hook: the previous stage's hidden states and context rows, [s(/tp) + m, b, h]
+        (thd: [b*s(/tp) + m, 1, h])."""
         self.received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
-    def pipeline_seq_length(self, seq_len: int, micro_batch_size: int) -> int:
-        """Rows of the tensor sent between stages, before megatron divides them by tp under
-        sequence parallel: the hidden states and the context rows (full on every TP rank)."""
+    def pipeline_shape(self, seq_len: int, micro_batch_size: int) -> tuple[int, int]:
+        """(rows, columns) of the tensor sent between stages, before megatron divides the rows by
+        tp under sequence parallel: the hidden states and the context rows (full on every TP
+        rank)."""
+        rows, cols = super().pipeline_shape(seq_len, micro_batch_size)
         if not self.pipelined:
-            return seq_len
+            return rows, cols
         tp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        return seq_len + context_rows(self.context_capacity, micro_batch_size) * tp
+        return rows + context_rows(self.context_capacity, cols) * tp, cols
 
     def in_stream(self, batch: PackedBatch) -> torch.Tensor:
         """[n_images] bool: images placed in the token stream (H's thumbnails), not cross-attended."""
@@ -75,7 +78,8 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         return emb, images[~token_in_stream]
 
     def received_parts(self, n_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The received tensor split: (hidden [s(/tp), b, h], context [n, h], its rows [m, b, h])."""
+        """The received tensor split: (hidden [s(/tp), b, h], context [n, h], its rows [m, b, h])
+        (thd: [b*s(/tp), 1, h] and [m, 1, h])."""
         rows = context_rows(self.context_capacity, self.received.shape[1])
         s_local = self.received.shape[0] - rows
         carried = self.received[s_local:]
@@ -95,10 +99,11 @@ class NVLMCrossAttention(NVLMDecoderOnly):
             self.language_model.block.set_input_tensor(received)
             hidden = None
         keys = context[index].transpose(0, 1)  # [kr, b, h]: each row's own images
-        out = self.language_model(hidden, batch.position_ids, batch.decoder_attention_mask(),
-                                  batch.labels if with_loss else None, keys, mask)
+        out = self.language_model(hidden, batch.position_ids,
+                                  labels=batch.labels if with_loss else None, context=keys,
+                                  context_mask=mask, **self.packing(batch))
         if self.language_model.post_process:
             return out
         if carried is None:
-            carried = pack_context(context, self.context_capacity, batch.tokens.shape[0])
-        return torch.cat([out, carried.to(out.dtype)])  # [s(/tp) + m, b, h]
+            carried = pack_context(context, self.context_capacity, out.shape[1])
+        return torch.cat([out, carried.to(out.dtype)])  # [s(/tp) + m, b, h] (thd: [.., 1, h])

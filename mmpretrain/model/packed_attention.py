@@ -26,6 +26,16 @@ def packed_seq_params(lengths: torch.Tensor) -> PackedSeqParams:
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
+def to_thd(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, ...] -> megatron's thd layout [b*s, 1, ...]: row after row."""
+    return x.transpose(0, 1).reshape(-1, 1, *x.shape[2:])
+
+
+def from_thd(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[b*s, 1, ...] -> [s, b, ...], the inverse of `to_thd`."""
+    return x.reshape(b, -1, *x.shape[2:]).transpose(0, 1)
+
+
 def padded_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(index [n_seq, L] into the packed tokens (0 at padding), valid [n_seq, L] bool)."""
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()

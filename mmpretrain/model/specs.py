@@ -1,16 +1,20 @@
-"""Transformer configs and layer specs for the encoder and decoder (local megatron-core spec)."""
+"""Transformer configs and layer specs for the encoder and decoder: megatron-core's local modules
+(CPU and GPU) or Transformer Engine's (GPU, FP8; `te_specs`), one `LayerSpecs` per model."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmpretrain.model.packed_attention import PackedDotProductAttention
+from mmpretrain.model.te_specs import te_decoder_layer_spec, te_modules, te_vision_layer_spec
 
 
 def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
@@ -18,10 +22,11 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
                        tp: int, pp: int, vpp: int | None = None,
                        first_stage_layers: int | None = None, num_query_groups: int | None = None,
                        sequence_parallel: bool = False, rotary_interleaved: bool = False,
-                       on_gpu: bool = False, recompute: str = "none") -> TransformerConfig:
+                       on_gpu: bool = False, recompute: str = "none",
+                       fp8: dict | None = None) -> TransformerConfig:
     """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use.
     `recompute`: 'selective' recomputes the attention core in backward, 'full' each layer (only
-    its input is kept), 'none' keeps all activations."""
+    its input is kept), 'none' keeps all activations. `fp8`: `te_specs.fp8_settings` (TE only)."""
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
         num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
@@ -45,12 +50,16 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         recompute_granularity=None if recompute == "none" else recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        **(fp8 or {}),
     )
 
 
 def decoder_layer_spec() -> ModuleSpec:
-    """Decoder layer: causal self-attention (packing supplies a block-diagonal causal mask)."""
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    """Decoder layer: causal self-attention within each packed sample (thd packed sequences, or
+    a dense block-diagonal causal mask)."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def vision_layer_spec() -> ModuleSpec:
@@ -60,3 +69,31 @@ def vision_layer_spec() -> ModuleSpec:
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
+
+
+@dataclass(frozen=True)
+class LayerSpecs:
+    """The modules one model is built from: `local` or `te`."""
+    name: str
+    decoder_layer: ModuleSpec
+    """Decoder TransformerLayer (causal self-attention, SwiGLU MLP)."""
+    vision_layer: ModuleSpec
+    """Encoder TransformerLayer (bidirectional self-attention)."""
+    norm: type | ModuleSpec
+    """RMSNorm of layers built by hand (the cross-attention layers), for `build_module`."""
+    column_linear: type
+    """Column-parallel linear of layers built by hand."""
+    row_linear: type
+    """Row-parallel linear of layers built by hand."""
+
+
+def layer_specs(name: str = "local") -> LayerSpecs:
+    """'local': megatron-core modules, any device; 'te': Transformer Engine's (CUDA)."""
+    if name == "te":
+        norm, column, row = te_modules()
+        return LayerSpecs("te", te_decoder_layer_spec(), te_vision_layer_spec(), norm, column, row)
+    if name != "local":
+        raise ValueError(f"unknown layer spec {name!r} (local or te)")
+    decoder = decoder_layer_spec()
+    return LayerSpecs("local", decoder, vision_layer_spec(), decoder.submodules.input_layernorm,
+                      tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)

@@ -20,7 +20,7 @@ def layout_line(plan: Plan, cfg) -> str:
     vpp = f" x vpp {plan.vpp}" if plan.vpp else ""
     opts = [o for o, on in (("sequence parallel", p.sequence_parallel),
                             ("distributed optimizer", p.distributed_optimizer)) if on]
-    prec = f"fp8 {t.fp8} (needs the Transformer Engine spec: training refuses it until then)" \
+    prec = f"fp8 {t.fp8} ({t.fp8_recipe} scaling; Transformer Engine layers)" \
         if t.fp8 else ("fp32" if plan.num.param_bytes == 4 else "bf16")
     return (f"tp {plan.tp} x pp {plan.pp}{vpp} x dp {plan.dp}; {', '.join(opts) or 'no SP/ZeRO'}; "
             f"recompute {t.recompute}; {prec}; {plan.num.spec} spec")

@@ -48,13 +48,13 @@ def forward_backward(ddps: list, microbatches: list, seq_len: int, forward_only:
     """megatron's schedule (no pipelining, 1F1B or interleaved by the layout) over a step's
     micro-batches; every model chunk reads the same micro-batches in order."""
     iterators = [iter(microbatches) for _ in ddps]
-    mbs = microbatches[0].tokens.shape[0]
     chunk = getattr(ddps[0], "module", ddps[0])
+    rows, cols = chunk.pipeline_shape(seq_len, microbatches[0].tokens.shape[0])
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(ddps) > 1 else iterators[0], model=ddps,
-        num_microbatches=len(microbatches), seq_length=chunk.pipeline_seq_length(seq_len, mbs),
-        micro_batch_size=mbs, forward_only=forward_only)
+        num_microbatches=len(microbatches), seq_length=rows, micro_batch_size=cols,
+        forward_only=forward_only)
 
 
 def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_backward=None):
