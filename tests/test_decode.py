@@ -1,5 +1,6 @@
-"""Decoding: Pillow and DALI's CPU pipeline give identical pixels for every kind of image; bad
-images (empty, garbage, truncated, over the pixel limit) are refused with a reason."""
+"""Decoding: Pillow and DALI's CPU pipeline give identical pixels for every kind of image (DALI's
+GPU decoder within a stated tolerance, on a GPU); bad images (empty, garbage, truncated, over the
+pixel limit) are refused with a reason."""
 from __future__ import annotations
 
 import io
@@ -103,6 +104,24 @@ def test_alpha_is_composited_over_white():
 def test_dali_cpu_equals_pillow(name):
     dali, pillow = DaliDecoder(device_id=None), PillowDecoder()
     np.testing.assert_array_equal(decode_image(CASES[name], dali), decode_image(CASES[name], pillow))
+
+
+@needs_dali
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="DALI's mixed decoder needs a GPU")
+def test_dali_mixed_matches_cpu_decode():
+    """The GPU decoder (nvJPEG; PNG through DALI's own path) against the CPU pipeline: JPEG
+    IDCTs and chroma upsampling differ in rounding, so within 8 levels per pixel and 1.0 on
+    average; PNG is lossless, so exact."""
+    gpu, cpu = DaliDecoder(device_id=0), DaliDecoder(device_id=None)
+    for name, data in sorted(CASES.items()):
+        got, ref = decode_image(data, gpu), decode_image(data, cpu)
+        assert got.shape == ref.shape, name
+        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        if name.endswith("png"):
+            assert diff.max() == 0, name
+        else:
+            assert diff.max() <= 8 and diff.mean() <= 1.0, (name, diff.max(), diff.mean())
 
 
 @needs_dali

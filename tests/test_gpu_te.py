@@ -1,0 +1,99 @@
+"""Transformer Engine on a GPU (skipped elsewhere, with the reason): the TE spec against the local
+spec from the same weights, TE's thd attention against the local dense mask, and FP8 training
+against bf16 over 50 steps."""
+import re
+
+import pytest
+import torch
+from mmpretrain.data.packing import pack_rows
+from mmpretrain.parallel import destroy_distributed
+from mmpretrain.parallel.full_state import gather_full, load_full
+from test_cross_attention import SEQ, config, seq_h, seq_x, set_gates
+
+from mmpretrain.config import load
+from mmpretrain.dataset import make_loader
+from mmpretrain.model.build import build_model
+from mmpretrain.model.te_specs import fp8_unavailable, te_unavailable
+from mmpretrain.train.loop import setup
+from mmpretrain.train.step import train_step
+
+pytestmark = pytest.mark.skipif(te_unavailable() is not None,
+                                reason=f"needs Transformer Engine on CUDA: {te_unavailable()}")
+_FUSED_NORM = re.compile(r"(\.layers\.\d+\.)(input_layernorm|pre_mlp_layernorm)\.weight$")
+
+
+def te_name(local: str) -> str:
+    """A local-spec parameter name in the TE spec, whose layers fuse the norms into the linears."""
+    m = _FUSED_NORM.search(local)
+    if not m:
+        return local
+    fused = "self_attention.linear_qkv" if m.group(2) == "input_layernorm" else "mlp.linear_fc1"
+    return local[:m.start()] + f"{m.group(1)}{fused}.layer_norm_weight"
+
+
+def batch_of(design: str):
+    if design == "h":
+        seqs = [seq_h("hi", (2, 2), "yo", seed=1), seq_h("abc", "de"), seq_h("q", (2, 2), "z", seed=5)]
+    else:
+        seqs = [seq_x("hello", (2, 2), "there"), seq_x("abc", "de"), seq_x("", (4, 2), (2, 2), "xyz")]
+    return pack_rows([seqs[:2], seqs[2:]], SEQ, 0).to("cuda")
+
+
+def built(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg, vocab_size=160, image_token_id=4).eval()
+
+
+@pytest.mark.parametrize("local_packing", ["mask", "thd"])
+@pytest.mark.parametrize("design", ["x", "h"])
+@torch.no_grad()
+def test_te_spec_matches_local_spec(megatron_world, design, local_packing):
+    """bf16 logits of the TE spec (thd, flash/cuDNN attention, fused norm+linear) from the local
+    spec's weights, against the local spec: within 2% of the logits' range."""
+    cfg = config(design, spec="local", packed_attention=local_packing)
+    if design == "h":
+        cfg.data.resize = "tiles"
+    # head dims of 16 (flash attention and cuDNN take multiples of 8)
+    cfg.vision.hidden_size, cfg.vision.ffn_hidden_size = 64, 128
+    cfg.decoder.hidden_size, cfg.decoder.ffn_hidden_size = 128, 256
+    local = built(cfg)
+    set_gates(local, 0.5)
+    cfg.model.spec, cfg.model.packed_attention = "te", "thd"
+    te = built(cfg)
+    full = gather_full([local])
+    load_full([te], {te_name(k): v for k, v in full.items()})
+    batch = batch_of(design)
+    ref, got = local(batch, with_loss=False).float(), te(batch, with_loss=False).float()
+    keep = batch.sample_ids >= 0
+    err = (got - ref)[keep].abs().max() / ref[keep].abs().max()
+    assert err <= 2e-2, f"TE vs local ({local_packing}) logits differ by {err:.3%} of their range"
+
+
+def train_losses(base: list[str], steps: int) -> list[float]:
+    cfg = load(None, base)
+    _, tok, chunks, ddps, optimizer, scheduler = setup(cfg, world_size=1)
+    loader = iter(make_loader(cfg, "train", tok))
+    losses = []
+    for _ in range(steps):
+        loss, *_ = train_step(ddps, optimizer, [next(loader)], cfg.data.seq_length)
+        scheduler.step(1)
+        losses.append(loss)
+    destroy_distributed()
+    return losses
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_loss_tracks_bf16(small_dataset, recipe):
+    """50 steps of a 4-layer D model (hidden 256) in FP8 against bf16 from the same init and
+    batches: the mean loss of the last 10 steps within 2%, and both learned."""
+    if fp8_unavailable(recipe):
+        pytest.skip(fp8_unavailable(recipe))
+    base = [f"data.path={small_dataset}", "model.spec=te", "decoder.num_layers=4",
+            "decoder.hidden_size=256", "decoder.ffn_hidden_size=768", "vision.hidden_size=128",
+            "vision.ffn_hidden_size=256", "data.seq_length=256", "data.micro_batch_size=2",
+            "train.global_batch_size=2", "train.steps=50", "train.warmup_steps=5"]
+    bf16 = train_losses(base, 50)
+    fp8 = train_losses([*base, "train.fp8=hybrid", f"train.fp8_recipe={recipe}"], 50)
+    late_bf16, late_fp8 = sum(bf16[-10:]) / 10, sum(fp8[-10:]) / 10
+    assert late_bf16 < bf16[0] and late_fp8 < fp8[0]
+    assert abs(late_fp8 - late_bf16) <= 0.02 * late_bf16, (bf16, fp8)
