@@ -1,0 +1,56 @@
+"""The GPU step benchmark (benchmarks/gpu_step.py) in its smoke mode: it runs on any device, prints
+one table row per design x variant, and reports the variants this machine cannot run as skipped."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+HAS_TE = importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def run_smoke(*extra: str) -> dict[tuple[str, str], dict[str, str]]:
+    """Run `gpu_step.py --smoke`; the step table as {(design, variant): {column: cell}}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--dali-images", "4", *extra],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
+    columns = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    rows = [dict(zip(columns, (c.strip() for c in ln.strip().strip("|").split(" | "))))
+            for ln in lines[1:] if ln.count(" | ") == len(columns) - 1]
+    assert "Command: `" in out.stdout and "torch " in out.stdout
+    return {(r["design"], r["variant"]): r for r in rows}
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+def test_smoke_reports_every_design_and_skips_what_cannot_run():
+    rows = run_smoke()
+    for design in "DXH":
+        local = rows[(design, "local-fp32")]
+        assert local["status"] == "ok", local
+        assert number(local["tokens/s"]) > 0 and number(local["TFLOP/s"]) > 0, local
+        for variant in ("te-bf16", "te-fp8"):
+            status = rows[(design, variant)]["status"]
+            if not HAS_TE:  # no Transformer Engine or no CUDA: the config refuses it
+                assert status.startswith("skipped: ") and len(status) > len("skipped: ") + 10, status
+            else:
+                assert status == "ok" or status.startswith("skipped: "), status
+    assert len(rows) == 9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures MFU and peak memory on a GPU")
+def test_smoke_on_a_gpu_reports_mfu_and_peak_memory():
+    rows = run_smoke("--variants", "local-bf16,te-bf16", "--gpu", "h100")
+    for design in "DXH":
+        r = rows[(design, "local-bf16")]
+        assert r["status"] == "ok" and number(r["MFU"]) > 0 and number(r["peak mem (GiB)"]) > 0, r
