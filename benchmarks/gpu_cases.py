@@ -37,7 +37,7 @@ from mmpretrain.planner import params as P
 from mmpretrain.planner.flops import ModelFlops
 from mmpretrain.planner.plan import trainable_total
 from mmpretrain.planner.stages import stages_of
-from mmpretrain.planner.workload import Workload
+from mmpretrain.planner.workload import batch_workload
 
 VISION_300M = ["vision.num_layers=24", "vision.hidden_size=1024", "vision.num_attention_heads=16",
                "vision.ffn_hidden_size=2816", "vision.patch_size=16"]
@@ -180,23 +180,6 @@ def make_batches(cfg: Config, n: int, seed: int = 0) -> list:
 
 
 # ---------------------------------------------------------------- model FLOPs (the planner's)
-
-
-def batch_workload(cfg: Config, batch) -> Workload:
-    """The planner's Workload of a real micro-batch: projected and cross-attended image tokens,
-    each row's keys (padded to the row with the most), the encoder's padded per-image batch."""
-    m = cfg.projector.merge
-    tokens = (batch.image_sizes[:, 0] // m) * (batch.image_sizes[:, 1] // m)  # [n_images]
-    cross = width = 0
-    if cfg.model.design != "d":
-        in_stream = batch.image_tiles == THUMBNAIL if cfg.model.design == "h" else \
-            torch.zeros(len(tokens), dtype=torch.bool)
-        cross = int(tokens[~in_stream].sum())
-        width = batch.cross_attention_rows(~in_stream, m)[0].shape[1]
-    patches = batch.image_sizes[:, 0] * batch.image_sizes[:, 1]  # [n_images]
-    return Workload(cfg.data.seq_length, cfg.data.micro_batch_size, int(tokens.sum()),
-                    int(patches.sum()), len(patches), cross, width,
-                    len(patches) * int(patches.max()) if len(patches) else 0)
 
 
 def model_flops(cfg: Config, batch) -> float:

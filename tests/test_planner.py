@@ -18,7 +18,7 @@ from mmpretrain.planner.hardware import gpu
 from mmpretrain.planner.plan import make_plan
 from mmpretrain.planner.schedule import bubble_fraction, inflight_peak, step_time
 from mmpretrain.planner.stages import stage_params, stages, stages_of
-from mmpretrain.planner.workload import Numerics, Workload
+from mmpretrain.planner.workload import Numerics, Workload, batch_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2 ** 20
@@ -155,25 +155,6 @@ def _peak_step_bytes(step, tmp_path) -> int:
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-
-
-def batch_workload(cfg, batch) -> Workload:
-    """The planner's Workload of a real micro-batch: projected and cross-attended image tokens,
-    each row's keys (padded to the row with the most), the encoder's padded per-image batch."""
-    from mmpretrain.data.images import THUMBNAIL
-
-    m = cfg.projector.merge
-    tokens = (batch.image_sizes[:, 0] // m) * (batch.image_sizes[:, 1] // m)  # per image
-    cross = width = 0
-    if cfg.model.design != "d":
-        in_stream = batch.image_tiles == THUMBNAIL if cfg.model.design == "h" else \
-            torch.zeros(len(tokens), dtype=torch.bool)
-        cross = int(tokens[~in_stream].sum())
-        width = batch.cross_attention_rows(~in_stream, m)[0].shape[1]
-    patches = batch.image_sizes[:, 0] * batch.image_sizes[:, 1]
-    return Workload(cfg.data.seq_length, cfg.data.micro_batch_size, int(tokens.sum()),
-                    int(patches.sum()), len(patches), cross, width,
-                    len(patches) * int(patches.max()))
 
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))

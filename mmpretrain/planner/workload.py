@@ -140,3 +140,24 @@ class Numerics:
     def linear_input_bytes(self) -> int:
         """Bytes per element of what a linear layer keeps of its input (FP8: one byte)."""
         return 1 if self.fp8 else self.param_bytes
+
+
+def batch_workload(cfg: Config, batch) -> Workload:
+    """The planner's Workload of a real micro-batch: projected and cross-attended image tokens,
+    each row's keys (padded to the row with the most), the encoder's padded per-image batch."""
+    import torch
+
+    from mmpretrain.data.images import THUMBNAIL
+
+    m = cfg.projector.merge
+    tokens = (batch.image_sizes[:, 0] // m) * (batch.image_sizes[:, 1] // m)  # [n_images]
+    cross = width = 0
+    if cfg.model.design != "d":
+        in_stream = batch.image_tiles == THUMBNAIL if cfg.model.design == "h" else \
+            torch.zeros(len(tokens), dtype=torch.bool)
+        cross = int(tokens[~in_stream].sum())
+        width = batch.cross_attention_rows(~in_stream, m)[0].shape[1]
+    patches = batch.image_sizes[:, 0] * batch.image_sizes[:, 1]  # [n_images]
+    return Workload(cfg.data.seq_length, cfg.data.micro_batch_size, int(tokens.sum()),
+                    int(patches.sum()), len(patches), cross, width,
+                    len(patches) * int(patches.max()) if len(patches) else 0)
