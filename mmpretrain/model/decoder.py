@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmpretrain.model.cross_attention import GatedCrossAttentionLayer
 from mmpretrain.model.packed_attention import to_thd
-from mmpretrain.model.rope import text_rope
+from mmpretrain.model.rope import text_rope, with_rope
 from mmpretrain.model.specs import LayerSpecs, layer_specs
 
 
@@ -87,11 +87,9 @@ class LanguageDecoder(MegatronModule):
             embeddings = to_thd(embeddings)  # [b*s, 1, h]
         if embeddings is not None and self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
-        if thd:  # positions restart with each run: one table serves them all
-            longest = torch.arange(packed_seq_params.max_seqlen_q, device=position_ids.device)
-            rope = text_rope(longest[None], self.config.kv_channels, self.rope_theta)  # [L, 1, 1, d]
-        else:
-            rope = text_rope(position_ids, self.config.kv_channels, self.rope_theta)  # [s, b, 1, d]
+        rope = text_rope(position_ids, self.config.kv_channels, self.rope_theta)  # [s, b, 1, d]
+        if thd:  # the core attention rotates the whole stream: [b*s, 1, 1, d] per token
+            packed_seq_params, rope = with_rope(packed_seq_params, to_thd(rope)), None
         hidden = self.block(embeddings, attention_mask, context=context, context_mask=context_mask,
                             rotary_pos_emb=rope, packed_seq_params=packed_seq_params)
         if not self.post_process:

@@ -16,6 +16,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from mmpretrain.model.rope import rotate_carried
+
 
 def packed_seq_params(lengths: torch.Tensor) -> PackedSeqParams:
     """THD description of sequences of `lengths` [n] laid back to back (int32 cu_seqlens)."""
@@ -46,7 +48,8 @@ def padded_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PackedDotProductAttention(DotProductAttention):
-    """Core attention that also takes THD packed sequences (see the module docstring)."""
+    """Core attention that also takes THD packed sequences (see the module docstring), rotated
+    by the angles they carry (`rope.rotate_carried`)."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PackedSeqParams | None = None):
@@ -56,6 +59,7 @@ class PackedDotProductAttention(DotProductAttention):
                                    attention_bias)
         if packed_seq_params.qkv_format != "thd" or attention_bias is not None:
             raise ValueError("PackedDotProductAttention takes thd packed sequences without bias")
+        query, key = rotate_carried(query, key, packed_seq_params, self.config.rotary_interleaved)
         index, valid = padded_index(packed_seq_params.cu_seqlens_q)  # [n, L]
         heads, groups = query.shape[1], key.shape[1]
         q = query[index].transpose(1, 2)  # [n, np, L, d]

@@ -10,6 +10,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from mmpretrain.model.rope import RopeInCoreAttention
+
 
 def te_unavailable() -> str | None:
     """Why Transformer Engine layers cannot run here, or None when they can."""
@@ -50,9 +52,17 @@ def fp8_settings(fp8: str | None, recipe: str) -> dict:
 
 
 def te_decoder_layer_spec() -> ModuleSpec:
-    """megatron-core's TE GPT layer: causal self-attention (thd: padding_causal per sample)."""
+    """megatron-core's TE GPT layer: causal self-attention (thd: padding_causal per sample), its
+    core attention rotating thd queries and keys itself (`rope.RopeInCoreAttention`)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-    return get_gpt_layer_with_transformer_engine_spec()
+
+    class TERopedDotProductAttention(RopeInCoreAttention, TEDotProductAttention):
+        """TE's attention (flash / cuDNN) after the stream-wide RoPE of thd sequences."""
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec.submodules.self_attention.submodules.core_attention = TERopedDotProductAttention
+    return spec
 
 
 def te_vision_layer_spec() -> ModuleSpec:

@@ -7,7 +7,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmpretrain.model.packed_attention import packed_seq_params
-from mmpretrain.model.rope import vision_rope
+from mmpretrain.model.rope import vision_rope, with_rope
 from mmpretrain.model.specs import LayerSpecs, layer_specs
 
 
@@ -38,7 +38,9 @@ class VisionEncoder(MegatronModule):
             patches, positions, lengths = _pad_stream(patches, positions, lengths, self.pad_to)
         x = self.ln_pre(self.patch_embed(patches.to(self.config.params_dtype)))  # [n', h]
         rope = vision_rope(positions, self.config.kv_channels, self.rope_theta)  # [n', 1, 1, d]
-        packed = None if attention_mask is not None else packed_seq_params(lengths)
+        packed = None
+        if attention_mask is None:  # thd: the core attention rotates the whole stream
+            packed, rope = with_rope(packed_seq_params(lengths), rope), None
         x = self.block(x[:, None, :], attention_mask, rotary_pos_emb=rope,
                        packed_seq_params=packed)  # [n', 1, h]
         return x[:n, 0]
