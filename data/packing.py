@@ -99,14 +99,15 @@ class PackedBatch:
         return ~visible[:, None]
 
 
-    def cross_attention_rows(self, cross: torch.Tensor, merge: int = 1) -> tuple[torch.Tensor,
-                                                                               torch.Tensor]:
+    def cross_attention_rows(self, cross: torch.Tensor, merge: int = 1,
+                             multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own keys: (index [b, kr], mask [b, 1, s, kr] bool, True = may NOT attend).
 
         Row r's keys are the projected tokens of the images (selected by `cross`) that its
         samples reference; `index` gives their positions among all selected images' tokens (0
         where a row has fewer than kr), and the mask is `cross_attention_mask` restricted to them,
-        so a row never attends over the other rows' images."""
+        so a row never attends over the other rows' images. kr is rounded up to a `multiple`
+        with keys nobody sees (FP8 GEMMs take row counts in multiples of 16)."""
         b, s = self.sample_ids.shape
         anchors, sizes = self.image_anchors[cross], self.image_sizes[cross]  # [n], [n, 2]
         per_image = (sizes[:, 0] // merge) * (sizes[:, 1] // merge)  # [n]
@@ -116,7 +117,7 @@ class PackedBatch:
             raise ValueError("images are not in row order in the packed batch")
         count = torch.bincount(token_row, minlength=b)  # [b]
         start = torch.cumsum(count, 0) - count  # [b]
-        width = int(count.max()) if len(token_row) else 0
+        width = -(-int(count.max()) // multiple) * multiple if len(token_row) else 0
         offsets = torch.arange(width, device=count.device)
         valid = offsets[None, :] < count[:, None]  # [b, kr]
         index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # [b, kr]

@@ -157,6 +157,28 @@ def test_row_keys_match_the_dense_mask():
 
 
 @torch.no_grad()
+def test_keys_padded_to_a_multiple_change_nothing(megatron_world):
+    """FP8 GEMMs take row counts in multiples of 16: the keys padded to 16 are hidden from every
+    token, and the layer's output is the same."""
+    model = build(config())
+    set_gates(model, 1.0)
+    a, b = seq_x("ab", (2, 2), "cd", (1, 2), "e"), seq_x("fg", (2, 1), "h")
+    batch = pack_rows([[a, b], [b, a]], SEQ, 0)
+    cross = ~model.in_stream(batch)
+    index, mask = batch.cross_attention_rows(cross)  # kr = 8
+    index16, mask16 = batch.cross_attention_rows(cross, multiple=16)
+    assert index16.shape == (2, 16) and torch.equal(index16[:, :8], index)
+    assert torch.equal(mask16[..., :8], mask) and mask16[..., 8:].all()
+    with cuda_to_cpu():
+        _, images = model.embed_and_context(batch)
+        layer = model.language_model.cross_attention_1
+        hidden = layer.input_layernorm(torch.randn(SEQ, 2, 64))
+        out = layer.attend(hidden, images[index].transpose(0, 1), mask)
+        out16 = layer.attend(hidden, images[index16].transpose(0, 1), mask16)
+    torch.testing.assert_close(out16, out, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
 def test_no_earlier_image_gives_exactly_zero_cross_attention(megatron_world):
     model = build(config())
     set_gates(model, 1.0)

@@ -89,7 +89,8 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
         stage; hidden states and context rows [s(/tp) + m, b, h] on a stage before it."""
         cross = ~self.in_stream(batch)  # [n_images]
-        index, mask = batch.cross_attention_rows(cross, self.merge)  # [b, kr], [b, 1, s, kr]
+        fp8_rows = 16 if self.language_model.config.fp8 else 1
+        index, mask = batch.cross_attention_rows(cross, self.merge, fp8_rows)  # [b, kr], [b, 1, s, kr]
         if self.pre_process:
             hidden, context = self.embed_and_context(batch)
             carried = None
