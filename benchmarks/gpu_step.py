@@ -34,6 +34,7 @@ import importlib.util
 import shlex
 import sys
 import time
+import traceback
 
 import torch
 from gpu_cases import (
@@ -196,6 +197,7 @@ def run_variant(base: list[str], row: Row, batches: list, flops: list[float], ar
     except torch.cuda.OutOfMemoryError:
         row.status = "failed: CUDA out of memory"
     except Exception as e:  # noqa: BLE001 - report it and go on to the next variant
+        traceback.print_exc()
         row.status = f"failed: {_reason(e)}"
     return row
 

@@ -20,6 +20,7 @@ from mmpretrain.data.decode import (
     probe,
 )
 from PIL import Image
+from PIL.JpegImagePlugin import get_sampling
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
@@ -110,18 +111,25 @@ def test_dali_cpu_equals_pillow(name):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(),
                     reason="DALI's mixed decoder needs a GPU")
 def test_dali_mixed_matches_cpu_decode():
-    """The GPU decoder (nvJPEG; PNG through DALI's own path) against the CPU pipeline: JPEG
-    IDCTs and chroma upsampling differ in rounding, so within 8 levels per pixel and 1.0 on
-    average; PNG is lossless, so exact."""
+    """The GPU decoder (nvJPEG) against the CPU pipeline: the same pixels, except for chroma
+    upsampling of subsampled JPEGs (nvJPEG does not interpolate chroma as libjpeg-turbo does).
+    On an H100 (DALI 2.4.0) every non-subsampled case was exact, and the 4:2:0 cases (noise-like
+    content, the worst for upsampling) differed by up to 92 levels, 3.15 on average: 31.7 dB."""
     gpu, cpu = DaliDecoder(device_id=0), DaliDecoder(device_id=None)
     for name, data in sorted(CASES.items()):
         got, ref = decode_image(data, gpu), decode_image(data, cpu)
         assert got.shape == ref.shape, name
-        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
-        if name.endswith("png"):
-            assert diff.max() == 0, name
-        else:
-            assert diff.max() <= 8 and diff.mean() <= 1.0, (name, diff.max(), diff.mean())
+        if not _chroma_subsampled(data):
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+            continue
+        diff = got.astype(np.float64) - ref
+        psnr = 10 * np.log10(255**2 / (diff**2).mean())
+        assert psnr >= 28 and np.abs(diff).mean() <= 4, (name, psnr, np.abs(diff).mean())
+
+
+def _chroma_subsampled(data: bytes) -> bool:
+    img = Image.open(io.BytesIO(data))
+    return img.format == "JPEG" and img.mode == "RGB" and get_sampling(img) > 0
 
 
 @needs_dali

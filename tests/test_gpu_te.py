@@ -85,7 +85,11 @@ def train_losses(base: list[str], steps: int) -> list[float]:
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_loss_tracks_bf16(small_dataset, recipe):
     """50 steps of a 4-layer D model (hidden 256) in FP8 against bf16 from the same init and
-    batches: the mean loss of the last 10 steps within 2%, and both learned."""
+    batches. The first loss agrees within 0.5% (the FP8 forward pass is right); both learn; the
+    mean of the last 10 within 10% of bf16's. Measured on an H100 (TE 2.11; runs repeat
+    exactly): first losses 6.321 / 6.322, last-10 means +3.5% (delayed) and +2.0% (tensorwise)
+    above bf16's 1.534. Small numeric changes move them by a few percent (with megatron's
+    unfused RoPE in place of TE's kernel: +5.4% and -0.2%), so the bound is not tighter."""
     if fp8_unavailable(recipe):
         pytest.skip(fp8_unavailable(recipe))
     base = [f"data.path={small_dataset}", "model.spec=te", "decoder.num_layers=4",
@@ -95,5 +99,6 @@ def test_fp8_loss_tracks_bf16(small_dataset, recipe):
     bf16 = train_losses(base, 50)
     fp8 = train_losses([*base, "train.fp8=hybrid", f"train.fp8_recipe={recipe}"], 50)
     late_bf16, late_fp8 = sum(bf16[-10:]) / 10, sum(fp8[-10:]) / 10
-    assert late_bf16 < bf16[0] and late_fp8 < fp8[0]
-    assert abs(late_fp8 - late_bf16) <= 0.02 * late_bf16, (bf16, fp8)
+    assert abs(fp8[0] - bf16[0]) <= 5e-3 * bf16[0], (bf16[0], fp8[0])
+    assert late_bf16 < 0.3 * bf16[0] and late_fp8 < 0.3 * fp8[0], (bf16, fp8)
+    assert abs(late_fp8 - late_bf16) <= 0.1 * late_bf16, (bf16, fp8)
