@@ -38,6 +38,7 @@ class Row:
     peak_gib: float | None = None
     loss: float = 0.0
     fp8: str = ""
+    profile: str = ""
 
 
 def gpu_peak(kind: str | None) -> GPU | None:

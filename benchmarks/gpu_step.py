@@ -20,7 +20,8 @@ torch.cuda.synchronize() calls. TFLOP/s are the planner's model FLOPs of the tim
 over the full s x s square of each row, Megatron-LM's convention, whatever the packing) per
 second; MFU divides them by the planner's dense bf16 peak of the GPU for every variant, fp8
 included (the same yardstick for all; an fp8 run may pass what bf16 could reach). Peak memory is
-torch.cuda.max_memory_allocated over the timed steps. --smoke runs the tiny shape for 2 steps in
+torch.cuda.max_memory_allocated over the timed steps. --profile N profiles N more steps of each
+variant (gpu_profile.py: host vs device time per step, and the ops behind them). --smoke runs the tiny shape for 2 steps in
 fp32 with the local spec on whatever device is present (on a CPU: no MFU, no peak memory).
 DALI: images/s of decoding --dali-images generated JPEGs (photo-like, 200-2000 px a side; making
 200 takes about a minute) with Pillow, DALI's CPU pipeline and DALI's `mixed` (nvJPEG) decoder on
@@ -33,6 +34,7 @@ import gc
 import importlib.util
 import shlex
 import sys
+import textwrap
 import time
 import traceback
 
@@ -47,6 +49,7 @@ from gpu_cases import (
     trainable_params,
     variant_overrides,
 )
+from gpu_profile import profile_steps
 from gpu_report import Row, dali_rows, gpu_peak, header, summary, table
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.parallel.layout import ParallelLayout
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", choices=sorted(GPUS), help="peak table entry for MFU (default: by name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every case (e.g. vision.fp8=true), as `train --set`")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps of each variant: host vs device time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps, fp32 local, any device")
     args = p.parse_args(argv)
@@ -171,6 +176,8 @@ def measure(cfg, batches: list, flops: list[float], args, row: Row, gpu: GPU | N
     row.tflops = total / elapsed / 1e12
     row.mfu = row.tflops * 1e12 / gpu.peak_flops(False) if gpu else None
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if args.profile:
+        row.profile = profile_steps(step, args.warmup + args.steps, args.profile)
 
 
 def _reason(e: BaseException) -> str:
@@ -226,6 +233,8 @@ def run_case(design: str, size: str, args, gpu: GPU | None) -> list[Row]:
         release()
         rows.append(row)
         print(f"   {variant}: {summary(row)}", flush=True)
+        if row.profile:
+            print(textwrap.indent(row.profile, "     "), flush=True)
     return rows
 
 

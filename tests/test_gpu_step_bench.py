@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,16 @@ HAS_TE = importlib.util.find_spec("transformer_engine") is not None and torch.cu
 
 
 def run_smoke(*extra: str) -> dict[tuple[str, str], dict[str, str]]:
-    """Run `gpu_step.py --smoke`; the step table as {(design, variant): {column: cell}}."""
+    """Run `gpu_step.py --smoke --profile 1`; the step table as {(design, variant): {column: cell}}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--dali-images", "4", *extra],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--dali-images", "4",
+                          "--profile", "1", *extra],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    profiles = re.findall(r"profile: ([\d.]+) ms/step wall .*, ([\d.]+) ms host op time", out.stdout)
+    ran = out.stdout.count("tokens/s, ")  # the variants that ran, each profiled once
+    assert len(profiles) == ran > 0 and all(float(h) > 0 for _, h in profiles), out.stdout
+    assert out.stdout.count("host ms/step: ") == ran
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
     columns = [c.strip() for c in lines[0].strip("|").split(" | ")]
     rows = [dict(zip(columns, (c.strip() for c in ln.strip().strip("|").split(" | "))))
