@@ -7,7 +7,7 @@ the GPU waits for launches.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.autograd import DeviceType

@@ -20,9 +20,10 @@ torch.cuda.synchronize() calls. TFLOP/s are the planner's model FLOPs of the tim
 over the full s x s square of each row, Megatron-LM's convention, whatever the packing) per
 second; MFU divides them by the planner's dense bf16 peak of the GPU for every variant, fp8
 included (the same yardstick for all; an fp8 run may pass what bf16 could reach). Peak memory is
-torch.cuda.max_memory_allocated over the timed steps. --profile N profiles N more steps of each
-variant (gpu_profile.py: host vs device time per step, and the ops behind them). --smoke runs the tiny shape for 2 steps in
-fp32 with the local spec on whatever device is present (on a CPU: no MFU, no peak memory).
+torch.cuda.max_memory_allocated over the timed steps. --profile N profiles N more steps of
+each variant (gpu_profile.py: host vs device time per step, and the ops behind them). --smoke
+runs the tiny shape for 2 steps in fp32 with the local spec on whatever device is present (on a
+CPU: no MFU, no peak memory).
 DALI: images/s of decoding --dali-images generated JPEGs (photo-like, 200-2000 px a side; making
 200 takes about a minute) with Pillow, DALI's CPU pipeline and DALI's `mixed` (nvJPEG) decoder on
 GPU 0, each through mmpretrain.data.decode.decode_image, one image per call as the loader does.
