@@ -113,7 +113,9 @@ def layer_memory(shape: Shape, tokens: int, lengths: tuple[int, ...], tp: int, s
         attention = scores * (FP32 + _copy(b))
     else:
         attention = 0.0 if local else tokens * a / tp * FP32 + tokens * a * d / tp * b * (bl != b)
-    swiglu = tokens * f / tp * b * (4 if local else 2)
+    # megatron's unfused GLU (bias_activation_fusion off, both specs) keeps FC1's output [2f] and
+    # the SiLU's [f]; the local spec's 4 is its CPU-measured figure
+    swiglu = tokens * f / tp * b * (4 if local else 3)
     full = norms + qkv_in + proj_in + fc1_in + fc2_in + qkv + rope + attention + swiglu
     released = norms / 2 + fc1_in + fc2_in + swiglu + proj_in + attention  # before scores' backward
     if sdpa:  # the gradients of q, k, v and the output in fp32 (recomputed inputs on top)
