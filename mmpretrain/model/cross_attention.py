@@ -61,7 +61,12 @@ def attend_or_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k/v [b, g, kr, d], mask [b, 1, s, kr] -> [b, n, s, d]."""
     sees = (~mask).any(dim=-1, keepdim=True)  # [b, 1, s, 1]
     allowed = ~mask | ~sees  # a row that sees nothing attends to all keys, then is zeroed
-    out = F.scaled_dot_product_attention(q, k, v, allowed, enable_gqa=True)
+    # Key/value heads repeated here rather than `enable_gqa`, which torch's memory-efficient
+    # kernel (the one that takes an fp32 masked input) does not take in every version: the math
+    # kernel would keep the [b, n, s, kr] probabilities.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [b, n, kr, d]
+    out = F.scaled_dot_product_attention(q, k, v, allowed)
     return out * sees
 
 

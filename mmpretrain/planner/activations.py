@@ -168,8 +168,9 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
 
         norms                   as the decoder's (local spec)
         q, proj, FC1, FC2 input the inputs of its linears (when it trains)
-        attention               fp32 q [b, a/t, s, d], k and v [b, g/t, kr, d], the output and the
-                                log-sum-exp; the mask as an fp32 bias [b, 1, s, kr]
+        attention               fp32 q [b, a/t, s, d], k and v with their heads repeated
+                                [b, a/t, kr, d], the output and the log-sum-exp; the mask as an
+                                fp32 bias [b, 1, s, kr]
         SwiGLU                  2*n*f/t + 2*n*f/t (megatron's unfused MLP, as the local spec)
         gate inputs             the attention and MLP outputs (for the gates' gradients)
 
@@ -177,7 +178,7 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
     and are counted once per chunk (`memory.ActivationModel.context`). Full recomputation reruns
     the layer with the decoder layer it precedes: it keeps nothing itself."""
     b = num.param_bytes
-    h, f, a, g, d = shape.hidden, shape.ffn, shape.heads, shape.groups, shape.head_dim
+    h, f, a, d = shape.hidden, shape.ffn, shape.heads, shape.head_dim
     shard = tp if sp else 1
     local = Numerics(b, "local", num.recompute, False)
     outside = tokens * h / shard
@@ -187,10 +188,10 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
     kept = 2 * norm_kept(outside, tokens / shard, local, trains)
     if trains:  # inputs of q, proj, FC1, FC2 and of the two gates
         kept += 2 * outside * b + tokens * a * d / tp * b + tokens * f / tp * b + 2 * outside * b
-    kept += (2 * tokens * a * d + 2 * keys * g * d + tokens * a) / tp * FP32  # q, out, k, v, lse
+    kept += (2 * tokens * a * d + 2 * keys * a * d + tokens * a) / tp * FP32  # q, out, k, v, lse
     kept += tokens * width * FP32  # the mask as an fp32 bias
     kept += tokens * f / tp * b * 4  # SwiGLU: FC1 output, silu output, the linear half
-    working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * g * d) / tp * FP32)
+    working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * a * d) / tp * FP32)
     if num.recompute == "full":
         return LayerMemory(0.0, working + kept)
     return LayerMemory(kept, working)
