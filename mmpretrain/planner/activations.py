@@ -162,9 +162,10 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
                            num: Numerics, trains: bool = True, grads: bool = True) -> LayerMemory:
     """A gated cross-attention layer of X/H (`mmpretrain.model.cross_attention`) over `tokens`
     text positions in `rows` rows, each row attending to its own images' tokens padded to `width`
-    keys. The layer is this project's own module whatever the spec: torch RMSNorms, megatron
-    linears (no FP8), and torch's scaled_dot_product_attention in fp32 with a boolean mask (flash
-    attention on CPU, memory-efficient attention on GPUs: no scores kept). What autograd keeps:
+    keys. The layer is this project's own module: its norms and linears are the spec's (counted
+    here as the local spec's, which keep at least as much as TE's), its attention torch's
+    scaled_dot_product_attention in fp32 with a boolean mask (flash attention on CPU,
+    memory-efficient attention on GPUs: no scores kept). What autograd keeps:
 
         norms                   as the decoder's (local spec)
         q, proj, FC1, FC2 input the inputs of its linears (when it trains)
