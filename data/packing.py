@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+from mmpretrain.data.images import THUMBNAIL
 from mmpretrain.data.resize import normalize
 from mmpretrain.data.sequence import TokenSequence
 
@@ -80,6 +81,17 @@ class PackedBatch:
         at = starts.flatten().nonzero()[:, 0]  # [n_runs] first token of each run
         return torch.diff(at, append=at.new_tensor([sid.numel()]))
 
+    def images_in_stream(self, design: str) -> torch.Tensor:
+        """[n_images] bool: images placed in the token stream rather than cross-attended: H's
+        thumbnails; none for X (D places every image, and has no cross-attention)."""
+        if design == "h":
+            return self.image_tiles == THUMBNAIL
+        return torch.zeros(len(self.image_sizes), dtype=torch.bool, device=self.tokens.device)
+
+    def tokens_per_image(self, merge: int = 1) -> torch.Tensor:
+        """[n_images] projected tokens of each image (its patch grid merged `merge` x `merge`)."""
+        return (self.image_sizes[:, 0] // merge) * (self.image_sizes[:, 1] // merge)
+
     def cross_attention_mask(self, cross: torch.Tensor, merge: int = 1) -> torch.Tensor:
         """[b, 1, s, k] bool, True where a token may NOT attend to an image token (X/H designs).
 
@@ -93,8 +105,7 @@ class PackedBatch:
         pos = torch.arange(s, device=anchors.device)
         visible = ((torch.arange(b, device=anchors.device)[:, None, None] == row)
                    & (self.sample_ids[:, :, None] == sid) & (pos[None, :, None] >= at))  # [b, s, n]
-        sizes = self.image_sizes[cross]
-        per_image = (sizes[:, 0] // merge) * (sizes[:, 1] // merge)  # [n]
+        per_image = self.tokens_per_image(merge)[cross]  # [n]
         visible = visible.repeat_interleave(per_image, dim=2)  # [b, s, k]
         return ~visible[:, None]
 
@@ -107,10 +118,9 @@ class PackedBatch:
         samples reference; `index` gives their positions among all selected images' tokens (0
         where a row has fewer than kr), and the mask is `cross_attention_mask` restricted to them,
         so a row never attends over the other rows' images. kr is rounded up to a `multiple`
-        with keys nobody sees (FP8 GEMMs take row counts in multiples of 16)."""
+        with keys nobody sees (`FP8_MULTIPLE`: FP8 GEMMs take row counts in multiples of 16)."""
         b, s = self.sample_ids.shape
-        anchors, sizes = self.image_anchors[cross], self.image_sizes[cross]  # [n], [n, 2]
-        per_image = (sizes[:, 0] // merge) * (sizes[:, 1] // merge)  # [n]
+        anchors, per_image = self.image_anchors[cross], self.tokens_per_image(merge)[cross]  # [n]
         token_anchor = anchors.repeat_interleave(per_image)  # [k] anchor of each image token
         token_row = token_anchor // s
         if len(token_row) and bool((token_row[1:] < token_row[:-1]).any()):

@@ -6,9 +6,11 @@ checks. The resolved tree is written to the run directory as `config.yaml`.
 
     tree.py    the sections (dataclasses) and ConfigError
     parse.py   load / from_dict / apply_override / dump
-    checks.py  validate, check_trainable, layer_spec_name, decoder_thd, cross_attention_positions
+    checks.py  validate, check_trainable, layer_spec_name, decoder_thd, cross_attention_positions,
+               FP8_MULTIPLE
 """
 from mmpretrain.config.checks import (
+    FP8_MULTIPLE,
     check_trainable,
     cross_attention_positions,
     decoder_thd,
@@ -32,6 +34,7 @@ from mmpretrain.config.tree import (
 )
 
 __all__ = [
+    "FP8_MULTIPLE",
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "DecoderConfig",
     "LoggingConfig", "ModelConfig", "ParallelConfig", "ProjectorConfig", "TrainConfig",
     "VisionConfig", "apply_override", "check_trainable", "cross_attention_positions",

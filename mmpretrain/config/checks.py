@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from mmpretrain.config.tree import Config, ConfigError
 
+FP8_MULTIPLE = 16
+"""FP8 GEMMs take token (row) counts in multiples of this: the decoder's sequence, the encoder's
+patch stream and the cross-attention keys are sized or padded to it under train.fp8."""
+
 
 def check_trainable(cfg: Config) -> None:
     """Settings a config may hold (`mmpretrain plan` models them) that cannot run here: the TE
@@ -79,9 +83,10 @@ def validate(cfg: Config) -> None:
     if d.num_attention_heads % d.num_query_groups:
         raise ConfigError(f"decoder.num_attention_heads {d.num_attention_heads} is not divisible by "
                           f"decoder.num_query_groups {d.num_query_groups}")
-    if cfg.train.fp8 is not None and cfg.data.seq_length % 16:
-        raise ConfigError(f"data.seq_length {cfg.data.seq_length} must be a multiple of 16 for FP8 "
-                          "(train.fp8): FP8 GEMMs take token counts in multiples of 16")
+    if cfg.train.fp8 is not None and cfg.data.seq_length % FP8_MULTIPLE:
+        raise ConfigError(f"data.seq_length {cfg.data.seq_length} must be a multiple of "
+                          f"{FP8_MULTIPLE} for FP8 (train.fp8): FP8 GEMMs take token counts in "
+                          f"multiples of {FP8_MULTIPLE}")
     if cfg.data.image_token_budget < cfg.projector.merge ** 2:
         raise ConfigError("data.image_token_budget is smaller than one merged token")
     _validate_data(cfg)

@@ -6,7 +6,13 @@ import math
 import torch
 from megatron.core import parallel_state as ps
 
-from mmpretrain.config import Config, cross_attention_positions, decoder_thd, layer_spec_name
+from mmpretrain.config import (
+    FP8_MULTIPLE,
+    Config,
+    cross_attention_positions,
+    decoder_thd,
+    layer_spec_name,
+)
 from mmpretrain.model.decoder import LanguageDecoder
 from mmpretrain.model.nvlm import NVLMDecoderOnly
 from mmpretrain.model.nvlm_x import NVLMCrossAttention
@@ -65,7 +71,7 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
     vision = projector = None
     if first:
         vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta, specs,
-                               pad_to=16 if vcfg.fp8 else 1)
+                               pad_to=FP8_MULTIPLE if vcfg.fp8 else 1)
         hidden = cfg.projector.hidden_size or d.hidden_size
         projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
     design = cfg.model.design

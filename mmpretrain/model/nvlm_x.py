@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmpretrain.data.images import THUMBNAIL
+from mmpretrain.config import FP8_MULTIPLE
 from mmpretrain.data.packing import PackedBatch
 from mmpretrain.model.decoder import LanguageDecoder
 from mmpretrain.model.image_context import context_rows, pack_context, unpack_context
@@ -54,14 +54,11 @@ class NVLMCrossAttention(NVLMDecoderOnly):
 
     def in_stream(self, batch: PackedBatch) -> torch.Tensor:
         """[n_images] bool: images placed in the token stream (H's thumbnails), not cross-attended."""
-        if self.design == "h":
-            return batch.image_tiles == THUMBNAIL
-        return torch.zeros(len(batch.image_sizes), dtype=torch.bool, device=batch.tokens.device)
+        return batch.images_in_stream(self.design)
 
     def tokens_per_image(self, batch: PackedBatch) -> torch.Tensor:
         """[n_images] projected tokens of each image."""
-        sizes = batch.image_sizes
-        return (sizes[:, 0] // self.merge) * (sizes[:, 1] // self.merge)
+        return batch.tokens_per_image(self.merge)
 
     def embed_and_context(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(token embeddings [s, b, h] with H's thumbnails placed, cross-attended context [k, h])."""
@@ -89,8 +86,8 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         """Per-token loss [b, s] (with_loss) or vocab-parallel logits [b, s, v/tp] on the last
         stage; hidden states and context rows [s(/tp) + m, b, h] on a stage before it."""
         cross = ~self.in_stream(batch)  # [n_images]
-        fp8_rows = 16 if self.language_model.config.fp8 else 1
-        index, mask = batch.cross_attention_rows(cross, self.merge, fp8_rows)  # [b, kr], [b, 1, s, kr]
+        multiple = FP8_MULTIPLE if self.language_model.config.fp8 else 1
+        index, mask = batch.cross_attention_rows(cross, self.merge, multiple)  # [b, kr], [b, 1, s, kr]
         if self.pre_process:
             hidden, context = self.embed_and_context(batch)
             carried = None

@@ -145,16 +145,11 @@ class Numerics:
 def batch_workload(cfg: Config, batch) -> Workload:
     """The planner's Workload of a real micro-batch: projected and cross-attended image tokens,
     each row's keys (padded to the row with the most), the encoder's padded per-image batch."""
-    import torch
-
-    from mmpretrain.data.images import THUMBNAIL
-
     m = cfg.projector.merge
-    tokens = (batch.image_sizes[:, 0] // m) * (batch.image_sizes[:, 1] // m)  # [n_images]
+    tokens = batch.tokens_per_image(m)  # [n_images]
     cross = width = 0
     if cfg.model.design != "d":
-        in_stream = batch.image_tiles == THUMBNAIL if cfg.model.design == "h" else \
-            torch.zeros(len(tokens), dtype=torch.bool)
+        in_stream = batch.images_in_stream(cfg.model.design)
         cross = int(tokens[~in_stream].sum())
         width = batch.cross_attention_rows(~in_stream, m)[0].shape[1]
     patches = batch.image_sizes[:, 0] * batch.image_sizes[:, 1]  # [n_images]
