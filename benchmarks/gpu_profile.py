@@ -14,7 +14,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on a CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -30,12 +31,12 @@ def profile_steps(step: Callable[[int], float], first: int, steps: int, top: int
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    _sync()
+    sync()
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for i in range(first, first + steps):
             step(i)
-        _sync()
+        sync()
         wall = (time.perf_counter() - t0) / steps * 1e3
     events = prof.key_averages()
     host_ops = [e for e in events if e.device_type == DeviceType.CPU]

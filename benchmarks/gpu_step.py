@@ -50,7 +50,7 @@ from gpu_cases import (
     trainable_params,
     variant_overrides,
 )
-from gpu_profile import profile_steps
+from gpu_profile import profile_steps, sync
 from gpu_report import Row, dali_rows, gpu_peak, header, summary, table
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.parallel.layout import ParallelLayout
@@ -107,11 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def release() -> None:
