@@ -138,6 +138,31 @@ def test_fully_masked_rows_are_zero_and_finite():
     assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, 1], torch.zeros(1, 2, 8))
 
 
+def test_grouped_heads_reach_the_kernel_repeated(monkeypatch):
+    """The fp32 masked attention gets as many key/value heads as query heads and no `enable_gqa`:
+    on CUDA only the math kernel takes fp32 with grouped heads, and it keeps the [b, a, s, kr]
+    fp32 probabilities (6.8 GiB more over the 1b X model's six layers measured with
+    benchmarks/cross_attention_memory.py). The result equals grouped-query attention."""
+    import torch.nn.functional as F
+
+    from mmpretrain.model import cross_attention
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, mask, **kwargs):
+        calls.append((q.shape[1], k.shape[1], v.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, mask, **kwargs)
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g), \
+        torch.randn(2, 2, 3, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 3, generator=g) > 0.5
+    mask[:, :, :, 0] = False  # every query sees a key: no zeroed rows
+    monkeypatch.setattr(cross_attention.F, "scaled_dot_product_attention", record)
+    out = attend_or_zero(q, k, v, mask)
+    assert calls == [(4, 4, 4, False)]
+    torch.testing.assert_close(out, sdpa(q, k, v, ~mask, enable_gqa=True))
+
 def test_row_keys_match_the_dense_mask():
     a = seq_x("ab", (2, 2), "cd", (1, 2), "e")
     b, c = seq_x("fg", (2, 1), "h"), seq_x("ijk")
@@ -338,3 +363,25 @@ def test_pipeline_context_rows_round_trip_and_capacity():
     assert torch.equal(rows.reshape(-1, 8)[5:], torch.zeros(3, 8))
     with pytest.raises(ValueError, match="over the pipeline's context capacity of 4"):
         pack_context(context, capacity=4, micro_batch_size=2)
+
+
+def test_cross_attention_memory_benchmark_runs():
+    """benchmarks/cross_attention_memory.py on small shapes: it prints both kernels' figures, and
+    the math kernel keeps more than the fused one: the probabilities, less the output and the fp32
+    mask the fused kernel keeps and the math one does not."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_attention_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--keys", "128", "--seq", "512", "--heads",
+                          "4", "--groups", "2", "--head-dim", "16", "--layers", "2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    kept = dict(re.findall(r"kr 128: (\w+)\s+kernel keeps\s+([\d.]+) MiB", out.stdout))
+    assert set(kept) == {"math", "fused"}, out.stdout
+    probs = 4 * 512 * 128 * 4 / 2 ** 20  # [1, a, s, kr] fp32
+    assert float(kept["math"]) - float(kept["fused"]) >= probs / 2, out.stdout
