@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmpretrain.model.packed_attention import from_thd, to_thd
 from mmpretrain.model.specs import LayerSpecs
+from mmpretrain.model.swiglu import SwiGLU
 
 
 def _norm(config: TransformerConfig, specs: LayerSpecs):
@@ -91,7 +92,7 @@ class GatedCrossAttentionLayer(MegatronModule):
                                init_method=config.output_layer_init_method, bias=False,
                                input_is_parallel=True, skip_bias_add=True, is_expert=False)
         self.pre_mlp_layernorm = _norm(config, specs)
-        self.mlp = MLP(config, MLPSubmodules(linear_fc1=column, linear_fc2=row))
+        self.mlp = MLP(config, MLPSubmodules(linear_fc1=column, linear_fc2=row, activation_func=SwiGLU))
         # Queries and keys normalised per head (as Mllama does): the attention logits start at a
         # useful scale whatever the image embeddings' scale, so the layer learns to look early.
         self.q_norm = HeadRMSNorm(config.kv_channels, config.layernorm_epsilon, config.params_dtype)

@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmpretrain.model.packed_attention import PackedDotProductAttention
+from mmpretrain.model.swiglu import SwiGLU
 from mmpretrain.model.te_specs import te_decoder_layer_spec, te_modules, te_vision_layer_spec
 
 
@@ -40,6 +41,8 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         # Fused kernels come from apex/TE on GPU; these are the portable paths.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        # Each MLP spec names its activation module (`swiglu.SwiGLU`, FC1's output kept only).
+        use_te_activation_func=True,
         attention_softmax_in_fp32=True,
         # CPU init makes a TP-sharded init identical to the unsharded one.
         use_cpu_initialization=not on_gpu,
@@ -59,6 +62,7 @@ def decoder_layer_spec() -> ModuleSpec:
     a dense block-diagonal causal mask)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 
@@ -68,6 +72,7 @@ def vision_layer_spec() -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 

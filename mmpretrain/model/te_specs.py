@@ -53,15 +53,19 @@ def fp8_settings(fp8: str | None, recipe: str) -> dict:
 
 def te_decoder_layer_spec() -> ModuleSpec:
     """megatron-core's TE GPT layer: causal self-attention (thd: padding_causal per sample), its
-    core attention rotating thd queries and keys itself (`rope.RopeInCoreAttention`)."""
+    core attention rotating thd queries and keys itself (`rope.RopeInCoreAttention`), the MLP's
+    activation `swiglu.SwiGLU`."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     class TERopedDotProductAttention(RopeInCoreAttention, TEDotProductAttention):
         """TE's attention (flash / cuDNN) after the stream-wide RoPE of thd sequences."""
 
+    from mmpretrain.model.swiglu import SwiGLU
+
     spec = get_gpt_layer_with_transformer_engine_spec()
     spec.submodules.self_attention.submodules.core_attention = TERopedDotProductAttention
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 

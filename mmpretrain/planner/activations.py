@@ -20,8 +20,8 @@ d = h/a, t the tensor-parallel size and n the tokens of the stream:
                         scaled_dot_product_attention: fp32 q, k, v, output and log-sum-exp)
     attention output    n*a*d/t                (input of the output projection)
     MLP norm, FC1 input as for attention
-    SwiGLU              2*n*f/t                (TE's fused SwiGLU keeps only FC1's output; local:
-                        + 2*n*f/t               + the silu output and megatron's `x_linear + offset`)
+    SwiGLU              2*n*f/t                (FC1's output only: `mmpretrain.model.swiglu`, both
+                                                specs)
     FC2 input           n*f/t
 
 Full recomputation keeps only each layer's input (n*h, /t with SP) and rebuilds one layer at a
@@ -113,9 +113,7 @@ def layer_memory(shape: Shape, tokens: int, lengths: tuple[int, ...], tp: int, s
         attention = scores * (FP32 + _copy(b))
     else:
         attention = 0.0 if local else tokens * a / tp * FP32 + tokens * a * d / tp * b * (bl != b)
-    # megatron's unfused GLU (bias_activation_fusion off, both specs) keeps FC1's output [2f] and
-    # the SiLU's [f]; the local spec's 4 is its CPU-measured figure
-    swiglu = tokens * f / tp * b * (4 if local else 3)
+    swiglu = 2 * tokens * f / tp * b  # FC1's output, what `model.swiglu.SwiGLU` keeps
     full = norms + qkv_in + proj_in + fc1_in + fc2_in + qkv + rope + attention + swiglu
     released = norms / 2 + fc1_in + fc2_in + swiglu + proj_in + attention  # before scores' backward
     if sdpa:  # the gradients of q, k, v and the output in fp32 (recomputed inputs on top)
@@ -172,7 +170,7 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
         attention               fp32 q [b, a/t, s, d], k and v with their heads repeated
                                 [b, a/t, kr, d], the output and the log-sum-exp; the mask as an
                                 fp32 bias [b, 1, s, kr]
-        SwiGLU                  2*n*f/t + 2*n*f/t (megatron's unfused MLP, as the local spec)
+        SwiGLU                  2*n*f/t (FC1's output, as the decoder's)
         gate inputs             the attention and MLP outputs (for the gates' gradients)
 
     The keys [kr, b, h] and the boolean mask are shared by all cross-attention layers of a chunk
@@ -191,7 +189,7 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
         kept += 2 * outside * b + tokens * a * d / tp * b + tokens * f / tp * b + 2 * outside * b
     kept += (2 * tokens * a * d + 2 * keys * a * d + tokens * a) / tp * FP32  # q, out, k, v, lse
     kept += tokens * width * FP32  # the mask as an fp32 bias
-    kept += tokens * f / tp * b * 4  # SwiGLU: FC1 output, silu output, the linear half
+    kept += 2 * tokens * f / tp * b  # SwiGLU: FC1's output
     working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * a * d) / tp * FP32)
     if num.recompute == "full":
         return LayerMemory(0.0, working + kept)
