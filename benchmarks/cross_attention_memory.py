@@ -42,8 +42,9 @@ def inputs(b: int, a: int, g: int, d: int, s: int, kr: int):
     return q, k, v, mask
 
 
-def step(kernel: str, shapes: tuple) -> int:
-    """Forward and backward of the layer's core as the layer calls it; bytes autograd keeps."""
+def measure(kernel: str, shapes: tuple) -> tuple[int, int]:
+    """Forward and backward of the layer's core as the layer calls it: (bytes autograd keeps,
+    peak bytes allocated, inputs included)."""
     q, k, v, mask = inputs(*shapes)
     kept: dict[int, int] = {}
 
@@ -51,21 +52,16 @@ def step(kernel: str, shapes: tuple) -> int:
         kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with sdpa_kernel(KERNELS[kernel]):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = attend_or_zero(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
-        out.float().sum().backward()
-    return sum(kept.values())
-
-
-def peak(kernel: str, shapes: tuple) -> int:
-    """Peak bytes allocated during `step` (inputs included)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(kernel, shapes)
+        with sdpa_kernel(KERNELS[kernel]):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = attend_or_zero(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
+            out.float().sum().backward()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+    return sum(kept.values()), peak
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     for kr in (int(x) for x in args.keys.split(",")):
         shapes = (1, args.heads, args.groups, args.head_dim, args.seq, kr)
-        kept = {k: step(k, shapes) for k in KERNELS}
-        extra = {k: peak(k, shapes) - kept[k] for k in KERNELS}  # transient beyond what is kept
+        figures = {k: measure(k, shapes) for k in KERNELS}
+        kept = {k: figures[k][0] for k in KERNELS}
+        extra = {k: figures[k][1] - kept[k] for k in KERNELS}  # transient beyond what is kept
         for k in KERNELS:
             print(f"kr {kr}: {k:5s} kernel keeps {kept[k] / MiB:8.2f} MiB per layer, "
                   f"peak {(kept[k] + extra[k]) / MiB:8.2f} MiB")

@@ -141,7 +141,7 @@ def test_fully_masked_rows_are_zero_and_finite():
 def test_grouped_heads_reach_the_kernel_repeated(monkeypatch):
     """The fp32 masked attention gets as many key/value heads as query heads and no `enable_gqa`:
     on CUDA only the math kernel takes fp32 with grouped heads, and it keeps the [b, a, s, kr]
-    fp32 probabilities (6.8 GiB more over the 1b X model's six layers measured with
+    fp32 probabilities (6.7 GiB more over the 1b X model's six layers measured with
     benchmarks/cross_attention_memory.py). The result equals grouped-query attention."""
     import torch.nn.functional as F
 

@@ -11,6 +11,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mmpretrain.model.rope import RopeInCoreAttention
+from mmpretrain.model.swiglu import SwiGLU
 
 
 def te_unavailable() -> str | None:
@@ -60,8 +61,6 @@ def te_decoder_layer_spec() -> ModuleSpec:
 
     class TERopedDotProductAttention(RopeInCoreAttention, TEDotProductAttention):
         """TE's attention (flash / cuDNN) after the stream-wide RoPE of thd sequences."""
-
-    from mmpretrain.model.swiglu import SwiGLU
 
     spec = get_gpt_layer_with_transformer_engine_spec()
     spec.submodules.self_attention.submodules.core_attention = TERopedDotProductAttention
