@@ -2,12 +2,15 @@
 against its fused one, at the shapes of the GPU benchmark's 1b batches. On CPU.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cross_attention_memory.py --keys 3831,3136
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cross_attention_memory.py --keys 3831,3136 --dtype fp32
 
-Why: the layer attends in fp32 with a boolean mask. On CUDA, torch's memory-efficient kernel takes
-fp32 and masks but not `enable_gqa` (grouped key/value heads), flash attention takes neither fp32
-nor masks, so fp32 + `enable_gqa` falls back to the math kernel, which keeps the [b, a, s, kr]
-fp32 probabilities for the backward (pytorch/pytorch#181528 lists the same fallback). The layer
-therefore repeats key/value heads itself. This script measures, for the math kernel (forced) and
+Why: the layer attended in fp32 with a boolean mask and `enable_gqa` (grouped key/value heads).
+On CUDA, torch's memory-efficient kernel takes fp32 and masks but not `enable_gqa`, flash
+attention takes neither fp32 nor masks, so that call fell back to the math kernel, which keeps the
+[b, a, s, kr] fp32 probabilities for the backward (pytorch/pytorch#181528 lists the same
+fallback). The layer now repeats key/value heads itself and attends in the activation dtype
+(--dtype bf16, the default; --dtype fp32 is the earlier call). This script measures, for the math
+kernel (forced) and
 for the CPU's fused kernel (flash attention, which keeps what the memory-efficient one keeps: q, k,
 v, output, log-sum-exp), what autograd keeps (saved-tensor hooks, each storage once) and the peak
 of a forward and backward above the inputs (torch.profiler's allocator trace). Shapes: one row of
@@ -42,9 +45,9 @@ def inputs(b: int, a: int, g: int, d: int, s: int, kr: int):
     return q, k, v, mask
 
 
-def measure(kernel: str, shapes: tuple) -> tuple[int, int]:
-    """Forward and backward of the layer's core as the layer calls it: (bytes autograd keeps,
-    peak bytes allocated, inputs included)."""
+def measure(kernel: str, shapes: tuple, dtype: torch.dtype) -> tuple[int, int]:
+    """Forward and backward of the layer's core, called in `dtype` on the bf16 activations:
+    (bytes autograd keeps, peak bytes allocated, inputs included)."""
     q, k, v, mask = inputs(*shapes)
     kept: dict[int, int] = {}
 
@@ -55,7 +58,7 @@ def measure(kernel: str, shapes: tuple) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with sdpa_kernel(KERNELS[kernel]):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = attend_or_zero(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
+                out = attend_or_zero(q.to(dtype), k.to(dtype), v.to(dtype), mask).to(q.dtype)
             out.float().sum().backward()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
@@ -72,11 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=6, help="cross-attention layers of the model")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="what the core attends in: bf16 (the layer now), fp32 (the layer before)")
     args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
     for kr in (int(x) for x in args.keys.split(",")):
         shapes = (1, args.heads, args.groups, args.head_dim, args.seq, kr)
-        figures = {k: measure(k, shapes) for k in KERNELS}
+        figures = {k: measure(k, shapes, dtype) for k in KERNELS}
         kept = {k: figures[k][0] for k in KERNELS}
         extra = {k: figures[k][1] - kept[k] for k in KERNELS}  # transient beyond what is kept
         for k in KERNELS:

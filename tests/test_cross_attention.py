@@ -139,10 +139,12 @@ def test_fully_masked_rows_are_zero_and_finite():
 
 
 def test_grouped_heads_reach_the_kernel_repeated(monkeypatch):
-    """The fp32 masked attention gets as many key/value heads as query heads and no `enable_gqa`:
-    on CUDA only the math kernel takes fp32 with grouped heads, and it keeps the [b, a, s, kr]
-    fp32 probabilities (6.7 GiB more over the 1b X model's six layers measured with
-    benchmarks/cross_attention_memory.py). The result equals grouped-query attention."""
+    """The masked attention gets as many key/value heads as query heads and no `enable_gqa`:
+    on CUDA the memory-efficient kernel (the one that takes a mask) does not take grouped heads in
+    every torch version, and the math kernel it falls back to keeps the [b, a, s, kr] fp32
+    probabilities (6.7 GiB more over the 1b X model's six layers in fp32, 7.4 GiB in bf16,
+    measured with benchmarks/cross_attention_memory.py). The result equals grouped-query
+    attention."""
     import torch.nn.functional as F
 
     from mmpretrain.model import cross_attention
@@ -162,6 +164,22 @@ def test_grouped_heads_reach_the_kernel_repeated(monkeypatch):
     out = attend_or_zero(q, k, v, mask)
     assert calls == [(4, 4, 4, False)]
     torch.testing.assert_close(out, sdpa(q, k, v, ~mask, enable_gqa=True))
+
+def test_bf16_attention_takes_the_softmax_in_fp32():
+    """The layer attends in the activation dtype: in bf16 the fused kernel accumulates in fp32, so
+    the output is fp32 attention over the same bf16 inputs to within the output's own rounding
+    (2^-8 relative). Scores or a softmax in bf16 (torch's math kernel with reduced precision, or
+    matmuls in bf16) miss by over 10x that here."""
+    g = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(2, 8, 300, 64, generator=g)).bfloat16()
+    k = (3 * torch.randn(2, 4, 200, 64, generator=g)).bfloat16()
+    v = torch.randn(2, 4, 200, 64, generator=g).bfloat16()
+    mask = torch.rand(2, 1, 300, 200, generator=g) > 0.3
+    reference = attend_or_zero(q.float(), k.float(), v.float(), mask)
+    out = attend_or_zero(q, k, v, mask)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() <= 2 ** -8 * reference.abs().max()
+
 
 def test_row_keys_match_the_dense_mask():
     a = seq_x("ab", (2, 2), "cd", (1, 2), "e")
@@ -367,8 +385,8 @@ def test_pipeline_context_rows_round_trip_and_capacity():
 
 def test_cross_attention_memory_benchmark_runs():
     """benchmarks/cross_attention_memory.py on small shapes: it prints both kernels' figures, and
-    the math kernel keeps more than the fused one: the probabilities, less the output and the fp32
-    mask the fused kernel keeps and the math one does not."""
+    the math kernel keeps more than the fused one: the fp32 probabilities, less the output and the
+    mask bias the fused kernel keeps and the math one does not."""
     import os
     import re
     import subprocess

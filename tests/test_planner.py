@@ -23,10 +23,10 @@ from mmpretrain.planner.workload import Numerics, Workload, batch_workload
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2 ** 20
 # The planner's peak for the tiny D, X and H configs against the profiler's: within 5% (measured:
-# -5.0% for X in bf16 with only the cross-attention training, -3.3% to +1.7% for the others). The
-# model states match exactly and what autograd keeps to ~1% (checked part by part with saved-tensor
-# hooks); the rest is the transient working memory at the peak (score gradients, logits copies),
-# which the planner models per part and the allocator orders freely, hence the margin.
+# -0.0% to +1.7%). The model states match exactly and what autograd keeps to ~1% (checked part by
+# part with saved-tensor hooks); the rest is the transient working memory at the peak (score
+# gradients, logits copies), which the planner models per part and the allocator orders freely,
+# hence the margin.
 PEAK_TOLERANCE = 0.05
 
 TINY_VARIANTS = {

@@ -44,7 +44,8 @@ class HeadRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.weight)
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.float()  # one fp32 copy, kept for the backward of both uses
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * weight
 
 
@@ -63,8 +64,8 @@ def attend_or_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sees = (~mask).any(dim=-1, keepdim=True)  # [b, 1, s, 1]
     allowed = ~mask | ~sees  # a row that sees nothing attends to all keys, then is zeroed
     # Key/value heads repeated here rather than `enable_gqa`, which torch's memory-efficient
-    # kernel (the one that takes an fp32 masked input) does not take in every version: the math
-    # kernel would keep the [b, n, s, kr] probabilities.
+    # kernel (the CUDA kernel that takes a mask) does not take in every version: the math kernel
+    # would keep the [b, n, s, kr] probabilities.
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [b, n, kr, d]
     out = F.scaled_dot_product_attention(q, k, v, allowed)
@@ -114,7 +115,9 @@ class GatedCrossAttentionLayer(MegatronModule):
         k = k.view(kr, b, -1, d).permute(1, 2, 0, 3)  # [b, ng/tp, kr, d]
         v = v.view(kr, b, -1, d).permute(1, 2, 0, 3)
         q, k = self.q_norm(q), self.k_norm(k)
-        ctx = attend_or_zero(q.float(), k.float(), v.float(), mask).to(v.dtype)  # [b, nh, s, d]
+        # In the activation dtype: the fused kernels (flash on CPU, memory-efficient on CUDA)
+        # accumulate and take the softmax in fp32 for bf16 inputs, as the decoder's attention does.
+        ctx = attend_or_zero(q, k, v, mask)  # [b, nh, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nh/tp * d]
         out, _ = self.linear_proj(to_thd(ctx) if thd else ctx)  # the shape of x
         return out

@@ -162,14 +162,16 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
     text positions in `rows` rows, each row attending to its own images' tokens padded to `width`
     keys. The layer is this project's own module: its norms and linears are the spec's (counted
     here as the local spec's, which keep at least as much as TE's), its attention torch's
-    scaled_dot_product_attention in fp32 with a boolean mask (flash attention on CPU,
-    memory-efficient attention on GPUs: no scores kept). What autograd keeps:
+    scaled_dot_product_attention in the parameter dtype with a boolean mask (flash attention on
+    CPU, memory-efficient attention on GPUs: no scores kept). What autograd keeps:
 
         norms                   as the decoder's (local spec)
         q, proj, FC1, FC2 input the inputs of its linears (when it trains)
-        attention               fp32 q [b, a/t, s, d], k and v with their heads repeated
-                                [b, a/t, kr, d], the output and the log-sum-exp; the mask as an
-                                fp32 bias [b, 1, s, kr]
+        q, k norms              per head in fp32: the fp32 input and rstd, and (when the layer
+                                trains) the normalised output for the weight's gradient
+        attention               q [b, a/t, s, d], k and v with their heads repeated
+                                [b, a/t, kr, d], the output, the fp32 log-sum-exp; the mask as
+                                a bias [b, 1, s, kr]
         SwiGLU                  2*n*f/t (FC1's output, as the decoder's)
         gate inputs             the attention and MLP outputs (for the gates' gradients)
 
@@ -187,10 +189,12 @@ def cross_attention_memory(shape: Shape, tokens: int, rows: int, width: int, tp:
     kept = 2 * norm_kept(outside, tokens / shard, local, trains)
     if trains:  # inputs of q, proj, FC1, FC2 and of the two gates
         kept += 2 * outside * b + tokens * a * d / tp * b + tokens * f / tp * b + 2 * outside * b
-    kept += (2 * tokens * a * d + 2 * keys * a * d + tokens * a) / tp * FP32  # q, out, k, v, lse
-    kept += tokens * width * FP32  # the mask as an fp32 bias
+    heads = (tokens * a + keys * shape.groups) / tp  # rows of the q and k norms
+    kept += heads * (d * (FP32 + b * trains) + FP32)  # q, k norms: fp32 input, output, rstd
+    kept += (2 * tokens * a * d + 2 * keys * a * d) / tp * b  # q, out, k, v (heads repeated)
+    kept += tokens * a / tp * FP32 + tokens * width * b  # log-sum-exp, the mask as a bias
     kept += 2 * tokens * f / tp * b  # SwiGLU: FC1's output
-    working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * a * d) / tp * FP32)
+    working = max(3 * tokens * f / tp * b, (2 * tokens * a * d + 2 * keys * a * d) / tp * b)
     if num.recompute == "full":
         return LayerMemory(0.0, working + kept)
     return LayerMemory(kept, working)
