@@ -86,14 +86,16 @@ def design_overrides(design: str, size: str) -> list[str]:
 
 
 def case_overrides(design: str, size: str, seq: int, micro: int, vocab: int,
-                   max_patches: int) -> list[str]:
-    """Config overrides of one case, precision and spec left to the variant."""
+                   max_patches: int, accumulate: int = 1) -> list[str]:
+    """Config overrides of one case, precision and spec left to the variant; `accumulate`
+    micro-batches per step on one GPU."""
     budget = 64 if size == "smoke" else 1024
     patches = max_patches or 4 * seq * micro  # a D row's most: every position a merged token
     return SIZES[size] + design_overrides(design, size) + [
         "projector.merge=2", f"data.image_token_budget={budget}", f"data.max_patches={patches}",
         f"data.seq_length={seq}", f"data.micro_batch_size={micro}",
-        f"train.global_batch_size={micro}", f"decoder.vocab_size={vocab}", "train.steps=1000"]
+        f"train.global_batch_size={micro * accumulate}", f"decoder.vocab_size={vocab}",
+        "train.steps=1000"]
 
 
 def _has(section: type, key: str) -> bool:

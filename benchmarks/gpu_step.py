@@ -5,6 +5,8 @@ training step of NVLM D, X and H on one GPU, per layer spec and precision; and D
         --variants local-bf16,te-bf16,te-fp8 --steps 20 --warmup 5 --micro-batch 1 --seq-length 4096
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_step.py --designs d --sizes 3b \\
         --variants te-fp8-delayed,te-fp8-tensorwise,te-fp8-mxfp8 --dali-images 0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_step.py --designs d --sizes 1b \\
+        --variants te-bf16 --micro-batch 2 --accumulate 8 --dali-images 0
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_step.py --smoke    # tiny, 2 steps, any device
 
 Each case (design x size, shapes in gpu_cases.py) is built the way `mmpretrain train` builds it:
@@ -15,7 +17,9 @@ mmpretrain.train.step.train_step, on synthetic packed batches (gpu_cases.make_ba
 e4m3) and train.fp8_recipe (delayed|tensorwise|mxfp8); one the config or the machine cannot run is
 printed as `skipped: <reason>`; `--set KEY=VALUE` adds an override to every case (e.g.
 vision.fp8=true, train.recompute=selective). After --warmup steps, --steps steps are timed between
-torch.cuda.synchronize() calls. TFLOP/s are the planner's model FLOPs of the timed batches
+torch.cuda.synchronize() calls; a step is --accumulate micro-batches of --micro-batch rows each
+(gradient accumulation, as a job with train.global_batch_size = micro-batch x accumulate x dp
+runs it: the optimizer's cost is spread over them). TFLOP/s are the planner's model FLOPs of the timed batches
 (encoder, projector, decoder, cross-attention, head; no recomputation; the decoder's attention
 over the full s x s square of each row, Megatron-LM's convention, whatever the packing) per
 second; MFU divides them by the planner's dense bf16 peak of the GPU for every variant, fp8
@@ -63,8 +67,8 @@ from mmpretrain.train.step import train_step
 
 SKIP = (ConfigError, ImportError, NotImplementedError)  # the variant cannot run here
 DEFAULTS = {"designs": "d,x,h", "sizes": "1b,3b", "variants": "local-bf16,te-bf16,te-fp8",
-            "steps": 20, "warmup": 5, "micro_batch": 1, "seq_length": 4096, "vocab": 32000,
-            "batches": 4, "dali_images": 200}
+            "steps": 20, "warmup": 5, "micro_batch": 1, "accumulate": 1, "seq_length": 4096,
+            "vocab": 32000, "batches": 4, "dali_images": 200}
 SMOKE = {"sizes": "smoke", "variants": "local-fp32,te-bf16,te-fp8", "steps": 2, "warmup": 1,
          "micro_batch": 2, "seq_length": 256, "vocab": 512, "batches": 2, "dali_images": 12}
 
@@ -77,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"fp32|bf16|fp8|e4m3, RECIPE delayed|tensorwise|mxfp8 (default {DEFAULTS['variants']})")
     p.add_argument("--steps", type=int, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
-    p.add_argument("--micro-batch", type=int, help="packed rows per step (default 1)")
+    p.add_argument("--micro-batch", type=int, help="packed rows per micro-batch (default 1)")
+    p.add_argument("--accumulate", type=int,
+                   help="micro-batches per optimizer step, gradients accumulated (default 1)")
     p.add_argument("--seq-length", type=int, help="decoder tokens per row (default 4096)")
     p.add_argument("--vocab", type=int, help="decoder vocabulary (default 32000)")
     p.add_argument("--max-patches", type=int, default=0,
@@ -99,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = args.variants.split(",")
     if not set(args.designs) <= set("dxh") or not set(args.sizes) <= set(SIZES):
         p.error(f"--designs takes d,x,h and --sizes {','.join(SIZES)}")
-    if args.steps < 1 or args.warmup < 0 or args.batches < 1:
-        p.error("--steps and --batches must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.batches < 1 or args.accumulate < 1:
+        p.error("--steps, --batches and --accumulate must be >= 1, --warmup >= 0")
     try:
         for v in args.variants:
             variant_overrides(v)
@@ -147,12 +153,13 @@ def build(cfg):
 
 
 def measure(cfg, batches: list, flops: list[float], args, row: Row, gpu: GPU | None) -> None:
-    """Warm up, time `args.steps` steps over the batches in turn, fill in `row`."""
+    """Warm up, time `args.steps` steps over the batches in turn (`args.accumulate` micro-batches
+    each), fill in `row`."""
     ddps, optimizer, scheduler = build(cfg)
-    seq, n = cfg.data.seq_length, len(batches)
+    seq, n, k = cfg.data.seq_length, len(batches), args.accumulate
 
     def step(i: int) -> float:
-        loss, *_ = train_step(ddps, optimizer, [batches[i % n]], seq)
+        loss, *_ = train_step(ddps, optimizer, [batches[(i * k + j) % n] for j in range(k)], seq)
         scheduler.step(1)
         return loss
 
@@ -166,9 +173,10 @@ def measure(cfg, batches: list, flops: list[float], args, row: Row, gpu: GPU | N
         row.loss = step(i)
     sync()
     elapsed = time.perf_counter() - t0
-    total = sum(flops[i % n] for i in range(args.warmup, args.warmup + args.steps))
+    total = sum(flops[(i * k + j) % n] for i in range(args.warmup, args.warmup + args.steps)
+                for j in range(k))
     row.step_s = elapsed / args.steps
-    row.tokens_s = args.steps * cfg.data.micro_batch_size * seq / elapsed
+    row.tokens_s = args.steps * k * cfg.data.micro_batch_size * seq / elapsed
     row.tflops = total / elapsed / 1e12
     row.mfu = row.tflops * 1e12 / gpu.peak_flops(False) if gpu else None
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -208,7 +216,7 @@ def run_variant(base: list[str], row: Row, batches: list, flops: list[float], ar
 def run_case(design: str, size: str, args, gpu: GPU | None) -> list[Row]:
     """All variants of design x size on the same synthetic batches."""
     base = case_overrides(design, size, args.seq_length, args.micro_batch, args.vocab,
-                          args.max_patches) + args.set
+                          args.max_patches, args.accumulate) + args.set
     try:
         cfg = load(None, base)
     except ConfigError as e:
@@ -219,9 +227,9 @@ def run_case(design: str, size: str, args, gpu: GPU | None) -> list[Row]:
     patches = sum(b.patches.shape[0] for b in batches) / len(batches)
     filled = sum(b.efficiency for b in batches) / len(batches)
     print(f"== {design.upper()} {size}: {trainable_params(cfg) / 1e9:.3f}B parameters; per step "
-          f"{args.micro_batch} x {args.seq_length} tokens ({100 * filled:.1f}% samples, the rest "
-          f"padding), {images:.1f} images, {patches:.0f} patches, "
-          f"{sum(flops) / len(flops) / 1e12:.3g} model TFLOP", flush=True)
+          f"{args.accumulate} micro-batch(es) of {args.micro_batch} x {args.seq_length} tokens "
+          f"({100 * filled:.1f}% samples, the rest padding), each {images:.1f} images, "
+          f"{patches:.0f} patches, {sum(flops) / len(flops) / 1e12:.3g} model TFLOP", flush=True)
     rows = []
     for variant in args.variants:
         row = run_variant(base, Row(design.upper(), size, trainable_params(cfg), variant), batches,

@@ -45,6 +45,7 @@ def test_smoke_reports_every_design_and_skips_what_cannot_run():
         local = rows[(design, "local-fp32")]
         assert local["status"] == "ok", local
         assert number(local["tokens/s"]) > 0 and number(local["TFLOP/s"]) > 0, local
+        assert abs(number(local["tokens/s"]) * number(local["step (ms)"]) / 1e3 - 512) <= 5, local
         for variant in ("te-bf16", "te-fp8"):
             status = rows[(design, variant)]["status"]
             if not HAS_TE:  # no Transformer Engine or no CUDA: the config refuses it
@@ -52,6 +53,16 @@ def test_smoke_reports_every_design_and_skips_what_cannot_run():
             else:
                 assert status == "ok" or status.startswith("skipped: "), status
     assert len(rows) == 9
+
+
+def test_accumulated_micro_batches_count_in_a_step():
+    """--accumulate 2: a step is two micro-batches of 2 x 256 tokens, so tokens/s x step time is
+    1024 tokens (512 without it, in the test above's rows)."""
+    rows = run_smoke("--designs", "d", "--variants", "local-fp32", "--accumulate", "2")
+    r = rows[("D", "local-fp32")]
+    assert r["status"] == "ok", r
+    tokens = number(r["tokens/s"]) * number(r["step (ms)"]) / 1e3
+    assert abs(tokens - 2 * 2 * 256) <= 0.01 * 1024, r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures MFU and peak memory on a GPU")
