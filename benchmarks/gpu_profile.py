@@ -2,12 +2,19 @@
 torch.profiler after the timed ones. Per step: wall time, host time (the ops' own CPU time:
 Python, dispatch, kernel launches), device time (the kernels'), and the ops that take most of each.
 A step whose host time is near its wall time and well above its device time is bound by the host:
-the GPU waits for launches.
+the GPU waits for launches. Then, on a GPU, N more steps count the host's waits for the GPU
+(`.item()`, blocking copies, ...) by the Python line that made them: a wait inside every layer
+keeps the host from running ahead of the GPU.
 """
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.autograd import DeviceType
@@ -24,6 +31,57 @@ def _top(events: list, key: str, n: int, steps: int) -> str:
     rows = sorted(events, key=lambda e: -getattr(e, key))[:n]
     return "; ".join(f"{e.key[:48]} {getattr(e, key) / steps / 1e3:.1f}" for e in rows
                      if getattr(e, key) > 0)
+
+
+def _short(path: str) -> str:
+    """A source path from its package on: after site-packages/, else relative to the directory
+    the benchmark runs in."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return os.path.relpath(path) if path.startswith(os.getcwd()) else path
+
+
+def call_site(stack: list[traceback.FrameSummary], depth: int = 2) -> str:
+    """The innermost `depth` frames of a stack outside torch and this module, innermost first."""
+    frames = [f for f in reversed(stack) if "/torch/" not in f.filename
+              and f.filename not in (__file__, warnings.__file__)]
+    return " < ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames[:depth])
+
+
+@contextmanager
+def syncs_recorded(sites: Counter) -> Iterator[Counter]:
+    """Count, by `call_site`, the synchronizing CUDA calls made inside the block (torch's sync
+    debug mode warns at each; the warnings are counted, not shown). Nothing is counted on a CPU."""
+    cuda = torch.cuda.is_available()
+
+    def record(message, *_args, **_kwargs) -> None:
+        if "synchroniz" in str(message):
+            sites[call_site(traceback.extract_stack()[:-1])] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+
+
+def sync_report(step: Callable[[int], float], first: int, steps: int, top: int = 6) -> str:
+    """Host waits for the GPU per step, by the Python line that made them (CUDA only)."""
+    if not torch.cuda.is_available():
+        return "host syncs: not counted without a GPU"
+    with syncs_recorded(Counter()) as sites:
+        for i in range(first, first + steps):
+            step(i)
+    sync()
+    total = sum(sites.values()) / steps
+    where = "; ".join(f"{site} x{n / steps:g}" for site, n in sites.most_common(top))
+    return f"host syncs per step: {total:g}" + (f"; most from: {where}" if where else "")
 
 
 def profile_steps(step: Callable[[int], float], first: int, steps: int, top: int = 6) -> str:
@@ -49,4 +107,5 @@ def profile_steps(step: Callable[[int], float], first: int, steps: int, top: int
              f"{busy}", f"  host ms/step: {_top(host_ops, 'self_cpu_time_total', top, steps)}"]
     if kernels:
         lines.append(f"  device ms/step: {_top(kernels, 'self_device_time_total', top, steps)}")
+    lines.append("  " + sync_report(step, first + steps, steps, top))
     return "\n".join(lines)

@@ -3,10 +3,13 @@ one table row per design x variant, and reports the variants this machine cannot
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,38 @@ def test_smoke_on_a_gpu_reports_mfu_and_peak_memory():
     for design in "DXH":
         r = rows[(design, "local-bf16")]
         assert r["status"] == "ok" and number(r["MFU"]) > 0 and number(r["peak mem (GiB)"]) > 0, r
+
+
+def _profile_module():
+    """benchmarks/gpu_profile.py, imported from its path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_profile", SCRIPT.parent / "gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _waits_for_the_gpu():
+    """Stands in for a synchronizing op: torch's sync debug mode warns with this message."""
+    warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+
+def test_host_syncs_counted_by_the_line_that_made_them():
+    gp = _profile_module()
+    with gp.syncs_recorded(Counter()) as sites:
+        for _ in range(3):
+            _waits_for_the_gpu()
+        warnings.warn("an unrelated warning", stacklevel=1)  # not a sync: not counted
+    line = inspect.getsourcelines(_waits_for_the_gpu)[1] + 2
+    assert list(sites.values()) == [3], sites
+    inner, outer = next(iter(sites)).split(" < ")
+    assert inner.endswith(f"test_gpu_step_bench.py:{line} _waits_for_the_gpu"), inner
+    assert outer.endswith("test_host_syncs_counted_by_the_line_that_made_them"), outer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
+def test_host_syncs_find_an_item_on_a_gpu():
+    gp = _profile_module()
+    x = torch.ones(2, device="cuda")
+    with gp.syncs_recorded(Counter()) as sites:
+        x.sum().item()
+    assert sum(sites.values()) == 1 and "test_host_syncs_find_an_item_on_a_gpu" in next(iter(sites))
