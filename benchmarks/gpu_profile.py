@@ -4,7 +4,10 @@ Python, dispatch, kernel launches), device time (the kernels'), and the ops that
 A step whose host time is near its wall time and well above its device time is bound by the host:
 the GPU waits for launches. Then, on a GPU, N more steps count the host's waits for the GPU
 (`.item()`, blocking copies, ...) by the Python line that made them: a wait inside every layer
-keeps the host from running ahead of the GPU.
+keeps the host from running ahead of the GPU. The count is a lower bound: torch's sync debug mode
+reaches Python as a warning only from ops called through torch's Python bindings (a C++
+extension's own syncs, e.g. Transformer Engine's, go to stderr), and a C++ op's warning in the
+backward pass is replayed when the backward ends, so it is counted at the line that called it.
 """
 from __future__ import annotations
 
@@ -52,23 +55,27 @@ def call_site(stack: list[traceback.FrameSummary], depth: int = 2) -> str:
 @contextmanager
 def syncs_recorded(sites: Counter) -> Iterator[Counter]:
     """Count, by `call_site`, the synchronizing CUDA calls made inside the block (torch's sync
-    debug mode warns at each; the warnings are counted, not shown). Nothing is counted on a CPU."""
-    cuda = torch.cuda.is_available()
+    debug mode warns at each; those warnings are counted, not shown; other warnings are shown as
+    before). Nothing is counted on a CPU."""
+    cuda, show = torch.cuda.is_available(), warnings.showwarning
 
-    def record(message, *_args, **_kwargs) -> None:
+    def record(message, *args, **kwargs) -> None:
         if "synchroniz" in str(message):
             sites[call_site(traceback.extract_stack()[:-1])] += 1
+        else:
+            show(message, *args, **kwargs)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
+        mode = torch.cuda.get_sync_debug_mode() if cuda else 0
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
             yield sites
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.set_sync_debug_mode(mode)
 
 
 def sync_report(step: Callable[[int], float], first: int, steps: int, top: int = 6) -> str:
@@ -81,7 +88,8 @@ def sync_report(step: Callable[[int], float], first: int, steps: int, top: int =
     sync()
     total = sum(sites.values()) / steps
     where = "; ".join(f"{site} x{n / steps:g}" for site, n in sites.most_common(top))
-    return f"host syncs per step: {total:g}" + (f"; most from: {where}" if where else "")
+    return f"host syncs per step (seen from Python): {total:g}" + \
+        (f"; most from: {where}" if where else "")
 
 
 def profile_steps(step: Callable[[int], float], first: int, steps: int, top: int = 6) -> str:
