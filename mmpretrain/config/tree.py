@@ -168,6 +168,10 @@ class TrainConfig:
     """FP8 format of the decoder's linear layers (Transformer Engine, H100 and newer); null: bf16."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
     """FP8 scaling: 'delayed' (amax history), 'tensorwise' (current scaling), 'mxfp8' (B200)."""
+    gradient_accumulation_fusion: bool = False
+    """Transformer Engine's linear layers add their weight gradients into the fp32 gradient
+    buffer inside the GEMM, instead of writing a bf16 gradient that is then added (TE spec only;
+    megatron's own linears, the output layer and the projector, keep the separate add)."""
 
 
 @dataclass

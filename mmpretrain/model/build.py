@@ -47,7 +47,7 @@ def _configs(cfg: Config):
     dtype, gpu = param_dtype(cfg), torch.cuda.is_available()
     p, v, d = cfg.parallel, cfg.vision, cfg.decoder
     common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu,
-                  recompute=cfg.train.recompute)
+                  recompute=cfg.train.recompute, wgrad_fusion=cfg.train.gradient_accumulation_fusion)
     fp8 = fp8_settings(cfg.train.fp8, cfg.train.fp8_recipe)
     # The encoder runs whole on the first pipeline stage: to megatron it is a 1-stage model.
     vcfg = transformer_config(

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mmpretrain.model.cross_attention import GatedCrossAttentionLayer
 from mmpretrain.model.packed_attention import to_thd
 from mmpretrain.model.rope import text_rope, with_rope
-from mmpretrain.model.specs import LayerSpecs, layer_specs
+from mmpretrain.model.specs import LayerSpecs, layer_specs, without_wgrad_fusion
 
 
 class LanguageDecoder(MegatronModule):
@@ -47,8 +47,8 @@ class LanguageDecoder(MegatronModule):
         self.cross_layers = self._add_cross_layers(config, set(cross_positions), specs)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method,
-                bias=False, gather_output=False)
+                config.hidden_size, vocab_size, config=without_wgrad_fusion(config),
+                init_method=config.init_method, bias=False, gather_output=False)
 
     def _add_cross_layers(self, config: TransformerConfig, positions: set[int],
                           specs: LayerSpecs) -> list[GatedCrossAttentionLayer]:

@@ -7,6 +7,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mmpretrain.model.specs import without_wgrad_fusion
+
 
 def merge_patches(features: torch.Tensor, sizes: torch.Tensor, merge: int) -> torch.Tensor:
     """Pixel shuffle per image: [n, h] -> [n / merge^2, h * merge^2], grids row-major."""
@@ -27,11 +29,12 @@ class Projector(MegatronModule):
                  merge: int = 1):
         super().__init__(config)
         self.merge = merge
+        linear = without_wgrad_fusion(config)
         self.linear_1 = tensor_parallel.ColumnParallelLinear(
-            in_size * merge * merge, hidden, config=config, init_method=config.init_method,
+            in_size * merge * merge, hidden, config=linear, init_method=config.init_method,
             bias=True, gather_output=False)
         self.linear_2 = tensor_parallel.RowParallelLinear(
-            hidden, out_size, config=config, init_method=config.output_layer_init_method,
+            hidden, out_size, config=linear, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, features: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

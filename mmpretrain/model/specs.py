@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,12 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
                        first_stage_layers: int | None = None, num_query_groups: int | None = None,
                        sequence_parallel: bool = False, rotary_interleaved: bool = False,
                        on_gpu: bool = False, recompute: str = "none",
-                       fp8: dict | None = None) -> TransformerConfig:
+                       fp8: dict | None = None, wgrad_fusion: bool = False) -> TransformerConfig:
     """A pre-norm RMSNorm/SwiGLU transformer without biases, as Llama and Pixtral use.
     `recompute`: 'selective' recomputes the attention core in backward, 'full' each layer (only
-    its input is kept), 'none' keeps all activations. `fp8`: `te_specs.fp8_settings` (TE only)."""
+    its input is kept), 'none' keeps all activations. `fp8`: `te_specs.fp8_settings` (TE only).
+    `wgrad_fusion`: TE's linears accumulate weight gradients into the fp32 buffer in the GEMM
+    (megatron's own linears take `without_wgrad_fusion` of the config)."""
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
         num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
@@ -40,7 +42,7 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         sequence_parallel=sequence_parallel, rotary_interleaved=rotary_interleaved,
         # Fused kernels come from apex/TE on GPU; these are the portable paths.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=wgrad_fusion,
         # Each MLP spec names its activation module (`swiglu.SwiGLU`, FC1's output kept only).
         use_te_activation_func=True,
         attention_softmax_in_fp32=True,
@@ -55,6 +57,14 @@ def transformer_config(*, num_layers: int, hidden_size: int, num_attention_heads
         recompute_num_layers=1 if recompute == "full" else None,
         **(fp8 or {}),
     )
+
+
+def without_wgrad_fusion(config: TransformerConfig) -> TransformerConfig:
+    """The config for megatron's own Column/RowParallelLinear: they fuse the weight-gradient
+    accumulation only through apex's extension, which this project does not install."""
+    if not config.gradient_accumulation_fusion:
+        return config
+    return replace(config, gradient_accumulation_fusion=False)
 
 
 def decoder_layer_spec() -> ModuleSpec:

@@ -1,0 +1,70 @@
+"""train.gradient_accumulation_fusion: Transformer Engine's linears add their weight gradients into
+the fp32 buffer inside the GEMM. Refused without the TE spec; megatron's own linears (output layer,
+projector) are built without it; on a GPU the gradients equal those of the separate add."""
+import pytest
+import torch
+from megatron.core import tensor_parallel
+from mmpretrain.parallel import destroy_distributed
+from test_cross_attention import config
+
+from mmpretrain.config import ConfigError, check_trainable, load
+from mmpretrain.dataset import make_loader
+from mmpretrain.model.specs import transformer_config, without_wgrad_fusion
+from mmpretrain.model.te_specs import te_unavailable
+from mmpretrain.train.loop import setup
+from mmpretrain.train.step import train_step
+
+
+def test_refused_without_the_te_spec():
+    cfg = config("d", spec="local")
+    cfg.train.gradient_accumulation_fusion = True
+    with pytest.raises(ConfigError, match=r"train.gradient_accumulation_fusion: .*this run has "
+                                          "the local spec"):
+        check_trainable(cfg)
+
+
+def test_megatron_linears_are_built_without_it(megatron_world):
+    """megatron's ColumnParallelLinear refuses the flag without apex's extension; the config
+    `without_wgrad_fusion` gives it builds, and differs from the layers' only in that flag."""
+    tcfg = transformer_config(num_layers=2, hidden_size=64, num_attention_heads=4,
+                              ffn_hidden_size=128, norm_eps=1e-5, init_std=0.02,
+                              dtype=torch.float32, tp=1, pp=1, wgrad_fusion=True)
+    with pytest.raises(RuntimeError, match="gradient_accumulation_fusion"):
+        tensor_parallel.ColumnParallelLinear(64, 32, config=tcfg, init_method=tcfg.init_method,
+                                             bias=False, gather_output=False)
+    plain = without_wgrad_fusion(tcfg)
+    assert not plain.gradient_accumulation_fusion and tcfg.gradient_accumulation_fusion
+    assert {**vars(plain), "gradient_accumulation_fusion": True} == vars(tcfg)
+    assert without_wgrad_fusion(plain) is plain
+    tensor_parallel.ColumnParallelLinear(64, 32, config=plain, init_method=plain.init_method,
+                                         bias=False, gather_output=False)
+
+
+def step_gradients(base: list[str]) -> tuple[float, torch.Tensor]:
+    """(loss, every fp32 gradient buffer concatenated) of one step of two micro-batches."""
+    cfg = load(None, base)
+    _, tok, _, ddps, optimizer, _ = setup(cfg, world_size=1)
+    loader = iter(make_loader(cfg, "train", tok))
+    grads = []
+    capture = lambda: grads.extend(b.grad_data.clone() for d in ddps for b in d.buffers)  # noqa: E731
+    loss, *_ = train_step(ddps, optimizer, [next(loader), next(loader)], cfg.data.seq_length,
+                          after_backward=capture)
+    destroy_distributed()
+    return loss, torch.cat(grads)
+
+
+@pytest.mark.skipif(te_unavailable() is not None,
+                    reason=f"needs Transformer Engine on CUDA: {te_unavailable()}")
+def test_gradients_equal_the_separate_add(small_dataset):
+    """Two micro-batches of a 2-layer D model (bf16, TE spec) from the same init: the loss is the
+    same and the accumulated gradients agree to bf16 rounding of each micro-batch's gradient (the
+    fused GEMM adds in fp32 where the separate add first rounds to bf16)."""
+    base = [f"data.path={small_dataset}", "model.spec=te", "train.precision=bf16",
+            "decoder.num_layers=2", "decoder.hidden_size=128", "decoder.ffn_hidden_size=256",
+            "vision.hidden_size=64", "vision.ffn_hidden_size=128", "data.seq_length=256",
+            "data.micro_batch_size=2", "train.global_batch_size=4"]
+    loss, grads = step_gradients(base)
+    fused_loss, fused = step_gradients([*base, "train.gradient_accumulation_fusion=true"])
+    assert fused_loss == loss
+    assert (fused - grads).abs().max() <= 2 ** -7 * grads.abs().max()
+    assert not torch.equal(fused, grads)  # the fusion did run: rounding moved some gradient
