@@ -44,12 +44,9 @@ def built(cfg):
     return build_model(cfg, vocab_size=160, image_token_id=4).eval()
 
 
-@pytest.mark.parametrize("local_packing", ["mask", "thd"])
-@pytest.mark.parametrize("design", ["x", "h"])
-@torch.no_grad()
-def test_te_spec_matches_local_spec(megatron_world, design, local_packing):
-    """bf16 logits of the TE spec (thd, flash/cuDNN attention, fused norm+linear) from the local
-    spec's weights, against the local spec: within 2% of the logits' range."""
+def te_against_local(design: str, local_packing: str, fused_mlp: bool = False) -> float:
+    """Largest difference of the TE spec's bf16 logits from the local spec's (same weights), as a
+    share of the logits' range."""
     cfg = config(design, spec="local", packed_attention=local_packing)
     if design == "h":
         cfg.data.resize = "tiles"
@@ -58,15 +55,33 @@ def test_te_spec_matches_local_spec(megatron_world, design, local_packing):
     cfg.decoder.hidden_size, cfg.decoder.ffn_hidden_size = 128, 256
     local = built(cfg)
     set_gates(local, 0.5)
-    cfg.model.spec, cfg.model.packed_attention = "te", "thd"
+    cfg.model.spec, cfg.model.packed_attention, cfg.model.te_fused_mlp = "te", "thd", fused_mlp
     te = built(cfg)
     full = gather_full([local])
     load_full([te], {te_name(k): v for k, v in full.items()})
     batch = batch_of(design)
     ref, got = local(batch, with_loss=False).float(), te(batch, with_loss=False).float()
     keep = batch.sample_ids >= 0
-    err = (got - ref)[keep].abs().max() / ref[keep].abs().max()
+    return float((got - ref)[keep].abs().max() / ref[keep].abs().max())
+
+
+@pytest.mark.parametrize("local_packing", ["mask", "thd"])
+@pytest.mark.parametrize("design", ["x", "h"])
+@torch.no_grad()
+def test_te_spec_matches_local_spec(megatron_world, design, local_packing):
+    """bf16 logits of the TE spec (thd, flash/cuDNN attention, fused norm+linear) from the local
+    spec's weights, against the local spec: within 2% of the logits' range."""
+    err = te_against_local(design, local_packing)
     assert err <= 2e-2, f"TE vs local ({local_packing}) logits differ by {err:.3%} of their range"
+
+
+@pytest.mark.parametrize("design", ["x", "h"])
+@torch.no_grad()
+def test_te_fused_mlp_matches_local_spec(megatron_world, design):
+    """model.te_fused_mlp (megatron's TEFusedMLP: each MLP through TE's operation fuser, TE's
+    SwiGLU kernel) loads the same weights and gives the local spec's logits within 2%."""
+    err = te_against_local(design, "thd", fused_mlp=True)
+    assert err <= 2e-2, f"TE fused MLP vs local logits differ by {err:.3%} of their range"
 
 
 def train_losses(base: list[str], steps: int) -> list[float]:

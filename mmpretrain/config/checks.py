@@ -11,13 +11,15 @@ patch stream and the cross-attention keys are sized or padded to it under train.
 
 def check_trainable(cfg: Config) -> None:
     """Settings a config may hold (`mmpretrain plan` models them) that cannot run here: the TE
-    spec (or TE's gradient accumulation fusion) without Transformer Engine or CUDA, FP8 without
-    it or on a GPU without FP8."""
+    spec (or its options: gradient accumulation fusion, the fused MLP) without Transformer Engine
+    or CUDA, FP8 without it or on a GPU without FP8."""
     spec = layer_spec_name(cfg)
     decoder_thd(cfg, spec)
-    if cfg.train.gradient_accumulation_fusion and spec != "te":
-        raise ConfigError("train.gradient_accumulation_fusion: Transformer Engine's linear layers "
-                          f"do it, and this run has the {spec} spec: {_te_reason()}")
+    for name, on in (("train.gradient_accumulation_fusion", cfg.train.gradient_accumulation_fusion),
+                     ("model.te_fused_mlp", cfg.model.te_fused_mlp)):
+        if on and spec != "te":
+            raise ConfigError(f"{name}: Transformer Engine's layers do it, and this run has the "
+                              f"{spec} spec: {_te_reason()}")
     if cfg.train.fp8 is None:
         return
     if spec != "te":

@@ -29,6 +29,10 @@ class ModelConfig:
     packed_attention: Literal["auto", "thd", "mask"] = "auto"
     """How the decoder keeps packed samples apart: 'thd' (PackedSeqParams cu_seqlens), 'mask' (a
     dense block-diagonal causal mask; local spec only), 'auto' (thd with te, mask with local)."""
+    te_fused_mlp: bool = False
+    """TE spec only: each encoder and decoder MLP (RMSNorm, FC1, SwiGLU, FC2) as one Transformer
+    Engine operation sequence (megatron's TEFusedMLP: TE's SwiGLU kernel, one autograd node)
+    instead of three modules; the same weights and checkpoints."""
 
 
 @dataclass

@@ -104,7 +104,7 @@ def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) 
 def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:
     """This rank's model chunks (one per virtual pipeline stage), on the current device."""
     vcfg, dcfg = _configs(cfg)
-    specs = layer_specs(layer_spec_name(cfg))
+    specs = layer_specs(layer_spec_name(cfg), cfg.model.te_fused_mlp)
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     chunks = []
     for vp_stage in stages:

@@ -102,11 +102,13 @@ class LayerSpecs:
     """Row-parallel linear of layers built by hand."""
 
 
-def layer_specs(name: str = "local") -> LayerSpecs:
-    """'local': megatron-core modules, any device; 'te': Transformer Engine's (CUDA)."""
+def layer_specs(name: str = "local", te_fused_mlp: bool = False) -> LayerSpecs:
+    """'local': megatron-core modules, any device; 'te': Transformer Engine's (CUDA), with
+    `te_fused_mlp` their MLPs through TE's operation fuser (`te_specs.te_decoder_layer_spec`)."""
     if name == "te":
         norm, column, row = te_modules()
-        return LayerSpecs("te", te_decoder_layer_spec(), te_vision_layer_spec(), norm, column, row)
+        return LayerSpecs("te", te_decoder_layer_spec(te_fused_mlp),
+                          te_vision_layer_spec(te_fused_mlp), norm, column, row)
     if name != "local":
         raise ValueError(f"unknown layer spec {name!r} (local or te)")
     decoder = decoder_layer_spec()

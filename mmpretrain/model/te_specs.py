@@ -52,11 +52,12 @@ def fp8_settings(fp8: str | None, recipe: str) -> dict:
     return out
 
 
-def te_decoder_layer_spec() -> ModuleSpec:
+def te_decoder_layer_spec(fused_mlp: bool = False) -> ModuleSpec:
     """megatron-core's TE GPT layer: causal self-attention (thd: padding_causal per sample), its
     core attention rotating thd queries and keys itself (`rope.RopeInCoreAttention`), the MLP's
-    activation `swiglu.SwiGLU`."""
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    activation `swiglu.SwiGLU`; with `fused_mlp`, megatron's TEFusedMLP (norm, FC1, TE's SwiGLU,
+    FC2 through TE's operation fuser, the same parameters)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TEFusedMLP
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     class TERopedDotProductAttention(RopeInCoreAttention, TEDotProductAttention):
@@ -64,13 +65,17 @@ def te_decoder_layer_spec() -> ModuleSpec:
 
     spec = get_gpt_layer_with_transformer_engine_spec()
     spec.submodules.self_attention.submodules.core_attention = TERopedDotProductAttention
-    spec.submodules.mlp.submodules.activation_func = SwiGLU
+    if fused_mlp:  # its activation comes from config.activation_func (F.silu, gated)
+        spec.submodules.mlp.module = TEFusedMLP
+        spec.submodules.mlp.submodules.activation_func = None
+    else:
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 
-def te_vision_layer_spec() -> ModuleSpec:
+def te_vision_layer_spec(fused_mlp: bool = False) -> ModuleSpec:
     """The same layer with bidirectional attention (thd: each image attends within itself)."""
-    spec = copy.deepcopy(te_decoder_layer_spec())
+    spec = copy.deepcopy(te_decoder_layer_spec(fused_mlp))
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     return spec
 

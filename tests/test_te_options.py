@@ -1,6 +1,7 @@
-"""train.gradient_accumulation_fusion: Transformer Engine's linears add their weight gradients into
-the fp32 buffer inside the GEMM. Refused without the TE spec; megatron's own linears (output layer,
-projector) are built without it; on a GPU the gradients equal those of the separate add."""
+"""Opt-in Transformer Engine options, refused without the TE spec. train.gradient_accumulation_fusion:
+TE's linears add their weight gradients into the fp32 buffer inside the GEMM; megatron's own
+linears (output layer, projector) are built without it; on a GPU the gradients equal those of the
+separate add. model.te_fused_mlp: its logits are checked in test_gpu_te.py."""
 import pytest
 import torch
 from megatron.core import tensor_parallel
@@ -15,11 +16,12 @@ from mmpretrain.train.loop import setup
 from mmpretrain.train.step import train_step
 
 
-def test_refused_without_the_te_spec():
+@pytest.mark.parametrize("option", ["train.gradient_accumulation_fusion", "model.te_fused_mlp"])
+def test_refused_without_the_te_spec(option):
     cfg = config("d", spec="local")
-    cfg.train.gradient_accumulation_fusion = True
-    with pytest.raises(ConfigError, match=r"train.gradient_accumulation_fusion: .*this run has "
-                                          "the local spec"):
+    section, name = option.split(".")
+    setattr(getattr(cfg, section), name, True)
+    with pytest.raises(ConfigError, match=rf"{option}: .*this run has the local spec"):
         check_trainable(cfg)
 
 
