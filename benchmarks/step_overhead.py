@@ -45,7 +45,7 @@ def gpt_model(cfg):
     from megatron.core.models.gpt import GPTModel
 
     from mmpretrain.model.specs import decoder_layer_spec
-    _, dcfg = _configs(cfg)
+    _, dcfg = _configs(cfg, "local")
     return GPTModel(dcfg, decoder_layer_spec(), vocab_size=VOCAB, max_sequence_length=cfg.data.seq_length,
                     position_embedding_type="rope", rotary_base=int(cfg.decoder.rope_theta),
                     share_embeddings_and_output_weights=False)

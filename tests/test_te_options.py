@@ -5,11 +5,13 @@ separate add. model.te_fused_mlp: its logits are checked in test_gpu_te.py."""
 import pytest
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLP
 from mmpretrain.parallel import destroy_distributed
 from test_cross_attention import config
 
 from mmpretrain.config import ConfigError, check_trainable, load
 from mmpretrain.dataset import make_loader
+from mmpretrain.model.build import build_model
 from mmpretrain.model.specs import transformer_config, without_wgrad_fusion
 from mmpretrain.model.te_specs import te_unavailable
 from mmpretrain.train.loop import setup
@@ -25,6 +27,26 @@ def test_refused_without_the_te_spec(option):
         check_trainable(cfg)
 
 
+def test_fused_mlp_refused_with_fp8_and_full_recomputation():
+    with pytest.raises(ConfigError, match="model.te_fused_mlp: not with train.fp8 and "
+                                          "train.recompute: full"):
+        load(None, ["model.te_fused_mlp=true", "train.fp8=hybrid", "train.recompute=full"])
+
+
+def test_a_local_build_of_a_te_run_leaves_them_out(megatron_world):
+    """HF export and CPU evaluation build a TE run's config with the local spec: neither option
+    reaches megatron's own layers there (its linears would refuse the fusion without apex)."""
+    cfg = config("d", spec="local")
+    cfg.train.gradient_accumulation_fusion = cfg.model.te_fused_mlp = True
+    model = build_model(cfg, vocab_size=160, image_token_id=4)
+    layer = model.language_model.block.layers[0]
+    assert not layer.config.gradient_accumulation_fusion
+    assert not model.vision.config.gradient_accumulation_fusion
+    assert type(layer.mlp) is MLP
+
+
+@pytest.mark.skipif(tensor_parallel.layers._grad_accum_fusion_available,
+                    reason="apex's fused_weight_gradient_mlp_cuda is installed here")
 def test_megatron_linears_are_built_without_it(megatron_world):
     """megatron's ColumnParallelLinear refuses the flag without apex's extension; the config
     `without_wgrad_fusion` gives it builds, and differs from the layers' only in that flag."""
@@ -42,17 +64,23 @@ def test_megatron_linears_are_built_without_it(megatron_world):
                                          bias=False, gather_output=False)
 
 
-def step_gradients(base: list[str]) -> tuple[float, torch.Tensor]:
-    """(loss, every fp32 gradient buffer concatenated) of one step of two micro-batches."""
+def step_gradients(base: list[str]) -> tuple[float, torch.Tensor, int]:
+    """(loss, every fp32 gradient buffer concatenated, parameters whose gradients TE added to
+    the buffer itself) of one step of two micro-batches."""
     cfg = load(None, base)
-    _, tok, _, ddps, optimizer, _ = setup(cfg, world_size=1)
+    _, tok, chunks, ddps, optimizer, _ = setup(cfg, world_size=1)
     loader = iter(make_loader(cfg, "train", tok))
-    grads = []
-    capture = lambda: grads.extend(b.grad_data.clone() for d in ddps for b in d.buffers)  # noqa: E731
+    grads, fused = [], []
+
+    def capture():
+        grads.extend(b.grad_data.clone() for d in ddps for b in d.buffers)
+        fused.extend(getattr(p, "grad_added_to_main_grad", False) for c in chunks
+                     for p in c.parameters())
+
     loss, *_ = train_step(ddps, optimizer, [next(loader), next(loader)], cfg.data.seq_length,
                           after_backward=capture)
     destroy_distributed()
-    return loss, torch.cat(grads)
+    return loss, torch.cat(grads), sum(fused)
 
 
 @pytest.mark.skipif(te_unavailable() is not None,
@@ -65,8 +93,8 @@ def test_gradients_equal_the_separate_add(small_dataset):
             "decoder.num_layers=2", "decoder.hidden_size=128", "decoder.ffn_hidden_size=256",
             "vision.hidden_size=64", "vision.ffn_hidden_size=128", "data.seq_length=256",
             "data.micro_batch_size=2", "train.global_batch_size=4"]
-    loss, grads = step_gradients(base)
-    fused_loss, fused = step_gradients([*base, "train.gradient_accumulation_fusion=true"])
-    assert fused_loss == loss
+    loss, grads, plain_added = step_gradients(base)
+    fused_loss, fused, added = step_gradients([*base, "train.gradient_accumulation_fusion=true"])
+    assert plain_added == 0 and added > 0  # TE's linears added into the buffer only when asked
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
     assert (fused - grads).abs().max() <= 2 ** -7 * grads.abs().max()
-    assert not torch.equal(fused, grads)  # the fusion did run: rounding moved some gradient

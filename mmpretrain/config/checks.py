@@ -95,6 +95,10 @@ def validate(cfg: Config) -> None:
                           f"multiples of {FP8_MULTIPLE}")
     if cfg.data.image_token_budget < cfg.projector.merge ** 2:
         raise ConfigError("data.image_token_budget is smaller than one merged token")
+    if cfg.model.te_fused_mlp and cfg.train.fp8 is not None and cfg.train.recompute == "full":
+        raise ConfigError("model.te_fused_mlp: not with train.fp8 and train.recompute: full (TE's "
+                          "operation fuser does not keep the FP8 scales of the first forward pass "
+                          "for the recomputed one, as TE's layers do)")
     _validate_data(cfg)
     _validate_cross_attention(cfg)
 

@@ -43,11 +43,13 @@ def set_frozen(module: torch.nn.Module | None, frozen: bool) -> None:
         p.requires_grad_(not frozen)
 
 
-def _configs(cfg: Config):
+def _configs(cfg: Config, spec: str):
     dtype, gpu = param_dtype(cfg), torch.cuda.is_available()
     p, v, d = cfg.parallel, cfg.vision, cfg.decoder
+    # A TE run's config may build the local spec (CPU export, evaluation): it has no fused add.
+    wgrad_fusion = cfg.train.gradient_accumulation_fusion and spec == "te"
     common = dict(init_std=cfg.model.init_std, dtype=dtype, tp=p.tp, on_gpu=gpu,
-                  recompute=cfg.train.recompute, wgrad_fusion=cfg.train.gradient_accumulation_fusion)
+                  recompute=cfg.train.recompute, wgrad_fusion=wgrad_fusion)
     fp8 = fp8_settings(cfg.train.fp8, cfg.train.fp8_recipe)
     # The encoder runs whole on the first pipeline stage: to megatron it is a 1-stage model.
     vcfg = transformer_config(
@@ -103,8 +105,9 @@ def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) 
 
 def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:
     """This rank's model chunks (one per virtual pipeline stage), on the current device."""
-    vcfg, dcfg = _configs(cfg)
-    specs = layer_specs(layer_spec_name(cfg), cfg.model.te_fused_mlp)
+    spec = layer_spec_name(cfg)
+    vcfg, dcfg = _configs(cfg, spec)
+    specs = layer_specs(spec, cfg.model.te_fused_mlp)
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     chunks = []
     for vp_stage in stages:

@@ -57,18 +57,15 @@ def te_decoder_layer_spec(fused_mlp: bool = False) -> ModuleSpec:
     core attention rotating thd queries and keys itself (`rope.RopeInCoreAttention`), the MLP's
     activation `swiglu.SwiGLU`; with `fused_mlp`, megatron's TEFusedMLP (norm, FC1, TE's SwiGLU,
     FC2 through TE's operation fuser, the same parameters)."""
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TEFusedMLP
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     class TERopedDotProductAttention(RopeInCoreAttention, TEDotProductAttention):
         """TE's attention (flash / cuDNN) after the stream-wide RoPE of thd sequences."""
 
-    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_with_transformer_engine_spec(use_te_op_fuser=fused_mlp)
     spec.submodules.self_attention.submodules.core_attention = TERopedDotProductAttention
-    if fused_mlp:  # its activation comes from config.activation_func (F.silu, gated)
-        spec.submodules.mlp.module = TEFusedMLP
-        spec.submodules.mlp.submodules.activation_func = None
-    else:
+    if not fused_mlp:  # TEFusedMLP takes its activation from config.activation_func (F.silu)
         spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
