@@ -36,6 +36,9 @@ def _top(events: list, key: str, n: int, steps: int) -> str:
                      if getattr(e, key) > 0)
 
 
+_TORCH = os.path.dirname(torch.__file__) + os.sep  # torch's own frames are not call sites
+
+
 def _short(path: str) -> str:
     """A source path from its package on: after site-packages/, else relative to the directory
     the benchmark runs in."""
@@ -47,7 +50,7 @@ def _short(path: str) -> str:
 
 def call_site(stack: list[traceback.FrameSummary], depth: int = 2) -> str:
     """The innermost `depth` frames of a stack outside torch and this module, innermost first."""
-    frames = [f for f in reversed(stack) if "/torch/" not in f.filename
+    frames = [f for f in reversed(stack) if not f.filename.startswith(_TORCH)
               and f.filename not in (__file__, warnings.__file__)]
     return " < ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames[:depth])
 
