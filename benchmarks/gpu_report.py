@@ -18,8 +18,8 @@ from PIL import Image
 
 from mmpretrain.planner.hardware import GPU, GPUS
 
-COLUMNS = ["design", "size", "params", "variant", "fp8", "step (ms)", "tokens/s", "TFLOP/s", "MFU",
-           "peak mem (GiB)", "loss", "status"]
+COLUMNS = ["design", "size", "params", "variant", "fp8", "rows x micro-batches", "step (ms)",
+           "tokens/s", "TFLOP/s", "MFU", "peak mem (GiB)", "loss", "status"]
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Row:
     loss: float = 0.0
     fp8: str = ""
     profile: str = ""
+    batch: str = "-"  # rows per micro-batch x micro-batches per step
 
 
 def gpu_peak(kind: str | None) -> GPU | None:
@@ -82,9 +83,9 @@ def _params(n: int) -> str:
 
 def _cells(r: Row) -> list[str]:
     if r.status != "ok":
-        return [r.design, r.size, _params(r.params), r.variant, r.fp8 or "-"] + ["-"] * 6 \
-            + [r.status.replace("|", "\\|")]
-    return [r.design, r.size, _params(r.params), r.variant, r.fp8 or "-",
+        return [r.design, r.size, _params(r.params), r.variant, r.fp8 or "-", r.batch] \
+            + ["-"] * 6 + [r.status.replace("|", "\\|")]
+    return [r.design, r.size, _params(r.params), r.variant, r.fp8 or "-", r.batch,
             f"{1e3 * r.step_s:.1f}", f"{r.tokens_s:,.0f}", f"{r.tflops:.3g}",
             f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-",
             f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-", f"{r.loss:.3f}", "ok"]

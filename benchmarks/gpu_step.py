@@ -217,10 +217,12 @@ def run_case(design: str, size: str, args, gpu: GPU | None) -> list[Row]:
     """All variants of design x size on the same synthetic batches."""
     base = case_overrides(design, size, args.seq_length, args.micro_batch, args.vocab,
                           args.max_patches, args.accumulate) + args.set
+    batch = f"{args.micro_batch} x {args.accumulate}"
     try:
         cfg = load(None, base)
     except ConfigError as e:
-        return [Row(design.upper(), size, 0, v, f"skipped: {_reason(e)}") for v in args.variants]
+        return [Row(design.upper(), size, 0, v, f"skipped: {_reason(e)}", batch=batch)
+                for v in args.variants]
     batches = make_batches(cfg, args.batches, args.seed)
     flops = [model_flops(cfg, b) for b in batches]
     images = sum(len(b.image_sizes) for b in batches) / len(batches)
@@ -232,8 +234,8 @@ def run_case(design: str, size: str, args, gpu: GPU | None) -> list[Row]:
           f"{patches:.0f} patches, {sum(flops) / len(flops) / 1e12:.3g} model TFLOP", flush=True)
     rows = []
     for variant in args.variants:
-        row = run_variant(base, Row(design.upper(), size, trainable_params(cfg), variant), batches,
-                          flops, args, gpu)
+        row = Row(design.upper(), size, trainable_params(cfg), variant, batch=batch)
+        row = run_variant(base, row, batches, flops, args, gpu)
         release()
         rows.append(row)
         print(f"   {variant}: {summary(row)}", flush=True)

@@ -63,7 +63,7 @@ def test_accumulated_micro_batches_count_in_a_step():
     1024 tokens (512 without it, in the test above's rows)."""
     rows = run_smoke("--designs", "d", "--variants", "local-fp32", "--accumulate", "2")
     r = rows[("D", "local-fp32")]
-    assert r["status"] == "ok", r
+    assert r["status"] == "ok" and r["rows x micro-batches"] == "2 x 2", r
     tokens = number(r["tokens/s"]) * number(r["step (ms)"]) / 1e3
     assert abs(tokens - 2 * 2 * 256) <= 0.01 * 1024, r
 
