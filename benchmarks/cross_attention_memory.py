@@ -4,18 +4,17 @@ against its fused one, at the shapes of the GPU benchmark's 1b batches. On CPU.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cross_attention_memory.py --keys 3831,3136
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cross_attention_memory.py --keys 3831,3136 --dtype fp32
 
-Why: the layer attended in fp32 with a boolean mask and `enable_gqa` (grouped key/value heads).
-On CUDA, torch's memory-efficient kernel takes fp32 and masks but not `enable_gqa`, flash
-attention takes neither fp32 nor masks, so that call fell back to the math kernel, which keeps the
-[b, a, s, kr] fp32 probabilities for the backward (pytorch/pytorch#181528 lists the same
-fallback). The layer now repeats key/value heads itself and attends in the activation dtype
-(--dtype bf16, the default; --dtype fp32 is the earlier call). This script measures, for the math
-kernel (forced) and
-for the CPU's fused kernel (flash attention, which keeps what the memory-efficient one keeps: q, k,
-v, output, log-sum-exp), what autograd keeps (saved-tensor hooks, each storage once) and the peak
-of a forward and backward above the inputs (torch.profiler's allocator trace). Shapes: one row of
---seq text queries, --heads query heads in --groups key/value groups of --head-dim, and kr keys
-(the 1b batches of `gpu_step.py`: X 3831, H 3136 image tokens in the largest row).
+Why: the layer attended in fp32 with a boolean mask and `enable_gqa` (grouped key/value heads). On
+CUDA, torch's memory-efficient kernel takes fp32 and masks but not `enable_gqa`, flash attention
+takes neither fp32 nor masks, so that call fell back to the math kernel, which keeps the [b, a, s,
+kr] fp32 probabilities for the backward (pytorch/pytorch#181528 lists the same fallback). The
+layer now repeats key/value heads itself and attends in the activation dtype (--dtype bf16, the
+default; --dtype fp32 is the earlier call). This script measures, for the math kernel (forced) and
+for the CPU's fused kernel (flash attention, which keeps what the memory-efficient one keeps: q,
+k, v, output, log-sum-exp), what autograd keeps (saved-tensor hooks, each storage once) and the
+peak of a forward and backward above the inputs (torch.profiler's allocator trace). Shapes: one
+row of --seq text queries, --heads query heads in --groups key/value groups of --head-dim, and kr
+keys (the 1b batches of `gpu_step.py`: X 3831, H 3136 image tokens in the largest row).
 """
 from __future__ import annotations
 
