@@ -3,6 +3,10 @@
 One `PackedBatch` describes the packing (sample ids, positions, image grid sizes); every mask is
 derived from it, so the encoder's block-diagonal mask, the decoder's block-diagonal causal mask and
 the loss mask cannot disagree.
+
+A batch on the GPU keeps its host copy (`host`): whatever needs a value on the host (a sequence
+length, an image's grid, how many keys a row has) is read there, so the forward pass never waits
+for the GPU to answer and the host can queue kernels ahead of it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ from mmpretrain.data.sequence import TokenSequence
 
 def _no_tiles() -> torch.Tensor:
     return torch.zeros(0, dtype=torch.long)
+
+
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` (host memory) on `device`; to a GPU without waiting for the copy (it is queued)."""
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 @dataclass
@@ -33,10 +42,23 @@ class PackedBatch:
     # image, k >= 1 its k-th tile, -1 a global thumbnail (NVLM tiles policy)
     image_anchors: torch.Tensor = field(default_factory=_no_tiles)  # [n_images] int64: flat
     # index r * s + t of the token introducing each image (marker, tag, first placeholder); -1 none
+    on_host: PackedBatch | None = field(default=None, repr=False, compare=False)  # this batch in
+    # host memory, kept by `to` (None: this one is)
+
+    @property
+    def host(self) -> PackedBatch:
+        """This batch in host memory, where its values are read without a device sync."""
+        return self if self.on_host is None else self.on_host
 
     def to(self, device) -> PackedBatch:
-        """The batch on `device`."""
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """The batch on `device` (copies queued, not awaited), keeping its host copy."""
+        host = self.host if self.host.tokens.device.type == "cpu" else None
+        return PackedBatch(**{f.name: on_device(getattr(self, f.name), device)
+                              for f in fields(self) if f.name != "on_host"}, on_host=host)
+
+    def from_host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, computed on the host, on this batch's device."""
+        return on_device(t, self.tokens.device)
 
     @property
     def efficiency(self) -> float:
@@ -53,9 +75,8 @@ class PackedBatch:
     def patch_positions(self) -> torch.Tensor:
         """[n_patches, 2] (row, col) of each patch within its own image."""
         out = [torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), -1)
-               .reshape(-1, 2) for r, c in self.image_sizes.tolist()]
-        pos = torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
-        return pos.to(self.image_sizes.device)
+               .reshape(-1, 2) for r, c in self.host.image_sizes.tolist()]
+        return self.from_host(torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long))
 
     def encoder_attention_mask(self) -> torch.Tensor:
         """[1, 1, n, n] bool, True where a patch may NOT attend (another image)."""
@@ -72,53 +93,72 @@ class PackedBatch:
         return ~(same & causal)[:, None]
 
     def decoder_seqlens(self) -> torch.Tensor:
-        """[n_runs] lengths of the runs of one sample (the padding of a row is one more run), row
-        after row: the thd description of the decoder stream [b*s] that `decoder_attention_mask`
-        describes densely (a token sees the earlier tokens of its own run)."""
-        sid = self.sample_ids
+        """[n_runs] lengths (host memory) of the runs of one sample (the padding of a row is one
+        more run), row after row: the thd description of the decoder stream [b*s] that
+        `decoder_attention_mask` describes densely (a token sees the earlier tokens of its run)."""
+        sid = self.host.sample_ids
         starts = torch.ones_like(sid, dtype=torch.bool)  # [b, s]
         starts[:, 1:] = sid[:, 1:] != sid[:, :-1]
         at = starts.flatten().nonzero()[:, 0]  # [n_runs] first token of each run
         return torch.diff(at, append=at.new_tensor([sid.numel()]))
 
+    def image_slots(self, image_token_id: int) -> torch.Tensor:
+        """[n_slots] positions of the image tokens in the flattened [b*s] rows (on the device),
+        where the image embeddings go, in stream order."""
+        return self.from_host((self.host.tokens.flatten() == image_token_id).nonzero()[:, 0])
+
     def images_in_stream(self, design: str) -> torch.Tensor:
-        """[n_images] bool: images placed in the token stream rather than cross-attended: H's
-        thumbnails; none for X (D places every image, and has no cross-attention)."""
+        """[n_images] bool (host memory): images placed in the token stream rather than
+        cross-attended: H's thumbnails; none for X (D places every image, and has no
+        cross-attention)."""
         if design == "h":
-            return self.image_tiles == THUMBNAIL
-        return torch.zeros(len(self.image_sizes), dtype=torch.bool, device=self.tokens.device)
+            return self.host.image_tiles == THUMBNAIL
+        return torch.zeros(len(self.image_sizes), dtype=torch.bool)
 
     def tokens_per_image(self, merge: int = 1) -> torch.Tensor:
-        """[n_images] projected tokens of each image (its patch grid merged `merge` x `merge`)."""
-        return (self.image_sizes[:, 0] // merge) * (self.image_sizes[:, 1] // merge)
+        """[n_images] projected tokens of each image (its patch grid merged `merge` x `merge`),
+        in host memory."""
+        sizes = self.host.image_sizes
+        return (sizes[:, 0] // merge) * (sizes[:, 1] // merge)
 
     def cross_attention_mask(self, cross: torch.Tensor, merge: int = 1) -> torch.Tensor:
         """[b, 1, s, k] bool, True where a token may NOT attend to an image token (X/H designs).
 
         The k columns are the projected tokens ((rows/merge) * (cols/merge) each) of the images
-        selected by `cross` [n_images] bool, in stream order. A token sees an image of its own
+        selected by `cross` [n_images] bool (host memory), in stream order. A token sees an image of its own
         sample whose anchor is at or before it (a marker sees its own image)."""
-        b, s = self.sample_ids.shape
-        anchors = self.image_anchors[cross]  # [n]
+        host = self.host  # a reference for tests: built on the host, then moved
+        b, s = host.sample_ids.shape
+        anchors = host.image_anchors[cross]  # [n]
         row, at = anchors // s, anchors % s  # [n]
-        sid = self.sample_ids[row, at]  # [n]
-        pos = torch.arange(s, device=anchors.device)
-        visible = ((torch.arange(b, device=anchors.device)[:, None, None] == row)
-                   & (self.sample_ids[:, :, None] == sid) & (pos[None, :, None] >= at))  # [b, s, n]
-        per_image = self.tokens_per_image(merge)[cross]  # [n]
-        visible = visible.repeat_interleave(per_image, dim=2)  # [b, s, k]
-        return ~visible[:, None]
-
+        sid = host.sample_ids[row, at]  # [n]
+        pos = torch.arange(s)
+        visible = ((torch.arange(b)[:, None, None] == row)
+                   & (host.sample_ids[:, :, None] == sid) & (pos[None, :, None] >= at))  # [b, s, n]
+        visible = visible.repeat_interleave(self.tokens_per_image(merge)[cross], dim=2)  # [b, s, k]
+        return self.from_host(~visible[:, None])
 
     def cross_attention_rows(self, cross: torch.Tensor, merge: int = 1,
                              multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own keys: (index [b, kr], mask [b, 1, s, kr] bool, True = may NOT attend).
 
-        Row r's keys are the projected tokens of the images (selected by `cross`) that its
+        Row r's keys are the projected tokens of the images (selected by `cross`, host memory) that its
         samples reference; `index` gives their positions among all selected images' tokens (0
         where a row has fewer than kr), and the mask is `cross_attention_mask` restricted to them,
         so a row never attends over the other rows' images. kr is rounded up to a `multiple`
         with keys nobody sees (`FP8_MULTIPLE`: FP8 GEMMs take row counts in multiples of 16)."""
+        index, at, valid = self.host.row_keys(cross, merge, multiple)  # [b, kr] each
+        index, at, valid = self.from_host(index), self.from_host(at), self.from_host(valid)
+        sid = self.sample_ids.gather(1, at)  # [b, kr] sample of each key
+        pos = torch.arange(self.sample_ids.shape[1], device=at.device)
+        visible = (valid[:, None, :] & (self.sample_ids[:, :, None] == sid[:, None, :])
+                   & (pos[None, :, None] >= at[:, None, :]))  # [b, s, kr]
+        return index, ~visible[:, None]
+
+    def row_keys(self, cross: torch.Tensor, merge: int,
+                 multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`cross_attention_rows`' host part: (index, anchor position in the row, valid),
+        [b, kr] each, from the (host) image anchors and sizes."""
         b, s = self.sample_ids.shape
         anchors, per_image = self.image_anchors[cross], self.tokens_per_image(merge)[cross]  # [n]
         token_anchor = anchors.repeat_interleave(per_image)  # [k] anchor of each image token
@@ -128,15 +168,11 @@ class PackedBatch:
         count = torch.bincount(token_row, minlength=b)  # [b]
         start = torch.cumsum(count, 0) - count  # [b]
         width = -(-int(count.max()) // multiple) * multiple if len(token_row) else 0
-        offsets = torch.arange(width, device=count.device)
+        offsets = torch.arange(width)
         valid = offsets[None, :] < count[:, None]  # [b, kr]
         index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # [b, kr]
         at = token_anchor[index] % s if width else index  # [b, kr] anchor position in the row
-        sid = self.sample_ids.gather(1, at)  # [b, kr] sample of each key
-        pos = torch.arange(s, device=count.device)
-        visible = (valid[:, None, :] & (self.sample_ids[:, :, None] == sid[:, None, :])
-                   & (pos[None, :, None] >= at[:, None, :]))  # [b, s, kr]
-        return index, ~visible[:, None]
+        return index, at, valid
 
 
 def encoder_stream(patches: list[torch.Tensor]) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_packed_core_attention_equals_dense_mask(megatron_world, mask_type):
     q = torch.randn(t, 4, 16, generator=g, requires_grad=True)
     k = torch.randn(t, 2, 16, generator=g, requires_grad=True)
     v = torch.randn(t, 2, 16, generator=g, requires_grad=True)
-    out = packed(q, k, v, None, packed_seq_params=packed_seq_params(torch.tensor(LENGTHS)))
+    out = packed(q, k, v, None, packed_seq_params=packed_seq_params(torch.tensor(LENGTHS), q.device))
     ref = dense(q[:, None], k[:, None], v[:, None],
                 block_mask(LENGTHS, mask_type == AttnMaskType.causal))[:, 0]  # [t, np*d]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -44,24 +44,24 @@ class NVLMDecoderOnly(MegatronModule):
         """How the decoder keeps packed samples apart: thd packed sequences or the dense mask."""
         if self.thd:
             return {"attention_mask": None,
-                    "packed_seq_params": packed_seq_params(batch.decoder_seqlens())}
+                    "packed_seq_params": packed_seq_params(batch.decoder_seqlens(),
+                                                           batch.tokens.device)}
         return {"attention_mask": batch.decoder_attention_mask(),  # [b, 1, s, s]
                 "packed_seq_params": None}
 
     def image_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """All images of the micro-batch as one stream -> [n_image_tokens, h_decoder]."""
-        features = self.vision(batch.patches, batch.patch_positions,
-                               batch.image_sizes)  # [n, h_vision]
-        return self.projector(features, batch.image_sizes)
+        sizes = batch.host.image_sizes  # [n_images, 2], read on the host
+        features = self.vision(batch.patches, batch.patch_positions, sizes)  # [n, h_vision]
+        return self.projector(features, sizes)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Token embeddings with image embeddings in place of the [IMG] tokens -> [s, b, h]."""
         emb = self.language_model.embed(batch.tokens)  # [s, b, h]
-        slots = (batch.tokens == self.image_token_id).t()  # [s, b]
-        n_slots = int(slots.sum())
+        slots = batch.image_slots(self.image_token_id)  # [n_slots]
         if len(batch.image_sizes) == 0:
-            if n_slots:
-                raise ValueError(f"{n_slots} image tokens in the batch but no images")
+            if len(slots):
+                raise ValueError(f"{len(slots)} image tokens in the batch but no images")
             return emb
         return place_images(emb, slots, self.image_embeddings(batch))
 
@@ -75,10 +75,10 @@ class NVLMDecoderOnly(MegatronModule):
 
 
 def place_images(emb: torch.Tensor, slots: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """emb [s, b, h] with images [n, h] at the True entries of slots [s, b], in [b, s] order."""
-    n_slots = int(slots.sum())
-    if images.shape[0] != n_slots:
-        raise ValueError(f"{n_slots} image tokens but {images.shape[0]} image embeddings")
-    # The [s, b] order of slots differs from the images' [b, s] order: place in [b, s, h].
-    emb = emb.transpose(0, 1).masked_scatter(slots.t()[..., None], images.to(emb.dtype))
-    return emb.transpose(0, 1).contiguous()  # [s, b, h]
+    """emb [s, b, h] with images [n, h] at slots [n], positions in the flattened [b*s] rows."""
+    if images.shape[0] != len(slots):
+        raise ValueError(f"{len(slots)} image tokens but {images.shape[0]} image embeddings")
+    s, b, h = emb.shape
+    # The [s, b] order of emb differs from the slots' [b, s] order: place in [b*s, h].
+    emb = emb.transpose(0, 1).reshape(b * s, h).index_copy(0, slots, images.to(emb.dtype))
+    return emb.view(b, s, h).transpose(0, 1).contiguous()  # [s, b, h]

@@ -53,11 +53,12 @@ class NVLMCrossAttention(NVLMDecoderOnly):
         return rows + context_rows(self.context_capacity, cols) * tp, cols
 
     def in_stream(self, batch: PackedBatch) -> torch.Tensor:
-        """[n_images] bool: images placed in the token stream (H's thumbnails), not cross-attended."""
+        """[n_images] bool (host memory): images placed in the token stream (H's thumbnails), not
+        cross-attended."""
         return batch.images_in_stream(self.design)
 
     def tokens_per_image(self, batch: PackedBatch) -> torch.Tensor:
-        """[n_images] projected tokens of each image."""
+        """[n_images] projected tokens of each image (host memory)."""
         return batch.tokens_per_image(self.merge)
 
     def embed_and_context(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +71,10 @@ class NVLMCrossAttention(NVLMDecoderOnly):
             images = emb.new_zeros(0, emb.shape[-1])
         token_in_stream = in_stream.repeat_interleave(self.tokens_per_image(batch))  # [n_tokens]
         if self.design == "h":
-            slots = (batch.tokens == self.image_token_id).t()  # [s, b]
-            emb = place_images(emb, slots, images[token_in_stream])
-        return emb, images[~token_in_stream]
+            placed = batch.from_host(token_in_stream.nonzero()[:, 0])  # [n_placed]
+            emb = place_images(emb, batch.image_slots(self.image_token_id),
+                               images.index_select(0, placed))
+        return emb, images.index_select(0, batch.from_host((~token_in_stream).nonzero()[:, 0]))
 
     def received_parts(self, n_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The received tensor split: (hidden [s(/tp), b, h], context [n, h], its rows [m, b, h])

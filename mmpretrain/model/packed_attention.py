@@ -16,15 +16,18 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from mmpretrain.data.packing import on_device
 from mmpretrain.model.rope import rotate_carried
 
 
-def packed_seq_params(lengths: torch.Tensor) -> PackedSeqParams:
-    """THD description of sequences of `lengths` [n] laid back to back (int32 cu_seqlens)."""
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=lengths.device)
+def packed_seq_params(lengths: torch.Tensor, device) -> PackedSeqParams:
+    """THD description of sequences of `lengths` [n] (host memory) laid back to back: int32
+    cu_seqlens on `device`, the longest length as an int (read on the host, no device sync)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
     longest = int(lengths.max()) if len(lengths) else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device(cu, device),
+                           cu_seqlens_kv=on_device(cu, device),
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
@@ -38,13 +41,22 @@ def from_thd(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.reshape(b, -1, *x.shape[2:]).transpose(0, 1)
 
 
-def padded_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index [n_seq, L] into the packed tokens (0 at padding), valid [n_seq, L] bool)."""
+def padded_index(cu_seqlens: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [n_seq, L] into the packed tokens (0 at padding), valid [n_seq, L] bool), L the
+    `longest` sequence's length."""
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    longest = int(lengths.max())
     offsets = torch.arange(longest, device=cu_seqlens.device)  # [L]
     valid = offsets[None, :] < lengths[:, None]  # [n_seq, L]
     return torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+
+
+def unpadded_index(cu_seqlens: torch.Tensor, longest: int, tokens: int) -> torch.Tensor:
+    """[t] where each packed token sits in the padded [n_seq * L] layout (the inverse of
+    `padded_index`), found without reading `cu_seqlens` on the host."""
+    cu = cu_seqlens.long()
+    t = torch.arange(tokens, device=cu.device)
+    seq = torch.searchsorted(cu[1:], t, right=True)  # [t] sequence of each token
+    return seq * longest + t - cu[seq]
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -60,7 +72,8 @@ class PackedDotProductAttention(DotProductAttention):
         if packed_seq_params.qkv_format != "thd" or attention_bias is not None:
             raise ValueError("PackedDotProductAttention takes thd packed sequences without bias")
         query, key = rotate_carried(query, key, packed_seq_params, self.config.rotary_interleaved)
-        index, valid = padded_index(packed_seq_params.cu_seqlens_q)  # [n, L]
+        cu, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+        index, valid = padded_index(cu, longest)  # [n, L]
         heads, groups = query.shape[1], key.shape[1]
         q = query[index].transpose(1, 2)  # [n, np, L, d]
         k = key[index].transpose(1, 2).repeat_interleave(heads // groups, 1)  # [n, np, L, d]
@@ -71,5 +84,6 @@ class PackedDotProductAttention(DotProductAttention):
         dtype = torch.float32 if self.config.attention_softmax_in_fp32 else q.dtype
         out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), allowed,
                                              scale=self.softmax_scale)  # [n, np, L, d]
-        out = out.to(query.dtype).transpose(1, 2)[valid]  # [t, np, d] in packed order
+        out = out.to(query.dtype).transpose(1, 2).flatten(0, 1)  # [n*L, np, d]
+        out = out.index_select(0, unpadded_index(cu, longest, query.shape[0]))  # [t, np, d]
         return out.reshape(out.shape[0], -1)

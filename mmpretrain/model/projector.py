@@ -7,19 +7,28 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mmpretrain.data.packing import on_device
 from mmpretrain.model.specs import without_wgrad_fusion
 
 
 def merge_patches(features: torch.Tensor, sizes: torch.Tensor, merge: int) -> torch.Tensor:
-    """Pixel shuffle per image: [n, h] -> [n / merge^2, h * merge^2], grids row-major."""
+    """Pixel shuffle per image: [n, h] -> [n / merge^2, h * merge^2], grids row-major; `sizes`
+    [n_images, 2] (patch rows, cols) read on the host, so best in host memory."""
     if merge == 1:
         return features
+    order = on_device(merge_order(sizes.cpu(), merge), features.device)  # [n]
+    return features.index_select(0, order).reshape(-1, merge * merge * features.shape[1])
+
+
+def merge_order(sizes: torch.Tensor, merge: int) -> torch.Tensor:
+    """[n] the stream's patches in merged order: each merged token's merge x merge patches
+    (row-major within the square) one after another, tokens row-major, image after image."""
     out, at = [], 0
     for rows, cols in sizes.tolist():
-        x = features[at:at + rows * cols].reshape(rows // merge, merge, cols // merge, merge, -1)
-        out.append(x.permute(0, 2, 1, 3, 4).reshape((rows // merge) * (cols // merge), -1))
+        grid = torch.arange(at, at + rows * cols).reshape(rows // merge, merge, cols // merge, merge)
+        out.append(grid.permute(0, 2, 1, 3).flatten())  # [rows/m, cols/m, m, m] -> flat
         at += rows * cols
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 class Projector(MegatronModule):

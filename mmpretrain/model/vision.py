@@ -29,18 +29,19 @@ class VisionEncoder(MegatronModule):
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor, image_sizes: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """patches [n, 3*p*p], positions [n, 2], image_sizes [images, 2] (patch rows, cols) ->
-        features [n, h]. Each image attends within itself: as thd packed sequences, or through
-        `attention_mask` [1, 1, n, n] (True = hidden) when one is given."""
+        """patches [n, 3*p*p], positions [n, 2], image_sizes [images, 2] (patch rows, cols; read
+        on the host, so best in host memory) -> features [n, h]. Each image attends within
+        itself: as thd packed sequences, or through `attention_mask` [1, 1, n, n] (True =
+        hidden) when one is given."""
         n = patches.shape[0]
-        lengths = image_sizes[:, 0] * image_sizes[:, 1]  # [images]
+        lengths = (image_sizes[:, 0] * image_sizes[:, 1]).cpu()  # [images]
         if attention_mask is None and (-n) % self.pad_to:  # FP8 GEMMs: tokens in multiples
             patches, positions, lengths = _pad_stream(patches, positions, lengths, self.pad_to)
         x = self.ln_pre(self.patch_embed(patches.to(self.config.params_dtype)))  # [n', h]
         rope = vision_rope(positions, self.config.kv_channels, self.rope_theta)  # [n', 1, 1, d]
         packed = None
         if attention_mask is None:  # thd: the core attention rotates the whole stream
-            packed, rope = with_rope(packed_seq_params(lengths), rope), None
+            packed, rope = with_rope(packed_seq_params(lengths, x.device), rope), None
         x = self.block(x[:, None, :], attention_mask, rotary_pos_emb=rope,
                        packed_seq_params=packed)  # [n', 1, h]
         return x[:n, 0]
@@ -52,4 +53,4 @@ def _pad_stream(patches: torch.Tensor, positions: torch.Tensor, lengths: torch.T
     pad = (-patches.shape[0]) % multiple
     return (torch.cat([patches, patches.new_zeros(pad, patches.shape[1])]),  # [n', 3*p*p]
             torch.cat([positions, positions.new_zeros(pad, 2)]),  # [n', 2]
-            torch.cat([lengths, lengths.new_tensor([pad])]))
+            torch.cat([lengths, torch.tensor([pad])]))

@@ -1,0 +1,150 @@
+"""A training step never waits for the GPU inside the model: the forward reads no value of a tensor
+that lives on the device (sizes, offsets and counts come from the batch's host copy) and the
+backward runs no operation whose output size depends on tensor values.
+
+On CPU, "on the device" is a tensor subclass: the moved batch's tensors, and every tensor the model
+computes from them, are `OnDevice`; a value read from one of them is recorded with its call site.
+"""
+import sys
+import traceback
+
+import pytest
+import torch
+from mmpretrain.data import packing
+from mmpretrain.data.packing import PackedBatch, pack_rows
+from mmpretrain.data.sequence import build_sequence
+from mmpretrain.parallel import cuda_to_cpu
+from test_cross_attention import SEQ, Tok, build, config, image, sample, seq_h, seq_x
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Operations that make the host wait for the device: a value read on the host, or an output whose
+# size depends on tensor values.
+READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy",
+         "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
+SIZED = {"nonzero", "_local_scalar_dense", "masked_select", "unique_consecutive", "_unique2",
+         "bincount"}
+
+
+def _site() -> str:
+    """The innermost frame outside torch: the line that asked for the value."""
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if "/torch/" not in f.filename and not f.filename.endswith("cpu_shim.py")]
+    return f"{frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno}" if frames else "?"
+
+
+def _bool_index(index) -> bool:
+    index = index if isinstance(index, (tuple, list)) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+
+
+def _waits(name: str, args, kwargs) -> bool:
+    """Whether `name`(args) makes the host wait for a device tensor's value."""
+    if name in READS:
+        return True
+    if name == "to":  # to the host
+        return any(torch.device(a).type == "cpu" for a in [*args[1:], kwargs.get("device")]
+                   if isinstance(a, (str, torch.device)))
+    if name == "repeat_interleave":  # tensor repeats: the output size is their sum
+        return isinstance(args[-1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) \
+            and kwargs.get("output_size") is None
+    if name == "__getitem__":
+        return _bool_index(args[1])
+    if name == "__setitem__":  # a scalar through a boolean mask runs as masked_fill
+        return _bool_index(args[1]) and not (isinstance(args[2], (int, float))
+                                             or getattr(args[2], "numel", lambda: 2)() == 1)
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    return False
+
+
+class OnDevice(torch.Tensor):
+    """A tensor 'on the device': reading its values is recorded in `OnDevice.seen`."""
+
+    seen: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _waits(getattr(func, "__name__", ""), args, kwargs):
+            cls.seen.append(f"{func.__name__} at {_site()}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class BackwardReads(TorchDispatchMode):
+    """Records the value-sized operations the backward runs (all of it runs on the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[1]
+        sized = name in SIZED or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                  and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point())
+        if sized or (name.startswith("index") and len(args) > 1 and _bool_index(args[1])):
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def to_device(t: torch.Tensor, device=None) -> torch.Tensor:
+    return t.clone().as_subclass(OnDevice)
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """Every host-to-device copy of the model's modules lands `OnDevice`."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "on_device", None) is packing.on_device:
+            monkeypatch.setattr(module, "on_device", to_device)
+    OnDevice.seen = []
+    yield
+
+
+def moved(batch: PackedBatch) -> PackedBatch:
+    """`batch.to(device)`, with every tensor `OnDevice`."""
+    out = batch.to("cpu")
+    assert out.host is batch and isinstance(out.tokens, OnDevice)
+    return out
+
+
+def batch_of(design: str) -> PackedBatch:
+    if design == "h":
+        rows = [[seq_h("ab", (2, 2), "cd")], [seq_h("e", (2, 2), "fg"), seq_h("h", (2, 2), "i")]]
+    elif design == "x":
+        rows = [[seq_x("ab", (2, 4), "cd", (2, 2), "x")], [seq_x("e", (4, 2), "fg")]]
+    else:
+        def seq_d(*segments):
+            return build_sequence(sample(*segments), Tok(), image, 2, "d")
+        rows = [[seq_d("ab", (2, 4), "cd", (2, 2), "x")], [seq_d("e", (4, 2), "fg")]]
+    return pack_rows(rows, SEQ, 0)
+
+
+@pytest.mark.parametrize("design", ["d", "x", "h"])
+def test_step_reads_no_device_value(megatron_world, fake_device, design):
+    cfg = config(design, packed_attention="thd")
+    cfg.projector.merge = 2 if design == "d" else 1  # D also through the projector's merge
+    model = build(cfg)
+    batch = batch_of(design)
+    with cuda_to_cpu():
+        loss = model(moved(batch))
+    assert isinstance(loss, OnDevice)
+    assert OnDevice.seen == [], f"the forward read device values: {OnDevice.seen}"
+    with BackwardReads() as reads:
+        loss.sum().backward()
+    assert reads.seen == [], f"the backward ran value-sized operations: {reads.seen}"
+    with cuda_to_cpu():  # the same loss as the batch left on the host
+        torch.testing.assert_close(loss.as_subclass(torch.Tensor), model(batch), rtol=0, atol=0)
+
+
+def test_the_detector_sees_reads(fake_device):
+    x = to_device(torch.tensor([1, 0, 2]))
+    int(x.max()), x[x > 0], x.nonzero(), x.repeat_interleave(x)  # four reads
+    x.repeat_interleave(x, output_size=3)  # not a read
+    x[x > 1] = 0  # a scalar through a mask: masked_fill, not a read
+    assert [s.split(" ")[0] for s in OnDevice.seen] == [
+        "__int__", "__getitem__", "nonzero", "repeat_interleave"]
+    with BackwardReads() as reads:
+        w = torch.ones(3, requires_grad=True)
+        (w[torch.tensor([True, False, True])].sum()).backward()
+    assert reads.seen  # the backward of a boolean index is sized by the mask
