@@ -23,8 +23,11 @@ def _no_tiles() -> torch.Tensor:
 
 
 def on_device(t: torch.Tensor, device) -> torch.Tensor:
-    """`t` (host memory) on `device`; to a GPU without waiting for the copy (it is queued)."""
-    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+    """`t` (host memory) on `device`. To a GPU from pinned memory, queued without waiting: the
+    host allocator keeps the pinned copy until the transfer is done."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -42,19 +45,24 @@ class PackedBatch:
     # image, k >= 1 its k-th tile, -1 a global thumbnail (NVLM tiles policy)
     image_anchors: torch.Tensor = field(default_factory=_no_tiles)  # [n_images] int64: flat
     # index r * s + t of the token introducing each image (marker, tag, first placeholder); -1 none
-    on_host: PackedBatch | None = field(default=None, repr=False, compare=False)  # this batch in
-    # host memory, kept by `to` (None: this one is)
+    on_host = None  # not a field: this batch in host memory, kept by `to` (None: this one is)
 
     @property
     def host(self) -> PackedBatch:
-        """This batch in host memory, where its values are read without a device sync."""
+        """This batch in host memory, where its values are read without waiting for the device
+        (copied once, waiting, for a batch built on a device)."""
+        if self.on_host is None and self.tokens.device.type != "cpu":
+            self.on_host = self.to("cpu")
         return self if self.on_host is None else self.on_host
 
     def to(self, device) -> PackedBatch:
         """The batch on `device` (copies queued, not awaited), keeping its host copy."""
-        host = self.host if self.host.tokens.device.type == "cpu" else None
-        return PackedBatch(**{f.name: on_device(getattr(self, f.name), device)
-                              for f in fields(self) if f.name != "on_host"}, on_host=host)
+        moved = PackedBatch(**{f.name: on_device(getattr(self, f.name), device)
+                               for f in fields(self)})
+        to_host = moved.tokens.device.type == "cpu" and self.tokens.device.type != "cpu"
+        if not to_host:  # (a copy to the host is its own host copy)
+            moved.on_host = self.host
+        return moved
 
     def from_host(self, t: torch.Tensor) -> torch.Tensor:
         """`t`, computed on the host, on this batch's device."""

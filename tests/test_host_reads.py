@@ -7,6 +7,7 @@ computes from them, are `OnDevice`; a value read from one of them is recorded wi
 """
 import sys
 import traceback
+from dataclasses import fields
 
 import pytest
 import torch
@@ -57,17 +58,29 @@ def _waits(name: str, args, kwargs) -> bool:
     return False
 
 
-class OnDevice(torch.Tensor):
-    """A tensor 'on the device': reading its values is recorded in `OnDevice.seen`."""
+class Marked(torch.Tensor):
+    """A tensor marked as living on the host or on the device (the subclass says which)."""
 
     seen: list[str] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _waits(getattr(func, "__name__", ""), args, kwargs):
-            cls.seen.append(f"{func.__name__} at {_site()}")
-        return super().__torch_function__(func, types, args, kwargs)
+        name = getattr(func, "__name__", "")
+        if OnDevice in types and OnHost in types:  # would fail on a GPU: two devices in one op
+            Marked.seen.append(f"{name} mixes host and device at {_site()}")
+            cls, types = OnDevice, (OnDevice,)  # go on as if on the device
+        elif OnDevice in types and _waits(name, args, kwargs):
+            Marked.seen.append(f"{name} at {_site()}")
+        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)
+
+
+class OnDevice(Marked):
+    """'On the device': reading its values is recorded in `Marked.seen`."""
+
+
+class OnHost(Marked):
+    """The host batch and what is computed from it: reading it is free."""
 
 
 class BackwardReads(TorchDispatchMode):
@@ -88,23 +101,28 @@ class BackwardReads(TorchDispatchMode):
 
 
 def to_device(t: torch.Tensor, device=None) -> torch.Tensor:
-    return t.clone().as_subclass(OnDevice)
+    return t.as_subclass(torch.Tensor).clone().as_subclass(OnDevice)
 
 
 @pytest.fixture
 def fake_device(monkeypatch):
     """Every host-to-device copy of the model's modules lands `OnDevice`."""
-    for module in list(sys.modules.values()):
-        if getattr(module, "on_device", None) is packing.on_device:
-            monkeypatch.setattr(module, "on_device", to_device)
-    OnDevice.seen = []
+    original = packing.on_device
+    patched = [m for m in list(sys.modules.values()) if getattr(m, "on_device", None) is original]
+    assert {"mmpretrain.data.packing", "mmpretrain.model.projector",
+            "mmpretrain.model.packed_attention"} <= {m.__name__ for m in patched}
+    for module in patched:
+        monkeypatch.setattr(module, "on_device", to_device)
+    Marked.seen = []
     yield
 
 
 def moved(batch: PackedBatch) -> PackedBatch:
-    """`batch.to(device)`, with every tensor `OnDevice`."""
-    out = batch.to("cpu")
-    assert out.host is batch and isinstance(out.tokens, OnDevice)
+    """`batch.to(device)` with every tensor `OnDevice`, its host copy's `OnHost`."""
+    host = PackedBatch(**{f.name: getattr(batch, f.name).as_subclass(OnHost)
+                          for f in fields(batch)})
+    out = host.to("cpu")
+    assert out.host is host and isinstance(out.tokens, OnDevice)
     return out
 
 
@@ -129,7 +147,7 @@ def test_step_reads_no_device_value(megatron_world, fake_device, design):
     with cuda_to_cpu():
         loss = model(moved(batch))
     assert isinstance(loss, OnDevice)
-    assert OnDevice.seen == [], f"the forward read device values: {OnDevice.seen}"
+    assert Marked.seen == [], f"the forward read device values: {Marked.seen}"
     with BackwardReads() as reads:
         loss.sum().backward()
     assert reads.seen == [], f"the backward ran value-sized operations: {reads.seen}"
@@ -142,8 +160,10 @@ def test_the_detector_sees_reads(fake_device):
     int(x.max()), x[x > 0], x.nonzero(), x.repeat_interleave(x)  # four reads
     x.repeat_interleave(x, output_size=3)  # not a read
     x[x > 1] = 0  # a scalar through a mask: masked_fill, not a read
-    assert [s.split(" ")[0] for s in OnDevice.seen] == [
-        "__int__", "__getitem__", "nonzero", "repeat_interleave"]
+    torch.arange(3).as_subclass(OnHost) + x  # two devices in one op
+    assert [s.split(" ")[0] for s in Marked.seen] == [
+        "__int__", "__getitem__", "nonzero", "repeat_interleave", "add"]
+    assert "mixes host and device" in Marked.seen[-1]
     with BackwardReads() as reads:
         w = torch.ones(3, requires_grad=True)
         (w[torch.tensor([True, False, True])].sum()).backward()
