@@ -138,11 +138,16 @@ def batch_of(design: str) -> PackedBatch:
     return pack_rows(rows, SEQ, 0)
 
 
+def model_of(design: str):
+    """The local spec with thd packed attention; D also through the projector's merge."""
+    cfg = config(design, packed_attention="thd")
+    cfg.projector.merge = 2 if design == "d" else 1
+    return build(cfg)
+
+
 @pytest.mark.parametrize("design", ["d", "x", "h"])
 def test_step_reads_no_device_value(megatron_world, fake_device, design):
-    cfg = config(design, packed_attention="thd")
-    cfg.projector.merge = 2 if design == "d" else 1  # D also through the projector's merge
-    model = build(cfg)
+    model = model_of(design)
     batch = batch_of(design)
     with cuda_to_cpu():
         loss = model(moved(batch))
@@ -168,3 +173,17 @@ def test_the_detector_sees_reads(fake_device):
         w = torch.ones(3, requires_grad=True)
         (w[torch.tensor([True, False, True])].sum()).backward()
     assert reads.seen  # the backward of a boolean index is sized by the mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a CUDA device are counted "
+                    "on one (torch's sync debug mode)")
+@pytest.mark.parametrize("design", ["d", "x", "h"])
+def test_gpu_step_waits_for_nothing(megatron_world, design):
+    model, batch = model_of(design), batch_of(design)
+    model(batch.to("cuda")).sum().backward()  # warm: allocator, pinned host blocks, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
+    try:
+        model(batch.to("cuda")).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
