@@ -140,7 +140,7 @@ def batch_of(design: str) -> PackedBatch:
 
 def model_of(design: str):
     """The local spec with thd packed attention; D also through the projector's merge."""
-    cfg = config(design, packed_attention="thd")
+    cfg = config(design, packed_attention="thd", spec="local")
     cfg.projector.merge = 2 if design == "d" else 1
     return build(cfg)
 
@@ -176,7 +176,7 @@ def test_the_detector_sees_reads(fake_device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a CUDA device are counted "
-                    "on one (torch's sync debug mode)")
+                    "on one (torch's sync debug mode)")  # (TE's own: gpu_step.py --profile)
 @pytest.mark.parametrize("design", ["d", "x", "h"])
 def test_gpu_step_waits_for_nothing(megatron_world, design):
     model, batch = model_of(design), batch_of(design)
