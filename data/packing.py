@@ -133,8 +133,8 @@ class PackedBatch:
         """[b, 1, s, k] bool, True where a token may NOT attend to an image token (X/H designs).
 
         The k columns are the projected tokens ((rows/merge) * (cols/merge) each) of the images
-        selected by `cross` [n_images] bool (host memory), in stream order. A token sees an image of its own
-        sample whose anchor is at or before it (a marker sees its own image)."""
+        selected by `cross` [n_images] bool (host memory), in stream order. A token sees an image
+        of its own sample whose anchor is at or before it (a marker sees its own image)."""
         host = self.host  # a reference for tests: built on the host, then moved
         b, s = host.sample_ids.shape
         anchors = host.image_anchors[cross]  # [n]
@@ -150,11 +150,12 @@ class PackedBatch:
                              multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own keys: (index [b, kr], mask [b, 1, s, kr] bool, True = may NOT attend).
 
-        Row r's keys are the projected tokens of the images (selected by `cross`, host memory) that its
-        samples reference; `index` gives their positions among all selected images' tokens (0
-        where a row has fewer than kr), and the mask is `cross_attention_mask` restricted to them,
-        so a row never attends over the other rows' images. kr is rounded up to a `multiple`
-        with keys nobody sees (`FP8_MULTIPLE`: FP8 GEMMs take row counts in multiples of 16)."""
+        Row r's keys are the projected tokens of the images (selected by `cross`, host memory)
+        that its samples reference; `index` gives their positions among all selected images'
+        tokens (0 where a row has fewer than kr), and the mask is `cross_attention_mask`
+        restricted to them, so a row never attends over the other rows' images. kr is rounded up
+        to a `multiple` with keys nobody sees (`FP8_MULTIPLE`: FP8 GEMMs take row counts in
+        multiples of 16)."""
         index, at, valid = self.host.row_keys(cross, merge, multiple)  # [b, kr] each
         index, at, valid = self.from_host(index), self.from_host(at), self.from_host(valid)
         sid = self.sample_ids.gather(1, at)  # [b, kr] sample of each key

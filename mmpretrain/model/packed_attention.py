@@ -26,8 +26,8 @@ def packed_seq_params(lengths: torch.Tensor, device) -> PackedSeqParams:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
     longest = int(lengths.max()) if len(lengths) else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device(cu, device),
-                           cu_seqlens_kv=on_device(cu, device),
+    cu = on_device(cu, device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
