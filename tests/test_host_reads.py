@@ -51,8 +51,10 @@ def _waits(name: str, args, kwargs) -> bool:
     if name == "__getitem__":
         return _bool_index(args[1])
     if name == "__setitem__":  # a scalar through a boolean mask runs as masked_fill
-        return _bool_index(args[1]) and not (isinstance(args[2], (int, float))
-                                             or getattr(args[2], "numel", lambda: 2)() == 1)
+        value = args[2]
+        scalar = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor)
+                                                     and value.numel() == 1)
+        return _bool_index(args[1]) and not scalar
     if name == "where":
         return len(args) + len(kwargs) == 1
     return False
