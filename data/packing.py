@@ -30,6 +30,16 @@ def on_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def patch_layout(sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image grids `sizes` [n_images, 2] (patch rows, cols; host memory) -> for each patch of their
+    stream, image after image and row-major within one: (index of its image's first patch, its
+    index within its image, its image's cols), each [n_patches]."""
+    n = sizes[:, 0] * sizes[:, 1]  # [n_images]
+    first = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    local = torch.arange(len(first)) - first
+    return first, local, torch.repeat_interleave(sizes[:, 1], n)
+
+
 @dataclass
 class PackedBatch:
     """A micro-batch: `b` packed rows of `s` tokens and the images they reference."""
@@ -82,9 +92,8 @@ class PackedBatch:
     @property
     def patch_positions(self) -> torch.Tensor:
         """[n_patches, 2] (row, col) of each patch within its own image."""
-        out = [torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), -1)
-               .reshape(-1, 2) for r, c in self.host.image_sizes.tolist()]
-        return self.from_host(torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long))
+        _, local, cols = patch_layout(self.host.image_sizes)
+        return self.from_host(torch.stack([local // cols, local % cols], -1))
 
     def encoder_attention_mask(self) -> torch.Tensor:
         """[1, 1, n, n] bool, True where a patch may NOT attend (another image)."""

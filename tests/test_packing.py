@@ -90,6 +90,26 @@ def test_encoder_mask_and_patch_positions():
     assert m[:6, 6:].all() and m[6:, :6].all()
 
 
+@pytest.mark.parametrize("merge", [1, 2, 3])
+def test_patch_positions_and_merge_order_per_image(merge):
+    """The vectorised positions and merge order against the image-by-image reference (the HF
+    export's pixel shuffle, written with a loop), on random grids."""
+    from mmpretrain.hf.nvlm_layers import pixel_shuffle
+    from mmpretrain.model.projector import merge_patches
+
+    gen = torch.Generator().manual_seed(merge)
+    grids = [(merge * int(r), merge * int(c)) for r, c in torch.randint(1, 6, (7, 2), generator=gen)]
+    batch = pack_rows([[build(sample("", grids, "x"))]], seq_len=1024, pad_id=0)
+    expected = torch.cat([torch.cartesian_prod(torch.arange(r), torch.arange(c)) for r, c in grids])
+    assert torch.equal(batch.patch_positions, expected)
+    features = torch.randn(len(expected), 5, generator=gen)
+    assert torch.equal(merge_patches(features, batch.image_sizes, merge),
+                       pixel_shuffle(features, grids, merge))
+    empty = pack_rows([[build(sample("abc", [], "x"))]], seq_len=16, pad_id=0)
+    assert empty.patch_positions.shape == (0, 2)
+    assert merge_patches(torch.zeros(0, 5), empty.image_sizes, merge).shape == (0, 5 * merge * merge)
+
+
 def test_row_packer_fills_rows_in_order_and_flushes():
     seqs = [TokenSequence([1] * n, [True] * n) for n in (5, 4, 6, 3, 7)]
     packer = RowPacker(seq_len=10, rows_per_batch=2, pad_id=0)

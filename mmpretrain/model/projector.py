@@ -7,7 +7,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mmpretrain.data.packing import on_device
+from mmpretrain.data.packing import on_device, patch_layout
 from mmpretrain.model.specs import without_wgrad_fusion
 
 
@@ -23,12 +23,12 @@ def merge_patches(features: torch.Tensor, sizes: torch.Tensor, merge: int) -> to
 def merge_order(sizes: torch.Tensor, merge: int) -> torch.Tensor:
     """[n] the stream's patches in merged order: each merged token's merge x merge patches
     (row-major within the square) one after another, tokens row-major, image after image."""
-    out, at = [], 0
-    for rows, cols in sizes.tolist():
-        grid = torch.arange(at, at + rows * cols).reshape(rows // merge, merge, cols // merge, merge)
-        out.append(grid.permute(0, 2, 1, 3).flatten())  # [rows/m, cols/m, m, m] -> flat
-        at += rows * cols
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    first, local, cols = patch_layout(sizes)  # local: position in merged order within the image
+    token, within = local // (merge * merge), local % (merge * merge)
+    per_row = cols // merge  # merged tokens per row
+    row = token // per_row * merge + within // merge
+    col = token % per_row * merge + within % merge
+    return first + row * cols + col
 
 
 class Projector(MegatronModule):
