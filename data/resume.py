@@ -99,7 +99,7 @@ def _consumed_fn(states: list[dict]):
             return True
         return t not in buffered and t < nxt[(t - origin) % size]
 
-    return consumed, nxt, buffered
+    return consumed, nxt, buffered, done
 
 
 def reshard(states: list[dict], slot: int, n_slots: int) -> dict:
@@ -119,11 +119,11 @@ def reshard(states: list[dict], slot: int, n_slots: int) -> dict:
         s = states[0]
         return {**base, **new, "origin": s.get("origin", 0) + s["cursor"] * old_size,
                 "counts": dict(s.get("counts", {})) if slot == 0 else {}}
-    consumed, nxt, buffered = _consumed_fn(states)
+    consumed, nxt, buffered, old_done = _consumed_fn(states)
     start = min([*buffered, *nxt.values()])
     while consumed(start):
         start += 1
-    end = max(nxt.values())
+    end = max([*nxt.values(), *(t + 1 for t in old_done)])  # old slots may have skipped past nxt
     done = [t for t in range(start, end) if consumed(t)]
     counts: dict[str, int] = {}
     for s in states if slot == 0 else []:  # the totals go to the new slot 0

@@ -176,3 +176,38 @@ def test_resume_under_another_data_parallel_size_gives_the_same_batches(small_da
     got, _ = hashes_by_slot(cfg, tok, new_dp, 5, 4, states)
     assert sorted(got) == [(s, j) for s in range(4, 9) for j in range(4)]
     assert all(same(got[k], want[k]) for k in got)
+
+
+def test_checkpointed_states_reshard_exactly_at_the_same_data_parallel_size(small_dataset,
+                                                                           tmp_path, monkeypatch):
+    """Data-parallel size 2 both times, 4 slots -> 2 (a smaller global batch): every rank must be
+    handed all old ranks' states, so that nothing is lost or repeated."""
+    from megatron.core import parallel_state
+
+    from mmpretrain.checkpoint.store import _loader_state
+
+    cfg = cfg_for(small_dataset)
+    tok = open_tokenizer(cfg)
+    emitted = []
+    for rank in range(2):
+        loader = make_loader(cfg, "train", tok, rank, 2, slots=4)
+        it = iter(loader)
+        for _ in range(2 * (rank + 2)):  # the ranks' slots at uneven places
+            next(it)
+            emitted += loader.last_keys
+        (tmp_path / f"loader_dp{rank}.json").write_text(json.dumps(loader.state_dict()))
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 2)
+    new = []
+    for rank in range(2):
+        monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda r=rank: r)
+        loader = make_loader(cfg, "train", tok, rank, 2, slots=2)
+        loader.load_state_dict(_loader_state(tmp_path, {"layout": [1, 1, 1, 2]}))
+        it = iter(loader)
+        for _ in range(12):
+            next(it)
+            emitted += loader.last_keys
+        new.append(loader)
+    horizon = min(ld.slots[0].position.next_global() for ld in new)
+    buffered = {t for ld in new for t in ld.slots[0].buffer_keys}
+    assert len(emitted) == len(set(emitted)), "a sample was repeated"
+    assert all(t in emitted or t in buffered for t in range(horizon)), "a sample was lost"

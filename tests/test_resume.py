@@ -93,6 +93,27 @@ def test_reshard_consumes_every_position_exactly_once():
         assert seen == list(range(horizon)), f"dp 3 -> {new_size}: lost or repeated positions"
 
 
+def test_reshard_twice_before_the_new_slots_pass_the_old_ones():
+    """3 slots -> 2, stopped after a few reads (the skip list reaches past where the 2 stand) ->
+    4: the second reshard must keep those skips."""
+    emitted, states = [], []
+    for slot, reads in enumerate([13, 29, 21]):
+        read, st = consume({"cursor": 0, "slot": slot, "n_slots": 3}, reads)
+        emitted += read
+        states.append(st)
+    middle = []
+    for slot in range(2):
+        read, st = consume(reshard(states, slot, 2), 3)
+        emitted += read
+        middle.append(st)
+    assert max(t for st in middle for t in st["done"]) > max(Position.from_dict(st).next_global()
+                                                              for st in middle)
+    for slot in range(4):
+        emitted += consume(reshard(middle, slot, 4), 40, buffer_every=10**9)[0]
+    horizon = max(emitted) - 40
+    assert sorted(t for t in emitted if t < horizon) == list(range(horizon))
+
+
 def test_reshard_from_states_of_a_real_loader(small_dataset):
     cfg = cfg_for(small_dataset)
     tok = open_tokenizer(cfg)

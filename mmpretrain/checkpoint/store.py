@@ -206,17 +206,21 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
 
 
 def _loader_state(path: Path, meta: dict) -> dict | list | None:
-    """This data-parallel rank's saved loader state (the states of its micro-batch slots); under
-    another data-parallel size, or from a loader of one packer per rank, the states of all saved
-    ranks (the loader takes its slots from them, or re-splits the stream exactly)."""
+    """The saved loader states of all data-parallel ranks (the loader takes its own slots from
+    them, or re-splits the stream exactly when the number of slots changed); only this rank's own
+    where some other rank's file is missing (exact only for an unchanged number of slots)."""
     saved_dp = meta["layout"][3] if meta.get("layout") else 1
-    if saved_dp == parallel_state.get_data_parallel_world_size():
-        own = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
-        state = json.loads(own.read_text()) if own.is_file() else None
-        if state is None or state.get("version", 0) >= 3:
-            return state
     files = [path / f"loader_dp{r}.json" for r in range(saved_dp)]
-    return [json.loads(f.read_text()) for f in files] if all(f.is_file() for f in files) else None
+    if all(f.is_file() for f in files):
+        return [json.loads(f.read_text()) for f in files]
+    own = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
+    missing = ", ".join(f.name for f in files if not f.is_file())
+    if saved_dp == parallel_state.get_data_parallel_world_size() and own.is_file():
+        log.warning("checkpoint %s lacks %s: resuming the data position from this rank's own "
+                    "state", path, missing)
+        return json.loads(own.read_text())
+    log.warning("checkpoint %s lacks %s: the data loader starts from the beginning", path, missing)
+    return None
 
 
 def _load_weights_only(path: Path, chunks, optimizer) -> dict:
