@@ -59,13 +59,16 @@ def validate_sample(sample: dict[str, Any]) -> None:
     missing = {"id", "kind", "segments", "images"} - set(sample)
     if missing:
         raise ValueError(f"sample is missing keys {sorted(missing)}")
-    sid, images = sample["id"], sample["images"]
-    if not all(isinstance(b, (bytes, bytearray)) for b in images):
-        raise ValueError(f"sample {sid!r}: images must be bytes")
-    for seg in sample["segments"]:
-        if set(seg) == {"text"} and isinstance(seg["text"], str):
+    sid, images, segments = sample["id"], sample["images"], sample["segments"]
+    if not isinstance(images, list) or not all(isinstance(b, (bytes, bytearray)) for b in images):
+        raise ValueError(f"sample {sid!r}: images must be a list of bytes")
+    if not isinstance(segments, list):
+        raise ValueError(f"sample {sid!r}: segments must be a list, not {type(segments).__name__}")
+    for seg in segments:
+        if isinstance(seg, dict) and set(seg) == {"text"} and isinstance(seg["text"], str):
             continue
-        if set(seg) == {"image"} and isinstance(seg["image"], int) and 0 <= seg["image"] < len(images):
+        if isinstance(seg, dict) and set(seg) == {"image"} and isinstance(seg["image"], int) \
+                and 0 <= seg["image"] < len(images):
             continue
         raise ValueError(f"sample {sid!r}: bad segment {seg!r} ({len(images)} images)")
 
@@ -82,13 +85,16 @@ def to_row(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_row(row: dict[str, Any]) -> dict[str, Any]:
-    """The sample of an MDS row."""
-    return {
+    """The sample of an MDS row (ValueError if it does not follow the sample format: a shard
+    written by another tool, or damaged)."""
+    sample = {
         "id": row["id"],
         "kind": row["kind"],
         "segments": row["segments"],
         "images": unpack_images(row["images"]),
     }
+    validate_sample(sample)
+    return sample
 
 
 def write_shards(

@@ -67,6 +67,26 @@ def test_bad_samples_are_rejected(tmp_path):
         write_shards(tmp_path / "b", [{"id": "x"}])
 
 
+@pytest.mark.parametrize("segments, error", [
+    ([{"imahe": 0}], "bad segment"), ([{"image": 3}], "bad segment"), ([{"text": 5}], "bad segment"),
+    ({"text": "x"}, "segments must be a list"), (["text"], "bad segment")])
+def test_a_row_of_another_writer_that_breaks_the_format_is_a_shard_error(tmp_path, segments, error):
+    """Shards written by another tool (or damaged) may hold rows our writer refuses: reading one
+    is the loader's counted skip (ShardError corrupt_sample) naming the row, not a crash."""
+    from mmpretrain.data.shards import COLUMNS, ShardError
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(tmp_path), columns=COLUMNS) as writer:
+        for i in range(2):
+            writer.write({"id": f"s{i}", "kind": "caption", "images": pack_images([b"1"]),
+                          "segments": segments if i else [{"image": 0}, {"text": "ok"}]})
+    reader = ShardReader(tmp_path)
+    assert reader[0]["segments"] == [{"image": 0}, {"text": "ok"}]
+    with pytest.raises(ShardError, match=rf"row 1: sample 's1': {error}") as caught:
+        reader[1]
+    assert caught.value.reason == "corrupt_sample"
+
+
 def test_failed_write_leaves_no_index(tmp_path):
     def broken():
         yield from _samples(5)
