@@ -53,6 +53,8 @@ def convert(item: tuple[int, RawRecord], max_pixels: int = DEFAULT_MAX_PIXELS):
         return "ok", to_row(sample)
     except RecordError as e:
         return "skip", e.reason, f"{rec.where}: {e}"
+    except Exception as e:  # a record of an unforeseen shape: skipped and shown, never fatal
+        return "skip", "bad_record", f"{rec.where}: {type(e).__name__}: {e}"
 
 
 class Progress:

@@ -127,13 +127,21 @@ def conversation_segments(turns, n_images: int) -> list[dict]:
     return segments
 
 
+def _texts_images(texts, images) -> list[dict]:
+    """The OBELICS form (`texts` and `images` side by side, one of each pair None) as segments."""
+    if not (isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images)):
+        raise RecordError("bad_record", "texts and images must be lists of the same length")
+    return [{"text": t} if t is not None else {"image": i} for t, i in zip(texts, images)]
+
+
 def _jsonl_sample(rec: RawRecord) -> tuple[str, list[dict], list[bytes]]:
     d = rec.data
     if "__error__" in d:
         raise RecordError("bad_record", d["__error__"])
     if "segments" in d or ("texts" in d and "images" in d):
-        segs = d.get("segments") or [{"text": t} if t is not None else {"image": i}
-                                     for t, i in zip(d["texts"], d["images"])]
+        segs = d["segments"] if "segments" in d else _texts_images(d["texts"], d["images"])
+        if not isinstance(segs, list):
+            raise RecordError("bad_record", f"segments must be a list, not {type(segs).__name__}")
         images, segments = [], []
         for seg in segs:
             if isinstance(seg, dict) and "image" in seg:

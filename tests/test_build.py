@@ -75,6 +75,19 @@ def test_build_converts_every_format_and_counts_skips(tmp_path):
     assert samples[6]["segments"][-1] == {"text": "json caption"}
 
 
+def test_records_of_the_wrong_shape_are_skipped_not_fatal(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(0))
+    lines = [{"image": "a.png", "text": "kept"}, {"segments": []}, {"segments": 5},
+             {"segments": {"text": "x"}}, {"texts": ["a", None], "images": 5},
+             {"texts": ["a", None, "b"], "images": [None, "a.png"]},
+             {"image": "a.png", "conversations": [{"from": "human", "value": ["x"]}]}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    summary = build([str(tmp_path / "in.jsonl")], tmp_path / "out", workers=0, progress=False)
+    assert summary["written"] == 1
+    assert summary["skipped"] == {"empty_text": 1, "bad_record": 5}
+    assert all("in.jsonl" in m for m in summary["skip_examples"]["bad_record"])
+
+
 def test_workers_give_the_same_shards_and_the_cli_prints_the_summary(tmp_path, capsys):
     src = make_inputs(tmp_path / "src")
     inline = build([str(src)], tmp_path / "a", workers=0, progress=False)
