@@ -103,8 +103,20 @@ class ShardFetcher:
                 raise FileNotFoundError(f"{self.remote}/{name}: cannot fetch the MDS index: {e}") from None
             sizes = _shard_sizes(tmp)
             self.cache.check_fits(self.remote, sizes, tmp.stat().st_size)
+            self._drop_changed(_shard_entries(self.local / name), _shard_entries(tmp))
             self.cache.admit(tmp, self.local / name)
         self.sizes = sizes
+
+    def _drop_changed(self, old: dict[str, str], new: dict[str, str]) -> None:
+        """Remove the cached shards whose index entry changed at the remote (a dataset rebuilt at
+        the same URL): they would be read against the new index. An error if one is in use."""
+        for name in (n for n in old if old[n] != new.get(n)):
+            with self.cache.locked():
+                size = (self.local / name).stat().st_size if (self.local / name).is_file() else 0
+                if not self.cache.evict(str(self.local), name, size):
+                    raise RuntimeError(f"{self.remote}/{name} changed at the remote, but its cached "
+                                       f"copy {self.local / name} is being read by another process "
+                                       "(a job on this node reading the old version); retry after it")
 
     def __call__(self, name: str) -> None:
         pin = self._pin()
@@ -181,6 +193,15 @@ class ShardFetcher:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._tls, self._pid = threading.local(), os.getpid()
+
+
+def _shard_entries(index_file: Path) -> dict[str, str]:
+    """Shard basename -> its index entry (as canonical JSON); {} when there is no readable index."""
+    try:
+        shards = json.loads(index_file.read_text())["shards"]
+        return {s["raw_data"]["basename"]: json.dumps(s, sort_keys=True) for s in shards}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _shard_sizes(index_file: Path) -> dict[str, int]:

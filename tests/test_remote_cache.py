@@ -165,3 +165,28 @@ def test_the_config_limit_reaches_the_cache(remote, tmp_path, monkeypatch):
     assert reader[N - 1]["id"] == f"s{N - 1}"
     with pytest.raises(CacheLimitError, match=r"data\.cache_limit"):
         _readers(from_dict({"data": {**data, "cache_limit": "1KB"}}), "train")
+
+
+def test_a_dataset_rebuilt_at_the_same_url_is_not_read_from_stale_shards(tmp_path):
+    """The cached shards whose index entry changed are dropped when the index is fetched again;
+    the unchanged ones stay; a changed shard another reader still pins is a clear error."""
+    remote_dir = tmp_path / "bucket" / "ds"
+    write_shards(remote_dir, _samples(30), size_limit=4096)
+    fetcher, old = open_cached(remote_dir, tmp_path / "cache", 0)
+    assert [old[i]["id"] for i in range(30)] == [f"s{i}" for i in range(30)]
+    cached = {p.name: p.read_bytes() for p in fetcher.local.glob("shard.*.mds")}
+    changed = _samples(30)
+    changed[-1]["segments"][0]["text"] = "rebuilt"  # only the last shard differs
+    rebuilt = tmp_path / "bucket" / "new"
+    write_shards(rebuilt, changed, size_limit=4096)
+    os.rename(remote_dir, tmp_path / "bucket" / "old")
+    os.rename(rebuilt, remote_dir)
+    last = old.locate(29)[0]
+    with pytest.raises(RuntimeError, match=f"{last} changed at the remote.*being read"):
+        open_cached(remote_dir, tmp_path / "cache", 0)  # `old` still pins the last shard
+    fetcher.release()
+    fetcher, new = open_cached(remote_dir, tmp_path / "cache", 0)
+    kept = {p.name for p in fetcher.local.glob("shard.*.mds")}
+    assert kept == set(cached) - {last}
+    assert all((fetcher.local / n).read_bytes() == cached[n] for n in kept)
+    assert new[29]["segments"][0]["text"] == "rebuilt" and new[0] == old[0]
