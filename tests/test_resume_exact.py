@@ -113,6 +113,22 @@ def test_checkpoint_from_tp2_pp2_resumes_at_other_layouts(tmp_path, small_datase
     # the DP2 run's own checkpoint (each rank saved the state of its micro-batch slot) at 1 rank
     resume(1, [], tmp_path / "dp2-one", tmp_path / "dp2" / "checkpoints" / "step_00000003", 4)
 
+def test_data_metrics_count_every_data_parallel_rank(tmp_path, small_dataset):
+    """Each rank reads only its slots' samples: the logged skip/truncation counts and packing
+    efficiency are the whole global batch's, the same as one process logs."""
+    sets = ["data.seq_length=128", "train.steps=2"]  # short rows: some samples are truncated
+    logged = {}
+    for world in (1, 2):
+        run(command(world, tmp_path / f"w{world}", small_dataset, sets))
+        lines = (tmp_path / f"w{world}" / "metrics.jsonl").read_text().splitlines()
+        logged[world] = [{k: v for k, v in json.loads(x).items() if k.startswith("data/")}
+                         for x in lines]
+    assert all(rec["data/truncated"] > 0 for rec in logged[1])
+    for one, two in zip(logged[1], logged[2], strict=True):
+        assert one.keys() == two.keys()
+        assert all(two[k] == pytest.approx(one[k], rel=1e-12) for k in one), (one, two)
+
+
 def checkpoint_contents(path: Path, out: Path) -> dict:
     """Everything a checkpoint directory holds: its tensors (read without a process group), the
     common state, and the small files (state, loader positions, RNG states, config)."""

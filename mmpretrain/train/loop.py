@@ -15,6 +15,7 @@ from mmpretrain.dataset import make_loader, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
+from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -120,12 +121,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
-        if metrics and (step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1):
+        if step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1:
+            data = data_metrics(loader)  # data/packing_efficiency, data/skipped_*, ... (all ranks)
             record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                      "samples_seen": consumed + int(seen), "step_time": dt,
-                      **loader.metrics()}  # data/packing_efficiency, data/skipped_*, ...
-            metrics.log(record)
+                      "samples_seen": consumed + int(seen), "step_time": dt, **data}
+            if metrics:
+                metrics.log(record)
         every = cfg.checkpoint.every
         stop = preempt.stop_requested(device())  # agreed by all ranks
         with cuda_to_cpu():
