@@ -59,6 +59,25 @@ def test_rerun_resumes_and_no_resume_refuses(trained, small_dataset, tmp_path):
     assert logged_steps(run) == [1] and latest(run) == "step_00000001"
 
 
+def test_a_resumed_run_follows_the_configs_schedule(trained, small_dataset, tmp_path):
+    """Extended and with a new learning rate on resume: the learning rates of the new steps are
+    a fresh run's with that config (not the checkpoint's schedule)."""
+    new = ["--set", "train.steps=6", "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-5"]
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli(*train_args(run, small_dataset, *new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max_lr 0.002 -> 0.001" in r.stderr
+    r = cli(*train_args(tmp_path / "fresh", small_dataset, *new))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def lrs(path):
+        return {json.loads(x)["step"]: json.loads(x)["lr"] for x in
+                (path / "metrics.jsonl").read_text().splitlines()}
+    resumed, fresh = lrs(run), lrs(tmp_path / "fresh")
+    assert resumed[5] == fresh[5] and resumed[6] == fresh[6] == 1e-5
+
+
 def test_resume_from_a_named_checkpoint(trained, small_dataset, tmp_path):
     r = cli(*train_args(tmp_path / "other", small_dataset, "--resume",
                         trained / "checkpoints" / "step_00000002"))

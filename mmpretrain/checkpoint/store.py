@@ -195,14 +195,27 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     request["optimizer"] = optimizer.sharded_state_dict(dict(request), is_loading=True)
     state = dist_checkpointing.load(request, str(path))
     _load_into(chunks, state)
+    lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]  # the config's
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(meta["scheduler"])
+    for group, (max_lr, min_lr) in zip(optimizer.param_groups, lrs, strict=True):
+        group["max_lr"], group["min_lr"] = max_lr, min_lr  # not the saved ones: the config holds
+    scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
+    _log_schedule_changes(meta["scheduler"], scheduler)
     rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
     meta["same_layout"] = meta.get("layout") == _layout()
     if meta["same_layout"] and rng_file.is_file():
         rng.restore(torch.load(rng_file, weights_only=False))
     meta["loader"] = _loader_state(path, meta)
     return meta
+
+
+def _log_schedule_changes(saved: dict, scheduler) -> None:
+    """Say which of the learning-rate schedule's settings the config changed since the save."""
+    changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}"
+               for k in ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps")
+               if k in saved and saved[k] != getattr(scheduler, k)]
+    if changed and dist.get_rank() == 0:
+        log.info("learning-rate schedule from the config, not the checkpoint: %s", ", ".join(changed))
 
 
 def _loader_state(path: Path, meta: dict) -> dict | list | None:
