@@ -64,6 +64,25 @@ def test_cross_field_validation(tmp_path):
         load(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("decoder.ffn_hidden_size=0", r"decoder\.ffn_hidden_size: must be positive"),
+    ("vision.ffn_hidden_size=0", r"vision\.ffn_hidden_size: must be positive"),
+    ("decoder.num_attention_heads=0", r"decoder\.num_attention_heads: must be positive"),
+    ("vision.num_attention_heads=0", r"vision\.num_attention_heads: must be positive"),
+    ("decoder.num_query_groups=0", r"decoder\.num_query_groups: must be positive"),
+    ("logging.every=0", r"logging\.every: must be positive"),
+    ("train.lr=-1", r"train\.lr: must not be negative"),
+    ("train.lr=0", r"train\.min_lr 0\.0001 is above train\.lr 0\.0"),
+    ("train.min_lr=-1", r"train\.min_lr: must not be negative"),
+    ("train.min_lr=0.5", r"train\.min_lr 0\.5 is above train\.lr"),
+    ("train.warmup_steps=-5", r"train\.warmup_steps: must not be negative"),
+    ("model.init_std=-1", r"model\.init_std: must not be negative"),
+])
+def test_values_out_of_range_are_named(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load(None, [setting])
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load(None, ["train.steps=11", "vision.freeze=true"])
     C.dump(cfg, tmp_path / "config.yaml")

@@ -71,10 +71,21 @@ def validate(cfg: Config) -> None:
         "train.global_batch_size": cfg.train.global_batch_size,
         "data.image_token_budget": cfg.data.image_token_budget,
         "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
+        "logging.every": cfg.logging.every,
     }
+    for sec in ("vision", "decoder"):
+        for name in ("ffn_hidden_size", "num_attention_heads"):
+            positive[f"{sec}.{name}"] = getattr(getattr(cfg, sec), name)
+    positive["decoder.num_query_groups"] = cfg.decoder.num_query_groups
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be positive, got {v}")
+    for key, v in {"train.warmup_steps": cfg.train.warmup_steps, "train.lr": cfg.train.lr,
+                   "train.min_lr": cfg.train.min_lr, "model.init_std": cfg.model.init_std}.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must not be negative, got {v}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr {cfg.train.min_lr} is above train.lr {cfg.train.lr}")
     if cfg.projector.merge not in (1, 2):
         raise ConfigError(f"projector.merge: must be 1 or 2, got {cfg.projector.merge}")
     for sec in ("vision", "decoder"):
