@@ -124,9 +124,11 @@ def test_retention_keeps_newest_and_every_mth_and_latest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in range(1, 11):
         (root / f"step_{step:08d}").mkdir(parents=True)
+    (root / "step_00000002.bak").mkdir()  # a user's copy: neither counted nor removed
     prune(root, keep=2, keep_every=4, protect="step_00000003")
     assert sorted(p.name for p in root.iterdir()) == [
-        "step_00000003", "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+        "step_00000002.bak", "step_00000003", "step_00000004", "step_00000008", "step_00000009",
+        "step_00000010"]
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(small_dataset, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def clear_stale_saves(run_dir: str | Path) -> None:
 def prune(root: Path, keep: int, keep_every: int, protect: str) -> None:
     """Keep the newest `keep` checkpoints and every step divisible by `keep_every`; never the one
     named `protect` (latest)."""
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = {p: re.fullmatch(r"step_(\d+)", p.name) for p in root.glob("step_*") if p.is_dir()}
+    done = sorted(p for p, m in steps.items() if m)  # not a copy the user made (step_N.bak)
     for p in done[:-keep] if keep > 0 else []:
-        step = int(p.name.split("_")[1])
+        step = int(steps[p].group(1))
         if p.name == protect or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(p, ignore_errors=True)
