@@ -87,17 +87,24 @@ def test_resume_from_a_named_checkpoint(trained, small_dataset, tmp_path):
     assert r.returncode == 2 and "neither a checkpoint nor a run" in r.stderr
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
-    (lambda c: os.truncate(c / "__0_1.distcp", 100), "__0_1.distcp is truncated"),
-    (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
+@pytest.mark.parametrize("damage, message, commands", [
+    (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp is missing", ("train", "eval")),
+    (lambda c: os.truncate(c / "__0_1.distcp", 100), "__0_1.distcp is truncated", ("train", "eval")),
+    (lambda c: (c / ".metadata").unlink(), ".metadata is missing", ("train", "eval")),
+    (lambda c: os.truncate(c / "state.json", 5), "state.json cannot be read", ("train", "eval")),
+    (lambda c: os.truncate(c / "common.pt", 5), "common.pt cannot be read", ("train", "eval")),
+    (lambda c: os.truncate(c / "loader_dp0.json", 5), "loader_dp0.json cannot be read", ("train",)),
+    (lambda c: (c / "rng" / "rank0.pt").unlink(), "rng/rank0.pt is missing", ("train",)),
 ])
-def test_damaged_checkpoint_names_the_file(trained, small_dataset, tmp_path, damage, message):
+def test_damaged_checkpoint_names_the_file(trained, small_dataset, tmp_path, damage, message,
+                                           commands):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     damage(run / "checkpoints" / "step_00000004")
-    for args in (train_args(run, small_dataset, "--set", "train.steps=6"), ["eval", "--run", run]):
-        r = cli(*args)
+    every = {"train": train_args(run, small_dataset, "--set", "train.steps=6"),
+             "eval": ["eval", "--run", run]}
+    for command in commands:
+        r = cli(*every[command])
         assert r.returncode == 2, r.stderr[-3000:]
         assert message in r.stderr and "Traceback" not in r.stderr
 

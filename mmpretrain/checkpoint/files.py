@@ -7,6 +7,7 @@ retention, and file integrity.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -75,13 +76,34 @@ def prune(root: Path, keep: int, keep_every: int, protect: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def read_file(path: Path, name: str):
+    """The checkpoint's file `name` (JSON, or a torch file); an error naming it when it is missing
+    or cannot be read."""
+    f = path / name
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+    try:
+        if f.suffix == ".json":
+            return json.loads(f.read_text())
+        import torch
+
+        return torch.load(f, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - json, pickle and zip readers raise their own types
+        raise CheckpointError(f"checkpoint {path} is damaged: {name} cannot be read "
+                              f"({type(e).__name__}: {e})") from None
+
+
 def check_files(path: Path) -> None:
-    """Every file the checkpoint's index names exists and is long enough; else name it."""
+    """Every file the checkpoint's index names exists and is long enough, and its small files
+    read; else name the file."""
     from torch.distributed.checkpoint import FileSystemReader
 
     for name in ("state.json", ".metadata", "common.pt"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+    for name in ("state.json", "metadata.json", "common.pt"):
+        if name == "state.json" or (path / name).is_file():
+            read_file(path, name)
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:

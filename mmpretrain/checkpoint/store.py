@@ -35,6 +35,7 @@ from mmpretrain.checkpoint.files import (
     check_shapes,
     checkpoint_root,
     prune,
+    read_file,
     step_dir,
     write_atomic,
 )
@@ -187,7 +188,7 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     rank's loader position. A weights-only checkpoint (`save_weights`) loads the model and keeps
     the fresh optimizer."""
     check_files(path)
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_file(path, "state.json")
     if meta.get("weights_only"):
         return _load_weights_only(path, chunks, optimizer)
     request = model_state(chunks)
@@ -201,10 +202,9 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
         group["max_lr"], group["min_lr"] = max_lr, min_lr  # not the saved ones: the config holds
     scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
     _log_schedule_changes(meta["scheduler"], scheduler)
-    rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
     meta["same_layout"] = meta.get("layout") == _layout()
-    if meta["same_layout"] and rng_file.is_file():
-        rng.restore(torch.load(rng_file, weights_only=False))
+    if meta["same_layout"]:  # else the RNG states are reseeded
+        rng.restore(read_file(path, f"rng/rank{dist.get_rank()}.pt"))
     meta["loader"] = _loader_state(path, meta)
     return meta
 
@@ -218,29 +218,18 @@ def _log_schedule_changes(saved: dict, scheduler) -> None:
         log.info("learning-rate schedule from the config, not the checkpoint: %s", ", ".join(changed))
 
 
-def _loader_state(path: Path, meta: dict) -> dict | list | None:
-    """The saved loader states of all data-parallel ranks (the loader takes its own slots from
-    them, or re-splits the stream exactly when the number of slots changed); only this rank's own
-    where some other rank's file is missing (exact only for an unchanged number of slots)."""
+def _loader_state(path: Path, meta: dict) -> list:
+    """The saved loader states of all data-parallel ranks: the loader takes its own slots from
+    them, or re-splits the stream exactly when the number of slots changed."""
     saved_dp = meta["layout"][3] if meta.get("layout") else 1
-    files = [path / f"loader_dp{r}.json" for r in range(saved_dp)]
-    if all(f.is_file() for f in files):
-        return [json.loads(f.read_text()) for f in files]
-    own = path / f"loader_dp{parallel_state.get_data_parallel_rank()}.json"
-    missing = ", ".join(f.name for f in files if not f.is_file())
-    if saved_dp == parallel_state.get_data_parallel_world_size() and own.is_file():
-        log.warning("checkpoint %s lacks %s: resuming the data position from this rank's own "
-                    "state", path, missing)
-        return json.loads(own.read_text())
-    log.warning("checkpoint %s lacks %s: the data loader starts from the beginning", path, missing)
-    return None
+    return [read_file(path, f"loader_dp{r}.json") for r in range(saved_dp)]
 
 
 def _load_weights_only(path: Path, chunks, optimizer) -> dict:
     """Model weights into the chunks and the optimizer's main copies; schedule and data start."""
     load_model(path, chunks)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
-    return {**json.loads((path / "state.json").read_text()), "loader": None}
+    return {**read_file(path, "state.json"), "loader": None}
 
 
 def load_weights(path: Path, chunks, optimizer) -> None:
