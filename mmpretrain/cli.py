@@ -157,14 +157,22 @@ def _train(args) -> None:
     if args.init_from is not None:
         cfg.checkpoint.init_from = args.init_from
     check_trainable(cfg)
+    if args.overwrite and not args.no_resume:
+        raise ValueError("--overwrite: only with --no-resume (a rerun resumes from the run "
+                         "directory's latest checkpoint)")
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"--run-dir {run_dir}: is a file, not a directory")
     from mmpretrain.train.loop import train
 
-    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     train(cfg, run_dir, resume=args.resume, fresh=args.no_resume, overwrite=args.overwrite)
 
 
 def _eval(args) -> None:
     from mmpretrain.evaluate import main as eval_main
+
+    if args.samples <= 0:
+        raise ValueError(f"--samples: must be positive, got {args.samples}")
 
     eval_main(args.run, args.samples)
 
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                "plan": _plan, "slurm": _slurm}[args.command]
     try:
         status = handler(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # a bad input, a path that is not usable
         print(f"mmpretrain: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except VerificationError as e:

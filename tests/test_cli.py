@@ -31,6 +31,24 @@ def test_errors_exit_2_with_one_clear_line(args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_unusable_paths_and_flags_exit_2_with_one_clear_line(tmp_path, small_dataset):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    train = ["train", "jobs/tiny-d.yaml", "--set", f"data.path={small_dataset}"]
+    for args, needle in [
+        ([*train, "--run-dir", a_file], "is a file"),
+        ([*train, "--run-dir", a_file / "run"], "Not a directory"),
+        ([*train, "--run-dir", tmp_path / "run", "--overwrite"], "only with --no-resume"),
+        (["eval", "--run", tmp_path, "--samples", "0"], "--samples: must be positive"),
+        (["slurm", "render", "jobs/tiny-d.yaml", "--nodes", "1", "--gpus-per-node", "1", "-o",
+          tmp_path], "Is a directory"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+        assert needle in r.stderr.strip().splitlines()[-1].partition("mmpretrain: error: ")[2]
+
+
 def test_train_without_dataset_names_the_path(tmp_path):
     r = cli("train", "jobs/tiny-d.yaml", "--run-dir", tmp_path / "run",
             "--set", f"data.path={tmp_path / 'missing'}")

@@ -87,6 +87,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     `start_checkpoint` for `resume`, `fresh` and `overwrite`, `start_point` for
     checkpoint.init_from); return the last logged record."""
     check_trainable(cfg)
+    preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1, from now: save after a step, exit
     run_dir = Path(run_dir)
     layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
     n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
@@ -111,7 +112,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     batches = CountingIterator(loader)
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-    preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1: save after this step, then exit
     saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.time()
