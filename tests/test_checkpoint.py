@@ -138,6 +138,26 @@ def test_retention_keeps_newest_and_every_mth_and_latest(tmp_path):
         "step_00000010"]
 
 
+def test_a_checkpoint_of_the_same_step_is_replaced_without_a_gap(tmp_path):
+    """Saving a step that exists (a run resumed from an earlier checkpoint) moves the old one
+    aside, publishes, then deletes it; a crash between the renames is repaired at the next start."""
+    from mmpretrain.checkpoint.files import REPLACED, clear_stale_saves
+    from mmpretrain.checkpoint.store import _publish
+
+    root = tmp_path / "checkpoints"
+    for name, text in [("step_00000004", "old"), (".tmp-step_00000004", "new")]:
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text(text)
+    _publish(root / ".tmp-step_00000004", root / "step_00000004")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
+    assert (root / "step_00000004" / "state.json").read_text() == "new"
+    os.replace(root / "step_00000004", root / (REPLACED + "step_00000004"))  # the crash's state
+    (root / ".tmp-step_00000006").mkdir()  # and a save that did not finish
+    clear_stale_saves(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
+    assert (root / "step_00000004" / "state.json").read_text() == "new"
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(small_dataset, tmp_path):
     run, ready = tmp_path / "run", tmp_path / "ready"
     args = train_args(run, small_dataset, "--set", "checkpoint.every=2")

@@ -57,9 +57,18 @@ def stale_saves(run_dir: str | Path) -> list[Path]:
     return sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []
 
 
+REPLACED = TMP_PREFIX + "replaced-"  # a complete checkpoint moved aside for a new one of its step
+
+
 def clear_stale_saves(run_dir: str | Path) -> None:
-    """Report and delete half-written checkpoints (they were never published)."""
+    """Report and delete half-written checkpoints (they were never published); put back a
+    complete one that a crash caught moved aside before its replacement was in place."""
     for path in stale_saves(run_dir):
+        final = path.with_name(path.name[len(REPLACED):])
+        if path.name.startswith(REPLACED) and not final.exists():
+            log.warning("restoring %s: its replacement was not saved", final)
+            os.replace(path, final)
+            continue
         log.warning("ignoring %s: a checkpoint save that did not finish; deleting it", path)
         shutil.rmtree(path, ignore_errors=True)
 

@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from mmpretrain.checkpoint import rng
 from mmpretrain.checkpoint.files import (
     LATEST,
+    REPLACED,
     TMP_PREFIX,
     check_files,
     check_shapes,
@@ -58,10 +59,16 @@ def _load_into(chunks, state: dict) -> None:
 
 
 def _publish(tmp: Path, final: Path, keep: int = 0, keep_every: int = 0) -> None:
-    """Rename a fully written checkpoint into place and point `latest` at it (rank 0)."""
-    shutil.rmtree(final, ignore_errors=True)
+    """Rename a fully written checkpoint into place and point `latest` at it (rank 0). A
+    checkpoint of the same step (a run resumed from an earlier one) is moved aside first and
+    deleted last, so `latest` is never left naming a half-deleted directory."""
+    old = final.with_name(REPLACED + final.name)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     write_atomic(final.parent / LATEST, final.name + "\n")
+    shutil.rmtree(old, ignore_errors=True)
     if keep:
         prune(final.parent, keep, keep_every, final.name)
 

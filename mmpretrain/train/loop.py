@@ -113,6 +113,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
+    if start >= cfg.train.steps and is_rank0():
+        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
+                    cfg.train.steps)
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.time()
         microbatches = [next(batches) for _ in range(n_micro)]
