@@ -234,6 +234,9 @@ class PackedLoader:
                     int(self.packing.buffer * self.micro_batch * self.seq_len),
                     self.packing.max_patches)
                 for p in pool.map(s.buffer_keys, self._lookahead()):  # the saved buffer, rebuilt
+                    if p.seq is None:  # read before, unreadable now (data changed): a skip
+                        self._accept(s, p)
+                        continue
                     packers[s.index].add(p.position, p.seq)
                 streams[s.index] = self._sequences(s, pool)
             while True:

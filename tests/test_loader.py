@@ -211,3 +211,42 @@ def test_checkpointed_states_reshard_exactly_at_the_same_data_parallel_size(smal
     buffered = {t for ld in new for t in ld.slots[0].buffer_keys}
     assert len(emitted) == len(set(emitted)), "a sample was repeated"
     assert all(t in emitted or t in buffered for t in range(horizon)), "a sample was lost"
+
+
+def test_a_buffered_sample_unreadable_on_resume_is_a_counted_skip(small_dataset, caplog):
+    """The packer's buffer is re-read on resume; a sample there that no longer reads (the data
+    changed meanwhile) is skipped and counted, the others packed as before."""
+    from mmpretrain.data.shards import ShardError
+
+    class Damaged:
+        """A reader whose row `row` has become unreadable."""
+
+        def __init__(self, reader, row):
+            self.reader, self.row = reader, row
+
+        def __getitem__(self, index):
+            if index == self.row:
+                raise ShardError("corrupt_sample", f"row {index}: damaged")
+            return self.reader[index]
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+    cfg = cfg_for(small_dataset)
+    tok = open_tokenizer(cfg)
+    loader = make_loader(cfg, "train", tok)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    gone = state["slots"][0]["buffer"][0]
+    resumed = make_loader(cfg, "train", tok)
+    resumed.load_state_dict(state)
+    source = resumed.maker.source
+    dataset, row = source.order(gone)
+    source.readers[dataset] = Damaged(source.readers[dataset], row)  # this loader's own list
+    keys = []
+    for _ in take(resumed, 3):
+        keys += resumed.last_keys
+    assert gone not in keys and resumed.metrics()["data/skipped_corrupt_sample"] == 1
+    assert "damaged" in caplog.text
