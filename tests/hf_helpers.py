@@ -28,12 +28,14 @@ def tiny_config(data_path: Path) -> Config:
     return cfg
 
 
-def write_dataset_tokenizer(data_path: Path):
-    """tokenizer.json under data_path (the only file of the dataset the conversion reads)."""
+def write_dataset_tokenizer(data_path: Path, vocab_size: int = 300):
+    """tokenizer.json under data_path (the only file of the dataset the conversion reads); above
+    300 ids it learns numbers too (TEXTS alone give at most 357)."""
     from mmpretrain.data.tokenizer import TextTokenizer
 
     data_path.mkdir(parents=True, exist_ok=True)
-    tok = TextTokenizer.train(TEXTS * 4, vocab_size=300)
+    extra = [f"picture {i}: {i * 37 % 1000} dots, {i * 11 % 97} lines" for i in range(400)]
+    tok = TextTokenizer.train(TEXTS * 4 + (extra if vocab_size > 300 else []), vocab_size=vocab_size)
     tok.save(data_path / "tokenizer.json")
     return tok
 
@@ -48,13 +50,18 @@ def randomize(model, seed: int = 0) -> None:
 
 
 def random_checkpoint(run_dir: Path, cfg: Config, tok, seed: int = 0) -> Path:
-    """A weights-only checkpoint of a randomly initialised model of `cfg`."""
+    """A weights-only checkpoint of a randomly initialised model of `cfg`, built in this process
+    with the global tensors `cfg`'s layout saves (the vocabulary padded for parallel.tp)."""
+    import copy
+
     from mmpretrain.parallel import cuda_to_cpu
 
     from mmpretrain import checkpoint
     from mmpretrain.hf import local
+    from mmpretrain.model.build import padded_vocab_size
 
-    model = local.build_cpu_model(cfg, tok)
+    rows = padded_vocab_size(tok.vocab_size, cfg.parallel.tp)
+    model = local.build_cpu_model(local.single_process(copy.deepcopy(cfg)), tok, rows)
     randomize(model, seed)
     with cuda_to_cpu():
         ckpt = checkpoint.save_weights(run_dir, 0, model, cfg, "random")

@@ -126,6 +126,25 @@ def test_cli_to_hf_verifies_and_fails_on_a_wrong_weight(tiny, tmp_path, capsys):
     assert "verification failed" in capsys.readouterr().err
 
 
+def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):
+    """TP=3 pads 420 ids to 768 rows (a multiple of lcm(128, 3)), not 512: the export keeps the
+    checkpoint's rows and its logits equal ours. The checkpoint holds the global tensors a TP=3
+    run saves (heads divisible by 3), written by one process."""
+    tok = write_dataset_tokenizer(tmp_path / "data", vocab_size=420)
+    cfg = tiny_config(tmp_path / "data")
+    cfg.vision.num_attention_heads, cfg.vision.hidden_size = 3, 48
+    cfg.decoder.num_attention_heads, cfg.decoder.num_query_groups, cfg.decoder.hidden_size = 6, 3, 96
+    cfg.parallel.tp = 3
+    ckpt = random_checkpoint(tmp_path / "run", cfg, tok)
+    assert local.checkpoint_vocab(ckpt) == 768
+    export(ckpt, tmp_path / "hf")
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["text_config"]["vocab_size"] == 768
+    ours = local.load_cpu_model(ckpt, local.checkpoint_config(ckpt), tok)
+    diffs = compare(ours, load_hf(tmp_path / "hf"), tok, cfg.vision.patch_size)
+    assert max(diffs.values()) < 1e-4, diffs
+
+
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     from mmpretrain.cli import main
 

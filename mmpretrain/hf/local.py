@@ -51,36 +51,49 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None) -> TextToken
     return TextTokenizer.load(path)
 
 
-def build_cpu_model(cfg: Config, tok: TextTokenizer):
+def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None):
     """The model of `cfg` in one process, in eval mode (megatron initialised here): on CPU, or on
     the GPU when one is present (megatron's layers then allocate there). Always the local spec
-    without FP8: the reference that exports and evaluations compare with."""
+    without FP8: the reference that exports and evaluations compare with. `vocab_size`: the
+    embedding's rows (default: the tokenizer's, padded as for `cfg`'s layout)."""
     from mmpretrain.model.build import build_model
     from mmpretrain.parallel import cuda_to_cpu, init_distributed
 
     cfg = replace(cfg, model=replace(cfg.model, spec="local"), train=replace(cfg.train, fp8=None))
     init_distributed(seed=cfg.train.seed)
     with cuda_to_cpu():
-        model = build_model(cfg, tok.vocab_size, tok.img_id)
+        model = build_model(cfg, vocab_size or tok.vocab_size, tok.img_id)
     return model.eval()
 
 
 def load_cpu_model(ckpt: Path, cfg: Config, tok: TextTokenizer):
-    """The checkpoint's model on CPU in fp32."""
+    """The checkpoint's model on CPU in fp32, with the checkpoint's padded vocabulary (training
+    pads it for its tensor parallel size, see `model/build.padded_vocab_size`)."""
     from mmpretrain.parallel import cuda_to_cpu
 
-    model = build_cpu_model(cfg, tok)
+    model = build_cpu_model(cfg, tok, checkpoint_vocab(ckpt))
     with cuda_to_cpu():
         checkpoint.load_model(ckpt, model)
     return model
 
 
-def checkpoint_dtype(ckpt: Path) -> torch.dtype:
-    """The dtype the checkpoint stores its weights in (that of the word embeddings)."""
+def _embedding(ckpt: Path):
+    """The checkpoint's metadata of the word embeddings (a ShardedTensor), or None."""
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    for key, tensor in meta.items():
-        if "word_embeddings" in key and not key.startswith("optimizer"):
-            return tensor.dtype
-    return torch.float32
+    return next((t for key, t in meta.items()
+                 if "word_embeddings" in key and not key.startswith("optimizer")), None)
+
+
+def checkpoint_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (that of the word embeddings)."""
+    found = _embedding(ckpt)
+    return torch.float32 if found is None else found.dtype
+
+
+def checkpoint_vocab(ckpt: Path) -> int | None:
+    """The rows of the checkpoint's word embeddings: the vocabulary padded for the layout it was
+    trained under (None when it has none)."""
+    found = _embedding(ckpt)
+    return None if found is None else int(found.global_shape[0])
