@@ -1,7 +1,9 @@
 """`convert to-hf`: a tiny checkpoint -> LlavaForConditionalGeneration, loaded by transformers,
 with logits equal to ours (text only, one image, several images), and `generate` through the
 exported processor."""
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 from hf_helpers import random_checkpoint, tiny_config, write_dataset_tokenizer
 from safetensors import safe_open
 
-from mmpretrain.hf import local
+from mmpretrain.hf import ConversionError, local
 from mmpretrain.hf.export import export
 from mmpretrain.hf.verify import compare, load_hf, verify
 
@@ -124,6 +126,47 @@ def test_cli_to_hf_verifies_and_fails_on_a_wrong_weight(tiny, tmp_path, capsys):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     assert main(["convert", "verify", str(ckpt), str(tmp_path / "hf")]) == 1
     assert "verification failed" in capsys.readouterr().err
+
+
+def _llama_config(cfg, tok, out):
+    from mmpretrain.hf.configs import llama_config
+
+    llama_config(cfg, 384, tok).save_pretrained(out)
+
+
+def _x_export_config(cfg, tok, out):
+    from hf_helpers import design_config
+
+    from mmpretrain.hf.remote import nvlm_config
+
+    nvlm_config(design_config(Path(cfg.data.path), "x"), 384, tok, "float32").save_pretrained(out)
+
+
+def _deeper_llava_config(cfg, tok, out):
+    from mmpretrain.hf.configs import llava_config
+
+    deeper = copy.deepcopy(cfg)
+    deeper.decoder.num_layers = 3
+    llava_config(deeper, 384, tok, "float32").save_pretrained(out)
+
+
+@pytest.mark.parametrize("write, match", [
+    (_llama_config, "model_type is 'llama' there, 'llava' for the checkpoint"),
+    (_x_export_config, "model_type is 'nvlm' there, 'llava' for the checkpoint"),
+    (_deeper_llava_config, "text_config.num_hidden_layers is 3 there, 2 for the checkpoint"),
+])
+def test_verify_refuses_a_directory_that_is_not_the_checkpoints_export(tiny, tmp_path, write, match,
+                                                                      capsys):
+    """config.json is compared with what the exporter writes for the checkpoint before any
+    weights load (the directories here hold a config alone)."""
+    from mmpretrain.cli import main
+
+    cfg, tok, ckpt, _ = tiny
+    write(cfg, tok, tmp_path / "hf")
+    with pytest.raises(ConversionError, match=match):
+        verify(ckpt, tmp_path / "hf")
+    assert main(["convert", "verify", str(ckpt), str(tmp_path / "hf")]) == 2
+    assert "is not an export of" in capsys.readouterr().err
 
 
 def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):

@@ -13,7 +13,7 @@ from mmpretrain.hf import ConversionError, local
 from mmpretrain.hf.export import export
 from mmpretrain.hf.import_ import import_hf
 from mmpretrain.hf.mapping import model_tensors
-from mmpretrain.hf.verify import compare, design_cases, load_hf, pixel_batch
+from mmpretrain.hf.verify import compare, design_cases, load_hf, pixel_batch, verify
 
 VARIANTS = {"x": ("x", False, 1), "h": ("h", True, 1), "d_tiles": ("d", True, 1),
             "d_merge2": ("d", False, 2)}
@@ -28,8 +28,7 @@ def world(tmp_path_factory):
     return root, write_dataset_tokenizer(root / "data"), {}
 
 
-@pytest.fixture
-def exported(world, name):
+def make(world, name):
     """(variant, config, tokenizer, checkpoint, export dir) of a random tiny model, made once."""
     root, tok, made = world
     if name not in made:
@@ -38,6 +37,12 @@ def exported(world, name):
         export(ckpt, root / f"hf_{name}", shard_size="40KB")
         made[name] = name, cfg, tok, ckpt, root / f"hf_{name}"
     return made[name]
+
+
+@pytest.fixture
+def exported(world, name):
+    """`make`'s variant `name`."""
+    return make(world, name)
 
 
 each_variant = pytest.mark.parametrize("name", list(VARIANTS))
@@ -147,6 +152,13 @@ def test_verify_runs_only_the_code_it_wrote(exported, tmp_path):
         f.write("\nprint('not ours')\n")
     with pytest.raises(ConversionError, match="modeling_nvlm.py"):
         load_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name", ["x"])
+def test_verify_refuses_the_export_of_another_design(exported, world):
+    """An X checkpoint against a pixel-shuffled D export: refused before any weights load."""
+    with pytest.raises(ConversionError, match="design is 'd' there, 'x' for the checkpoint"):
+        verify(exported[3], make(world, "d_merge2")[4])
 
 
 def test_cli_to_hf_of_x_verifies(world, tmp_path, capsys):

@@ -5,7 +5,9 @@ the layout of the model's design (tiled images where the job tiles). Both models
 pixel tensors (random, already normalised) rather than each its own processor: the resize policies
 differ on purpose (see `processor.py`), the weights and the computation are what is checked.
 A remote-code export is loaded with `trust_remote_code=True` after checking that its code files
-are the ones this version writes.
+are the ones this version writes. Before any weights load, HF_DIR's config.json is compared with
+the one the exporter writes for the checkpoint (format, design, sizes): another model's directory
+is refused by name rather than fed inputs it cannot read.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from mmpretrain.data.images import ImagePatches
 from mmpretrain.data.packing import pack_rows
 from mmpretrain.data.sequence import TokenSequence
-from mmpretrain.hf import VerificationError, local
+from mmpretrain.hf import ConversionError, VerificationError, local
 from mmpretrain.hf.cases import Case, design_cases, random_image, sample_cases  # noqa: F401
 
 log = logging.getLogger("mmpretrain")
@@ -101,12 +103,46 @@ def compare(ours, theirs, tok, patch: int, cfg=None) -> dict[str, float]:
     return diffs
 
 
+# Fields of config.json that say which model it is: top level, then per sub-config.
+IDENTITY = ("design", "merge", "resize", "cross_attention_layers", "projector_hidden_size")
+SIZES = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "patch_size")
+
+
+def config_differences(want: dict, got: dict) -> list[str]:
+    """What differs between two HF configs (as dicts) in format, design and sizes."""
+    if want["model_type"] != got.get("model_type"):
+        return [f"model_type is {got.get('model_type')!r} there, {want['model_type']!r} for the "
+                f"checkpoint"]
+    fields = [(k, want.get(k), got.get(k)) for k in IDENTITY]
+    for sub in ("text_config", "vision_config"):
+        mine, theirs = want[sub], got.get(sub) or {}
+        fields += [(f"{sub}.{k}", mine.get(k), theirs.get(k)) for k in SIZES if k in mine]
+    return [f"{name} is {b!r} there, {a!r} for the checkpoint" for name, a, b in fields if a != b]
+
+
+def check_export_of(path: Path, cfg, tok, hf_dir: Path) -> None:
+    """HF_DIR's config.json is the one `to-hf` writes for this checkpoint (its format, design and
+    sizes); else a ConversionError naming what differs. Reads configs only."""
+    from mmpretrain.hf.configs import check_exportable
+    from mmpretrain.hf.export import FORMATS
+    from mmpretrain.hf.import_ import read_config
+
+    fmt = check_exportable(cfg)
+    want = FORMATS[fmt].config(cfg, local.checkpoint_vocab(path), tok, "float32").to_dict()
+    diffs = config_differences(want, read_config(hf_dir))
+    if diffs:
+        raise ConversionError(f"{hf_dir} is not an export of {path} (design {cfg.model.design}, "
+                              f"exported as {fmt}): " + "; ".join(diffs))
+
+
 def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
            tokenizer: str | Path | None = None) -> dict[str, float]:
     """Compare a checkpoint with its export; VerificationError above `tol`."""
     path = local.resolve_checkpoint(ckpt)
     cfg = local.checkpoint_config(path)
     tok = local.open_tokenizer(cfg, tokenizer)
+    check_export_of(path, cfg, tok, Path(hf_dir))
     ours = local.load_cpu_model(path, cfg, tok)
     round_like_export(ours, Path(hf_dir))
     diffs = compare(ours, load_hf(hf_dir), tok, cfg.vision.patch_size, cfg)
