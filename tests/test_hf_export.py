@@ -59,6 +59,31 @@ def test_logits_equal_ours(tiny):
     assert max(diffs.values()) < 1e-4, diffs
 
 
+def test_thin_images_get_hf_vision_features_equal_ours(tiny):
+    """Training makes grids up to the whole token budget along one side (a strip one patch
+    high): HF's RoPE table covers them, so the exported tower computes our features."""
+    from mmpretrain.data.packing import pack_rows
+    from mmpretrain.data.resize import native_size
+    from mmpretrain.data.sequence import TokenSequence
+    from mmpretrain.parallel import cuda_to_cpu
+
+    from mmpretrain.hf.verify import pixel_batch, random_image
+
+    cfg, tok, ckpt, out = tiny
+    p, budget = cfg.vision.patch_size, cfg.data.image_token_budget
+    wide, tall = native_size(7, 1000, p, budget), native_size(1000, 7, p, budget)
+    assert wide == (p, budget * p) and tall == (budget * p, p)
+    ours, hf = local.load_cpu_model(ckpt, local.checkpoint_config(ckpt), tok), load_hf(out)
+    for seed, (h, w) in enumerate((wide, tall, native_size(9, 330, p, budget))):
+        image = random_image(h // p, w // p, p, seed)
+        batch = pack_rows([[TokenSequence([0], [False], [image])]], 1, 0)
+        pixels, sizes = pixel_batch([image], p)
+        with torch.no_grad(), cuda_to_cpu():
+            a = ours.vision(batch.patches, batch.patch_positions, batch.image_sizes)
+            b = hf.vision_tower(pixels, image_sizes=sizes).last_hidden_state[0]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_export_verifies(tiny, tmp_path):
     cfg, tok, ckpt, _ = tiny
     export(ckpt, tmp_path / "bf16", dtype="bf16")

@@ -131,3 +131,25 @@ def test_vision_norm_eps_other_than_pixtrals_is_refused():
 
     with pytest.raises(ConversionError, match="vision.norm_eps"):
         check_exportable(load(None, ["vision.norm_eps=1e-6"]))
+
+
+@pytest.mark.parametrize("settings", [
+    [], ["data.image_token_budget=50"], ["projector.merge=2"],
+    ["projector.merge=2", "data.image_token_budget=4096", "vision.patch_size=14"],
+    ["data.max_image_side=20"], ["data.max_image_side=100", "projector.merge=2"],
+    ["data.max_image_side=3"],
+])
+def test_rope_table_covers_every_native_grid(settings):
+    """`rope_table_side` is the longest side `native_size` gives any image (thin ones take the
+    whole budget along their length): reached, never exceeded."""
+    from mmpretrain.data.resize import native_size
+
+    from mmpretrain.config import load
+    from mmpretrain.hf.configs import rope_table_side
+
+    cfg = load(None, settings)
+    p = cfg.vision.patch_size
+    longest = max(max(native_size(h, w, p, cfg.data.image_token_budget, cfg.projector.merge,
+                                  cfg.data.max_upscale, cfg.data.max_image_side))
+                  for h in (1, 3, 17, 100, 1000, 10**5) for w in (1, 5, 64, 999, 10**6))
+    assert rope_table_side(cfg) == longest

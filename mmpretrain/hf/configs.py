@@ -43,13 +43,20 @@ def max_image_side(cfg: Config) -> int:
     return max(p, min(side, _side_cap(cfg) // p * p)) if _side_cap(cfg) else side
 
 
+def longest_grid_side(cfg: Config) -> int:
+    """Most patches along one side of a grid `data/resize.native_size` makes: a thin strip keeps
+    one merge unit across and takes the whole budget along its length, unless
+    data.max_image_side stops it first."""
+    p, m = cfg.vision.patch_size, cfg.projector.merge
+    side = max(1, cfg.data.image_token_budget // (m * m)) * m
+    return min(side, max(m, _side_cap(cfg) // (p * m) * m)) if _side_cap(cfg) else side
+
+
 def rope_table_side(cfg: Config) -> int:
-    """PixtralVisionConfig.image_size: the side (pixels) HF's 2-D RoPE table covers. Our resize
-    can make long thin grids: up to data.max_image_side, else four times the processor's longest
-    edge; never more patches than the budget."""
-    p, budget = cfg.vision.patch_size, cfg.data.image_token_budget
-    longest = -(-_side_cap(cfg) // p) if _side_cap(cfg) else 4 * max_image_side(cfg) // p
-    return p * max(max_image_side(cfg) // p, min(budget, longest))
+    """PixtralVisionConfig.image_size: the side (pixels) HF's 2-D RoPE table covers, that of the
+    longest grid training makes (a position past the table would index out of it or alias onto
+    the next row). The table holds side^2 positions: data.max_image_side bounds it."""
+    return cfg.vision.patch_size * longest_grid_side(cfg)
 
 
 def pixtral_config(cfg: Config, image_size: int | None = None):
