@@ -194,6 +194,67 @@ def test_verify_refuses_a_directory_that_is_not_the_checkpoints_export(tiny, tmp
     assert "is not an export of" in capsys.readouterr().err
 
 
+def test_export_replaces_a_previous_export_whole(tiny, tmp_path):
+    """An X export over a D export: none of D's files (processor, shards) are left behind."""
+    import shutil
+
+    from hf_helpers import design_config
+
+    cfg, tok, _, d_export = tiny
+    shutil.copytree(d_export, tmp_path / "hf")
+    x = random_checkpoint(tmp_path / "x", design_config(Path(cfg.data.path), "x"), tok, seed=4)
+    export(x, tmp_path / "hf")
+    names = {f.name for f in (tmp_path / "hf").iterdir()}
+    assert "preprocessor_config.json" not in names and "processor_config.json" not in names
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {n for n in names if n.endswith(".safetensors")} == set(index.values())
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["hf", "x"]  # no temporary left
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import mmpretrain.hf.export as export_module
+
+    _, _, ckpt, d_export = tiny
+    shutil.copytree(d_export, tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+
+    def crash(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "write_text_files", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(ckpt, tmp_path / "hf", dtype="bf16")  # shards other than the ones there
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["hf"]
+
+
+def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monkeypatch, capsys):
+    from mmpretrain.cli import main
+    from mmpretrain.hf.export import check_out
+
+    _, _, ckpt, _ = tiny
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty")
+    check_out(tmp_path / "new" / "hf")
+
+    def no_load(*args):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(local, "load_cpu_model", no_load)
+    for out, match in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "hf", "is a file"),
+                       (tmp_path / "other", "holds other files")):
+        with pytest.raises(ConversionError, match=match):
+            export(ckpt, out)
+        assert main(["convert", "to-hf", str(ckpt), str(out)]) == 2
+        assert match in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):
     """TP=3 pads 420 ids to 768 rows (a multiple of lcm(128, 3)), not 512: the export keeps the
     checkpoint's rows and its logits equal ours. The checkpoint holds the global tensors a TP=3

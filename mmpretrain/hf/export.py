@@ -12,11 +12,18 @@ padding ids, which the tokenizer does not have.
 D at native resolution becomes LlavaForConditionalGeneration; X, H, tiled D and pixel-shuffled D
 become the remote-code NVLMForConditionalGeneration, whose configuration and modeling files are
 copied into the export (`remote.py`). `configs.check_exportable` is where that choice is made.
+
+OUT is written as a whole: the files go into a temporary sibling directory, which replaces OUT
+once complete, so a crash leaves the previous export intact and no file of it survives the new
+one. OUT must be absent, empty or a previous export (it has config.json); anything else is
+refused before the checkpoint loads.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import Config
-from mmpretrain.hf import local
+from mmpretrain.hf import ConversionError, local
 from mmpretrain.hf.configs import check_exportable, llava_config
 from mmpretrain.hf.mapping import Dims, Group, check_covers, llava_groups, model_tensors
 from mmpretrain.hf.processor import write_text_files
@@ -85,10 +92,49 @@ def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tenso
     return len(plan)
 
 
+def check_out(out: Path) -> None:
+    """OUT is absent, an empty directory or a previous export (config.json); else a
+    ConversionError (a file, a path under a file, a directory of other files)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"{existing} is a file; to-hf writes a directory at {out}")
+    if existing == out and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ConversionError(f"{out} holds other files, not a previous export (no config.json); "
+                              f"to-hf replaces an export whole: pick an empty or new directory")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete directory `tmp` at `out`, removing what `out` held."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_export(out: Path, cfg: Config, fmt: Format, sources: dict[str, torch.Tensor], tok,
+                 out_dtype: torch.dtype, shard_bytes: int, ckpt: Path) -> int:
+    """Every file of the export into the directory `out`; return the number of shards."""
+    groups = fmt.groups(cfg)
+    check_covers(groups, sources)
+    vocab_size = sources["language_model.embedding.word_embeddings.weight"].shape[0]
+    n = write_weights(out, groups, sources, out_dtype, shard_bytes)
+    fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
+    if fmt.code is not None:
+        fmt.code(out)
+    write_text_files(out, cfg, tok, vocab_size)
+    (out / "mmpretrain.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt.resolve()), "design": cfg.model.design,
+         "format": check_exportable(cfg)}) + "\n")
+    return n
+
+
 def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: str | None = None,
            tokenizer: str | Path | None = None) -> Path:
     """Write the checkpoint as a transformers model directory; return the checkpoint used."""
     path = local.resolve_checkpoint(ckpt)
+    out = Path(out).resolve()
+    check_out(out)
     cfg = local.checkpoint_config(path)
     fmt = FORMATS[check_exportable(cfg)]
     shard_bytes = parse_size(shard_size)
@@ -96,20 +142,14 @@ def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: st
     out_dtype = DTYPES[dtype] if dtype else local.checkpoint_dtype(path)
     log.info("to-hf: loading %s on CPU", path)
     sources = model_tensors(local.load_cpu_model(path, cfg, tok).state_dict())
-    groups = fmt.groups(cfg)
-    check_covers(groups, sources)
-    vocab_size = sources["language_model.embedding.word_embeddings.weight"].shape[0]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("model-*-of-*.safetensors"):  # shards of an earlier export
-        stale.unlink()
-    n = write_weights(out, groups, sources, out_dtype, shard_bytes)
-    fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
-    if fmt.code is not None:
-        fmt.code(out)
-    write_text_files(out, cfg, tok, vocab_size)
-    (out / "mmpretrain.json").write_text(json.dumps(
-        {"checkpoint": str(path.resolve()), "design": cfg.model.design,
-         "format": check_exportable(cfg)}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        n = write_export(tmp, cfg, fmt, sources, tok, out_dtype, shard_bytes, path)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("to-hf: wrote %s (%d shard%s, %s)", out, n, "s" * (n > 1), DTYPE_NAMES[out_dtype])
     return path
