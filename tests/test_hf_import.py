@@ -169,3 +169,24 @@ def test_training_starts_from_the_import(env):
     want = model_tensors(imported(checkpoint.latest_checkpoint(run), cfg, tok).state_dict())
     for name, value in model_tensors(chunks[0].state_dict()).items():
         assert torch.equal(value, want[name]), name
+
+
+def test_refuses_a_run_directory_that_has_checkpoints(env, capsys):
+    """from-hf starts a new run: a directory holding one is refused, its checkpoint untouched."""
+    from mmpretrain.cli import main
+
+    root, cfg, tok = env
+    save_causal_lm(root / "lm_for_used", cfg, "llama")
+    run = root / "used_run"
+    random_checkpoint(run, cfg, tok)
+    state = (run / "checkpoints" / "step_00000000" / "state.json").read_text()
+    with pytest.raises(ConversionError, match="already holds a run"):
+        import_hf(root / "lm_for_used", run, cfg)
+    dump(cfg, root / "job.yaml")
+    assert main(["convert", "from-hf", str(root / "lm_for_used"), str(run),
+                 "--config", str(root / "job.yaml")]) == 2
+    assert "pick an empty or new directory" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_00000000" / "state.json").read_text() == state
+    (root / "a_file").write_text("x")
+    with pytest.raises(ConversionError, match="is a file"):
+        import_hf(root / "lm_for_used", root / "a_file" / "run", cfg)

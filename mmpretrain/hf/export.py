@@ -95,10 +95,8 @@ def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tenso
 def check_out(out: Path) -> None:
     """OUT is absent, an empty directory or a previous export (config.json); else a
     ConversionError (a file, a path under a file, a directory of other files)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConversionError(f"{existing} is a file; to-hf writes a directory at {out}")
-    if existing == out and any(out.iterdir()) and not (out / "config.json").is_file():
+    local.check_not_under_file(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise ConversionError(f"{out} holds other files, not a previous export (no config.json); "
                               f"to-hf replaces an export whole: pick an empty or new directory")
 

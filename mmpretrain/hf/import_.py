@@ -13,6 +13,9 @@ The model is built from the job config at TP=1/PP=1 on CPU, filled tensor group 
 `OUT/checkpoints/step_00000000`: training loads it under any layout and starts at step 1 with a
 fresh optimizer, learning-rate schedule and data order.
 
+OUT must not hold a run already (checkpoints): like `train --no-resume`, from-hf starts a new
+one and refuses to take over another's `latest`.
+
 Every HF tensor's shape is checked against what the job config needs before anything is copied;
 a mismatch names the tensor. The vocabulary may be smaller than our padded embedding (rows
 beyond it keep their initialisation), never larger.
@@ -219,6 +222,17 @@ def warn_vocab(src: Source, tok, model_vocab: int) -> None:
                     image_id, tok.img_id)
 
 
+def check_new_run(out: Path) -> None:
+    """OUT can take a new run: not a file, no checkpoints in it; else a ConversionError."""
+    from mmpretrain.checkpoint import checkpoint_root
+
+    local.check_not_under_file(out)
+    root = checkpoint_root(out)
+    if root.is_dir() and any(root.iterdir()):
+        raise ConversionError(f"{out} already holds a run ({root} is not empty); from-hf starts a "
+                              f"new run: pick an empty or new directory")
+
+
 def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: str | Path | None = None,
               trust_pickle: bool = False) -> Path:
     """Write OUT/checkpoints/step_00000000 (and `latest`, OUT/config.yaml) from HF weights."""
@@ -226,6 +240,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     from mmpretrain.config import dump
     from mmpretrain.parallel import cuda_to_cpu
 
+    out = Path(out)
+    check_new_run(out)
     main = open_source(hf_dir, trust_pickle, {VISION, PROJECTOR, DECODER, CROSS})
     if DECODER not in main.parts:
         raise ConversionError(f"{hf_dir}: no language model tensors (language_model.* or model.*)")
@@ -249,7 +265,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     every = {g.part for g in nvlm_groups(build_cfg)}
     log.info("from-hf: %s; fresh: %s", ", ".join(f"{k} <- {v}" for k, v in sorted(parts.items())),
              ", ".join(sorted(every - set(parts))) or "nothing")
-    out = Path(out)
     with cuda_to_cpu():
         ckpt = checkpoint.save_weights(out, 0, model, cfg, source=str(Path(hf_dir).resolve()))
     dump(cfg, out / "config.yaml")

@@ -10,6 +10,7 @@ import torch
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
 from mmpretrain.data.tokenizer import TextTokenizer
+from mmpretrain.hf import ConversionError
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -23,6 +24,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return found
     raise ConfigError(f"{path}: not a checkpoint directory (no state.json) nor a run directory "
                       f"with checkpoints/latest")
+
+
+def check_not_under_file(out: Path) -> None:
+    """A directory can be written at `out`: it, or the nearest of its parents that exists, is a
+    directory; else a ConversionError."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"{existing} is a file; a directory is to be written at {out}")
 
 
 def single_process(cfg: Config) -> Config:
