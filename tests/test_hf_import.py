@@ -190,3 +190,15 @@ def test_refuses_a_run_directory_that_has_checkpoints(env, capsys):
     (root / "a_file").write_text("x")
     with pytest.raises(ConversionError, match="is a file"):
         import_hf(root / "lm_for_used", root / "a_file" / "run", cfg)
+
+
+@pytest.mark.parametrize("keep", [1000, -100])
+def test_a_truncated_safetensors_file_is_named(env, keep):
+    """A file cut in its header (first 1000 bytes kept) or in its data (last 100 bytes lost)."""
+    root, cfg, tok = env
+    src = root / f"truncated{keep}"
+    save_causal_lm(src, cfg, "llama")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:keep])
+    with pytest.raises(ConversionError, match=r"model\.safetensors: not a readable safetensors"):
+        import_hf(src, root / f"from_truncated{keep}", cfg)

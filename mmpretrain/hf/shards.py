@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +62,19 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- reading
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """`safetensors.safe_open`; a damaged or truncated file is a ConversionError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            yield h
+    except SafetensorError as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e}); truncated by an "
+                              f"interrupted download or copy?") from None
+
+
 class WeightReader:
     """The tensors of an HF model directory, read one at a time."""
 
@@ -72,8 +87,6 @@ class WeightReader:
             self.files = {}
 
     def _safetensors(self) -> dict[str, Path] | None:
-        from safetensors import safe_open
-
         index = self.dir / INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -81,7 +94,7 @@ class WeightReader:
         files = sorted(self.dir.glob("*.safetensors"))
         out: dict[str, Path] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
+            with open_safetensors(f) as h:
                 out.update(dict.fromkeys(h.keys(), f))
         return out or None
 
@@ -109,17 +122,13 @@ class WeightReader:
         """One tensor, read from disk now."""
         if self.pickled is not None:
             return self.pickled[name]
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as h:
+        with open_safetensors(self.files[name]) as h:
             return h.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape without reading it."""
         if self.pickled is not None:
             return tuple(self.pickled[name].shape)
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as h:
+        with open_safetensors(self.files[name]) as h:
             return tuple(h.get_slice(name).get_shape())
 
