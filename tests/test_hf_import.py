@@ -202,3 +202,17 @@ def test_a_truncated_safetensors_file_is_named(env, keep):
     (src / "model.safetensors").write_bytes(data[:keep])
     with pytest.raises(ConversionError, match=r"model\.safetensors: not a readable safetensors"):
         import_hf(src, root / f"from_truncated{keep}", cfg)
+
+
+def test_rotary_inv_freq_buffers_of_older_conversions_are_ignored(env):
+    from safetensors.torch import load_file, save_file
+
+    root, cfg, tok = env
+    hf = save_causal_lm(root / "with_inv_freq", cfg, "llama")
+    f = root / "with_inv_freq" / "model.safetensors"
+    tensors = load_file(str(f))
+    for i in range(cfg.decoder.num_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    ckpt = import_hf(root / "with_inv_freq", root / "from_with_inv_freq", cfg)
+    assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg, with_images=False) < 1e-4

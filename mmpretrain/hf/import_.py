@@ -55,6 +55,8 @@ from mmpretrain.hf.shards import WeightReader
 log = logging.getLogger("mmpretrain")
 
 VOCAB_TENSORS = (EMBED, LM_HEAD)
+# Buffers some files carry that are no weights: rotary frequencies (older Llama conversions).
+NOT_WEIGHTS = (".rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -110,6 +112,8 @@ def open_source(directory: str | Path, trust_pickle: bool, wanted: set[str]) -> 
     prefixes = {CROSS: CROSS_PREFIX, VISION: "vision_tower.", PROJECTOR: "multi_modal_projector.",
                 DECODER: "language_model."}  # the cross-attention layers' prefix first
     for name in src.reader.names():
+        if name.endswith(NOT_WEIGHTS):
+            continue
         canon = name if kind == "nvlm" else canonical_name(name, kind)
         part = next((p for p, pre in prefixes.items() if canon.startswith(pre)), None)
         if part in wanted:
