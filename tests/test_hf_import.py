@@ -216,3 +216,16 @@ def test_rotary_inv_freq_buffers_of_older_conversions_are_ignored(env):
     save_file(tensors, str(f), metadata={"format": "pt"})
     ckpt = import_hf(root / "with_inv_freq", root / "from_with_inv_freq", cfg)
     assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg, with_images=False) < 1e-4
+
+
+def test_import_pads_the_vocabulary_for_the_jobs_tensor_parallel_size(tmp_path):
+    """A TP=3 job pads 420 ids to 768 rows (lcm(128, 3)): the imported checkpoint has them, so
+    training at TP=3 loads it."""
+    tok = write_dataset_tokenizer(tmp_path / "data", vocab_size=420)
+    cfg = tiny_config(tmp_path / "data")
+    cfg.decoder.num_attention_heads, cfg.decoder.num_query_groups, cfg.decoder.hidden_size = 6, 3, 96
+    cfg.parallel.tp = 3
+    hf = save_causal_lm(tmp_path / "lm", cfg, "llama", vocab=tok.vocab_size)
+    ckpt = import_hf(tmp_path / "lm", tmp_path / "run", cfg)
+    assert local.checkpoint_vocab(ckpt) == 768
+    assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg, with_images=False) < 1e-4

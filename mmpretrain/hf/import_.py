@@ -242,6 +242,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     """Write OUT/checkpoints/step_00000000 (and `latest`, OUT/config.yaml) from HF weights."""
     from mmpretrain import checkpoint
     from mmpretrain.config import dump
+    from mmpretrain.model.build import padded_vocab_size
     from mmpretrain.parallel import cuda_to_cpu
 
     out = Path(out)
@@ -263,7 +264,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
         check_configs(src, build_cfg)
         drop_unused_vision_layers(src, build_cfg)
     tok = local.open_tokenizer(build_cfg)
-    model = local.build_cpu_model(build_cfg, tok)
+    # the embedding rows the job's layout pads to (they depend on parallel.tp), built at TP=1
+    model = local.build_cpu_model(build_cfg, tok, padded_vocab_size(tok.vocab_size, cfg.parallel.tp))
     warn_vocab(main, tok, model.language_model.vocab_size)
     parts = fill(model, sources, build_cfg)
     every = {g.part for g in nvlm_groups(build_cfg)}
