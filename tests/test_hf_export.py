@@ -238,6 +238,8 @@ def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monk
     (tmp_path / "file").write_text("x")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "hub").mkdir()  # a model from elsewhere: not ours to replace
+    (tmp_path / "hub" / "config.json").write_text("{}")
     (tmp_path / "empty").mkdir()
     check_out(tmp_path / "empty")
     check_out(tmp_path / "new" / "hf")
@@ -247,12 +249,14 @@ def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monk
 
     monkeypatch.setattr(local, "load_cpu_model", no_load)
     for out, match in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "hf", "is a file"),
-                       (tmp_path / "other", "holds other files")):
+                       (tmp_path / "other", "holds other files"),
+                       (tmp_path / "hub", "holds other files")):
         with pytest.raises(ConversionError, match=match):
             export(ckpt, out)
         assert main(["convert", "to-hf", str(ckpt), str(out)]) == 2
         assert match in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "hub" / "config.json").read_text() == "{}"
 
 
 def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):

@@ -15,8 +15,8 @@ copied into the export (`remote.py`). `configs.check_exportable` is where that c
 
 OUT is written as a whole: the files go into a temporary sibling directory, which replaces OUT
 once complete, so a crash leaves the previous export intact and no file of it survives the new
-one. OUT must be absent, empty or a previous export (it has config.json); anything else is
-refused before the checkpoint loads.
+one. OUT must be absent, empty or a previous export of this program (it has mmpretrain.json);
+anything else (a model downloaded from the Hub, say) is refused before the checkpoint loads.
 """
 from __future__ import annotations
 
@@ -93,12 +93,12 @@ def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tenso
 
 
 def check_out(out: Path) -> None:
-    """OUT is absent, an empty directory or a previous export (config.json); else a
+    """OUT is absent, an empty directory or a previous export (mmpretrain.json); else a
     ConversionError (a file, a path under a file, a directory of other files)."""
     local.check_not_under_file(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ConversionError(f"{out} holds other files, not a previous export (no config.json); "
-                              f"to-hf replaces an export whole: pick an empty or new directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "mmpretrain.json").is_file():
+        raise ConversionError(f"{out} holds other files, not a previous export (no mmpretrain.json)"
+                              f"; to-hf replaces an export whole: pick an empty or new directory")
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
