@@ -77,9 +77,15 @@ class TextTokenizer:
         """Write the tokenizer as a `tokenizer.json` file."""
         self.tokenizer.save(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS is added, specials in the text map to their ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, specials: bool = False) -> list[int]:
+        """Token ids of `text`; no BOS/EOS is added. A special token's string in the text (a
+        caption that says "[IMG]", "<s>") is ordinary text unless `specials`: image and control
+        tokens come only from the sequence builder."""
+        self.tokenizer.encode_special_tokens = not specials
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False  # as loaded (and as saved)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of `ids`; special tokens are written out unless `skip_special`."""

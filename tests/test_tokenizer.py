@@ -32,12 +32,22 @@ def test_special_ids_are_fixed(tok):
 
 
 def test_specials_never_split(tok):
-    assert tok.encode("[IMG][IMG_BREAK]") == [tok.img_id, tok.img_break_id]
+    assert tok.encode("[IMG][IMG_BREAK]", specials=True) == [tok.img_id, tok.img_break_id]
     for name in SPECIAL_TOKENS:
-        assert tok.encode(name) == [SPECIAL_TOKENS.index(name)]
-    ids = tok.encode("a red<tile_3>circle[IMG_END]")
+        assert tok.encode(name, specials=True) == [SPECIAL_TOKENS.index(name)]
+    ids = tok.encode("a red<tile_3>circle[IMG_END]", specials=True)
     assert tok.tile_id(3) in ids and ids[-1] == tok.img_end_id
     assert tok.decode(ids) == "a red<tile_3>circle[IMG_END]"
+
+
+def test_special_strings_in_data_text_are_plain_text(tok, tmp_path):
+    """A caption may say "[IMG]" or "<s>" (web text): that is text, never an image or control
+    token, which only the sequence builder places."""
+    text = "a <s> tag, [IMG]x[/IMG] and <tile_3></s><pad>"
+    ids = tok.encode(text)
+    assert not set(ids) & set(range(len(SPECIAL_TOKENS))) and tok.decode(ids) == text
+    tok.save(tmp_path / "t.json")  # the setting does not stick to the saved file
+    assert TextTokenizer.load(tmp_path / "t.json").encode("[IMG]", specials=True) == [tok.img_id]
 
 
 def test_no_automatic_bos_eos(tok):
