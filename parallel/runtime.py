@@ -54,14 +54,19 @@ def _current_layout() -> tuple[int, int, int | None]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch the same on every rank, then megatron's RNG tracker
-    (its tensor-parallel stream is `seed + 2718 + tp_rank`)."""
+    """Seed python and numpy the same on every rank; torch and megatron's RNG tracker (its
+    tensor-parallel stream is `seed + 2718 + tp_rank`) with `seed + 100 * pp_rank`, as
+    Megatron-LM does: each pipeline stage draws its layers' initial weights from a stream of its
+    own (with one seed, every stage after the first would start as a copy of the others), while
+    tensor- and data-parallel ranks share theirs (identical replicas and master weights)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    stage_seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
 
 
 def init_distributed(
