@@ -112,9 +112,10 @@ def _add_plan(sub) -> None:
                    help="model-FLOPs utilisation of a busy GPU assumed for the step time (default 0.4)")
     p.add_argument("--image-fraction", type=float, default=1.0,
                    help="share of decoder positions that are image tokens (default 1: the worst case)")
-    p.add_argument("--spec", choices=["te", "local"], default="te",
+    p.add_argument("--spec", choices=["te", "local"], default=None,
                    help="kernels: te (Transformer Engine, flash attention; GPUs) or local "
-                        "(megatron-core's portable spec, dense attention scores)")
+                        "(megatron-core's portable spec, dense attention scores); default: the "
+                        "config's model.spec, with auto taken as te")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--suggest", type=int, default=3, metavar="K",
@@ -227,8 +228,9 @@ def _plan(args) -> int:
     from mmpretrain.planner import report, suggest
 
     cfg = load(args.config, args.set)
+    spec = args.spec or ("local" if cfg.model.spec == "local" else "te")
     kw = dict(gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
-              image_fraction=args.image_fraction, spec=args.spec)
+              image_fraction=args.image_fraction, spec=spec)
     plan = planner.plan_job(cfg, args.nodes, **kw)
     if args.json:
         print(json.dumps(report.as_dict(plan)))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from mmpretrain import checkpoint
-from mmpretrain.config import Config, ConfigError, load
+from mmpretrain.config import Config, ConfigError, ParallelConfig, load
 from mmpretrain.data.packing import RowPacker
 from mmpretrain.dataset import make_loader, open_tokenizer
 from mmpretrain.model.build import build_model
@@ -51,8 +51,8 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"--run: {run_dir} has no checkpoint")
-    cfg: Config = load(run_dir / "config.yaml", ["parallel.tp=1", "parallel.pp=1",
-                                                 "parallel.vpp=null", "parallel.sequence_parallel=false"])
+    cfg: Config = load(run_dir / "config.yaml")
+    cfg.parallel = ParallelConfig()  # one process, whatever layout trained the run
     init_distributed(seed=cfg.train.seed)
     tok = open_tokenizer(cfg)
     with cuda_to_cpu():

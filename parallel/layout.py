@@ -60,8 +60,17 @@ def validate(layout: ParallelLayout, cfg: Config) -> None:
                    ("decoder.num_query_groups", d.num_query_groups),
                    ("vision.num_attention_heads", v.num_attention_heads)):
         _check(n % tp == 0, f"{key} = {n} is not divisible by parallel.tp = {tp}")
+    projector_hidden = cfg.projector.hidden_size or d.hidden_size
+    for key, n in (("decoder.ffn_hidden_size", d.ffn_hidden_size),
+                   ("vision.ffn_hidden_size", v.ffn_hidden_size),
+                   ("projector.hidden_size (default: decoder.hidden_size)", projector_hidden)):
+        _check(n % tp == 0, f"{key} = {n} is not divisible by parallel.tp = {tp}: its linear "
+                            f"layers are split in {tp} column shards")
     _check(not layout.sequence_parallel or tp > 1,
            "parallel.sequence_parallel needs parallel.tp > 1")
+    _check(not layout.sequence_parallel or cfg.data.seq_length % tp == 0,
+           f"data.seq_length = {cfg.data.seq_length} is not divisible by parallel.tp = {tp}, as "
+           f"parallel.sequence_parallel splits each sequence over the tensor-parallel ranks")
     _check(vpp is None or (vpp > 1 and pp > 1),
            "parallel.vpp (virtual stages) needs parallel.pp > 1 and vpp > 1")
     _check_layer_split(layout, d.num_layers)
@@ -84,9 +93,9 @@ def _check_layer_split(layout: ParallelLayout, num_layers: int) -> None:
         return
     _check(pp > 1, "parallel.first_stage_decoder_layers needs parallel.pp > 1")
     rest = num_layers - first
-    _check(1 <= first and rest >= 0 and rest % (pp - 1) == 0,
+    _check(1 <= first and rest >= pp - 1 and rest % (pp - 1) == 0,
            f"parallel.first_stage_decoder_layers = {first} leaves {rest} of decoder.num_layers = "
-           f"{num_layers} for {pp - 1} stages: not an even split")
+           f"{num_layers} for {pp - 1} stages: each needs the same number, at least one")
     _check(first % chunks == 0 and (rest // (pp - 1)) % chunks == 0,
            f"the decoder layers of each stage ({first} first, {rest // (pp - 1)} others) must be "
            f"divisible by the {chunks} virtual stages")

@@ -259,6 +259,37 @@ def test_plan_command(capsys):
     assert data["fits"] and len(data["stages"]) == 4 and data["tokens_per_second"] > 0
 
 
+def test_suggested_layouts_load_and_fit_as_printed(capsys):
+    """Each suggested --set line, applied to the config, passes the config and layout checks and
+    fits; the user's uneven first stage is undone, as the suggestion plans without it."""
+    from mmpretrain.cli import main
+
+    base = ["jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "4", "--set", "parallel.tp=1",
+            "--set", "parallel.sequence_parallel=false", "--set", "parallel.pp=2",
+            "--set", "parallel.first_stage_decoder_layers=20"]
+    assert main(["plan", *base]) == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "s/step: --set" in ln]
+    assert lines
+    for line in lines:
+        sets = line.split("s/step: --set ", 1)[1].split(" --set ")
+        assert "parallel.first_stage_decoder_layers=null" in sets
+        cfg = load(ROOT / base[0], [s for s in base[4::2]] + sets)
+        assert planner.plan_job(cfg, 4).fits
+
+
+def test_plan_kernels_default_to_the_configs_spec(capsys):
+    from mmpretrain.cli import main
+
+    def plan(*args):
+        main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "4", "--json", *args])
+        return json.loads(capsys.readouterr().out)
+
+    local = plan("--set", "model.spec=local", "--set", "train.fp8=null")
+    assert local == plan("--spec", "local", "--set", "train.fp8=null")
+    assert local["peak_bytes"] != plan("--spec", "te", "--set", "train.fp8=null")["peak_bytes"]
+    assert plan() == plan("--spec", "te")  # auto plans for the GPUs: TE
+
+
 def test_cross_attention_configs_plan_as_the_model_builds_them():
     """X/H: an explicit model.cross_attention_layers list plans as the equivalent
     cross_attention_every; what trains follows model.train_only_cross_attention; under pipelining

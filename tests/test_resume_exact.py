@@ -185,13 +185,19 @@ def test_async_save_equals_a_synchronous_one(tmp_path, small_dataset, world):
 
 def test_pipeline_stages_start_from_different_weights(tmp_path, small_dataset):
     """Each pipeline stage draws its layers' initial weights from its own stream: no decoder
-    layer starts as a copy of a layer on another stage (lr 0 keeps the initial weights)."""
+    layer starts as a copy of a layer on another stage (lr 0 keeps the initial weights). The
+    uneven run evaluates in one process."""
     import torch
 
     run(command(3, tmp_path / "run", small_dataset, [  # stages 2 and 3 hold no vision encoder
-        "parallel.pp=3", "decoder.num_layers=6", "train.steps=1", "train.lr=0", "train.min_lr=0"]))
+        "parallel.pp=3", "decoder.num_layers=7", "parallel.first_stage_decoder_layers=1",
+        "train.steps=1", "train.lr=0", "train.min_lr=0"]))
     tensors = checkpoint_contents(tmp_path / "run" / "checkpoints" / "step_00000001",
                                   tmp_path / "t.pt")["tensors"]
     qkv = tensors["language_model.block.layers.self_attention.linear_qkv.weight"]  # [layers, ...]
-    assert len(qkv) == 6
-    assert not any(torch.equal(qkv[i], qkv[j]) for i in range(6) for j in range(i + 1, 6))
+    assert len(qkv) == 7
+    assert not any(torch.equal(qkv[i], qkv[j]) for i in range(7) for j in range(i + 1, 7))
+    out = subprocess.run([sys.executable, "-m", "mmpretrain", "eval", "--run", str(tmp_path / "run"),
+                          "--samples", "8"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1])["loss"] > 0

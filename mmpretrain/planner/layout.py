@@ -2,8 +2,8 @@
 
 `mmpretrain.parallel.layout` holds the checks the training run makes at start (world divisible by
 tp*pp, heads and query groups by tp, layers by the pipeline stages, global batch by micro-batch
-x dp, ...); this adds the sizes tensor parallelism splits that megatron-core would otherwise
-assert on deep inside a rank: the MLP widths and the projector's inner width.
+x dp, the MLP and projector widths by tp, ...); this runs them for a world size given on the
+command line.
 """
 from __future__ import annotations
 
@@ -16,12 +16,4 @@ def check(cfg: Config, world: int):
 
     if world < 1:
         raise ConfigError(f"world size must be positive, got {world}")
-    layout = ParallelLayout.from_config(cfg, world)
-    tp = cfg.parallel.tp
-    inner = cfg.projector.hidden_size or cfg.decoder.hidden_size
-    for key, n in (("decoder.ffn_hidden_size", cfg.decoder.ffn_hidden_size),
-                   ("vision.ffn_hidden_size", cfg.vision.ffn_hidden_size),
-                   ("projector.hidden_size", inner)):
-        if n % tp:
-            raise ConfigError(f"{key} = {n} is not divisible by parallel.tp = {tp}")
-    return layout
+    return ParallelLayout.from_config(cfg, world)

@@ -85,7 +85,8 @@ def suggestions(found: list) -> str:
         p, t = cfg.parallel, cfg.train
         sets = (f"parallel.tp={p.tp} parallel.pp={p.pp} parallel.vpp={p.vpp or 'null'} "
                 f"parallel.sequence_parallel={str(p.sequence_parallel).lower()} "
-                f"parallel.distributed_optimizer=true train.recompute={t.recompute}")
+                f"parallel.distributed_optimizer=true train.recompute={t.recompute} "
+                f"parallel.first_stage_decoder_layers={p.first_stage_decoder_layers or 'null'}")
         lines.append(f"  {plan.required_bytes / GiB:5.1f} GiB, {plan.step_seconds:7.2f} s/step: "
                      f"--set " + " --set ".join(sets.split()))
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from mmpretrain.config import Config, ConfigError
+from mmpretrain.config import Config, ConfigError, validate
 from mmpretrain.planner.layout import check
 from mmpretrain.planner.plan import Plan
 
@@ -45,8 +45,8 @@ def balanced_first_stage(cfg: Config, plan: Plan) -> int | None:
     tau = other.seconds / other.layers
     encoder = first.seconds - first.layers * tau
     best = (layers * tau - (p - 1) * encoder) / (p * tau)
-    valid = [f for f in range(v, layers + 1, v)
-             if (layers - f) % (p - 1) == 0 and ((layers - f) // (p - 1)) % v == 0]
+    valid = [f for f in range(v, layers + 1, v) if layers - f >= p - 1
+             and (layers - f) % (p - 1) == 0 and ((layers - f) // (p - 1)) % v == 0]
     return min(valid, key=lambda f: abs(f - best)) if valid else None
 
 
@@ -75,6 +75,7 @@ def suggest(cfg: Config, world: int, gpus_per_node: int, plan_of: Callable[[Conf
     found = []
     for cand in candidates(cfg, world, gpus_per_node):
         try:
+            validate(cand)  # the config checks that depend on the layout (recompute with FP8, ...)
             check(cand, world)
         except ConfigError:
             continue
