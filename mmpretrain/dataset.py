@@ -22,6 +22,19 @@ def open_tokenizer(cfg: Config) -> TextTokenizer:
     return TextTokenizer.load(path)
 
 
+def model_vocab_size(cfg: Config, tok: TextTokenizer) -> int:
+    """The decoder's vocabulary: decoder.vocab_size (the rows past the tokenizer's ids are never
+    read), else the tokenizer's size; a ConfigError when it has fewer rows than token ids."""
+    rows = cfg.decoder.vocab_size
+    if rows is None:
+        return tok.vocab_size
+    if rows < tok.vocab_size:
+        raise ConfigError(f"decoder.vocab_size {rows} is smaller than the {tok.vocab_size} token ids "
+                          f"of {cfg.data.path}/tokenizer.json: set at least {tok.vocab_size}, or "
+                          f"null to take the tokenizer's size")
+    return rows
+
+
 def image_settings(cfg: Config) -> ImageSettings:
     """The image policy of this config (native resolution or NVLM tiles)."""
     d = cfg.data

@@ -11,7 +11,7 @@ from pathlib import Path
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
 from mmpretrain.data.packing import RowPacker
-from mmpretrain.dataset import make_loader, open_tokenizer
+from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.train.step import eval_losses
@@ -56,7 +56,7 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
     init_distributed(seed=cfg.train.seed)
     tok = open_tokenizer(cfg)
     with cuda_to_cpu():
-        model = build_model(cfg, tok.vocab_size, tok.img_id)
+        model = build_model(cfg, model_vocab_size(cfg, tok), tok.img_id)
         checkpoint.load_model(ckpt, model)
     model.eval()
     loader = make_loader(cfg, "heldout", tok, shuffle=False)

@@ -98,3 +98,17 @@ def test_activation_recompute_changes_no_number(megatron_world, small_dataset, r
     assert loss0 == loss1
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-9)
+
+
+def test_decoder_vocab_size_sets_the_model_rows(megatron_world, small_dataset):
+    """decoder.vocab_size, when set, is the model's vocabulary (as the planner counts it); fewer
+    rows than the tokenizer has ids is a named error."""
+    from mmpretrain.config import ConfigError
+    from mmpretrain.dataset import open_tokenizer
+    from mmpretrain.model.build import padded_vocab_size
+
+    ids = open_tokenizer(small_cfg(small_dataset)).vocab_size
+    _, _, (model,), *_ = setup(small_cfg(small_dataset, f"decoder.vocab_size={ids + 300}"))
+    assert model.language_model.vocab_size == padded_vocab_size(ids + 300, 1) > padded_vocab_size(ids, 1)
+    with pytest.raises(ConfigError, match=f"decoder.vocab_size {ids - 1} is smaller than the {ids}"):
+        setup(small_cfg(small_dataset, f"decoder.vocab_size={ids - 1}"))

@@ -84,7 +84,8 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     """Epsilon of the decoder's RMSNorms."""
     vocab_size: int | None = None
-    """Vocabulary size; None takes it from the dataset's tokenizer."""
+    """Rows of the embedding and output layer (at least the tokenizer's ids, padded for tp);
+    None takes the dataset tokenizer's size."""
     freeze: bool = False
     """Keep the decoder's weights (embeddings and output layer included) fixed."""
 

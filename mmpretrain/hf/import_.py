@@ -242,6 +242,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     """Write OUT/checkpoints/step_00000000 (and `latest`, OUT/config.yaml) from HF weights."""
     from mmpretrain import checkpoint
     from mmpretrain.config import dump
+    from mmpretrain.dataset import model_vocab_size
     from mmpretrain.model.build import padded_vocab_size
     from mmpretrain.parallel import cuda_to_cpu
 
@@ -264,8 +265,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
         check_configs(src, build_cfg)
         drop_unused_vision_layers(src, build_cfg)
     tok = local.open_tokenizer(build_cfg)
-    # the embedding rows the job's layout pads to (they depend on parallel.tp), built at TP=1
-    model = local.build_cpu_model(build_cfg, tok, padded_vocab_size(tok.vocab_size, cfg.parallel.tp))
+    # the embedding rows the job trains with, padded for its layout's tp, built at TP=1
+    rows = padded_vocab_size(model_vocab_size(build_cfg, tok), cfg.parallel.tp)
+    model = local.build_cpu_model(build_cfg, tok, rows)
     warn_vocab(main, tok, model.language_model.vocab_size)
     parts = fill(model, sources, build_cfg)
     every = {g.part for g in nvlm_groups(build_cfg)}

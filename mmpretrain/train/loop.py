@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, check_trainable, dump
-from mmpretrain.dataset import make_loader, open_tokenizer
+from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
@@ -48,7 +48,7 @@ def setup(cfg: Config, world_size: int | None = None, init_weights=None):
     tok = open_tokenizer(cfg)
     init_distributed(layout.tp, layout.pp, layout.vpp, seed=cfg.train.seed)
     with cuda_to_cpu():
-        chunks = build_model_chunks(cfg, tok.vocab_size, tok.img_id)
+        chunks = build_model_chunks(cfg, model_vocab_size(cfg, tok), tok.img_id)
         if init_weights is not None:
             init_weights(chunks)
         ddps = wrap_ddp(chunks, cfg)
