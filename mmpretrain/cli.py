@@ -253,8 +253,7 @@ def _slurm(args) -> None:
 
     spec = JobSpec(args.config, args.nodes, args.gpus_per_node, args.run_dir, args.time,
                    args.partition, args.account, args.container, args.mounts, args.python,
-                   args.job_name, args.set, args.signal_seconds,
-                   script=Path(args.output).name if args.output else "job.sbatch")
+                   args.job_name, args.set, args.signal_seconds, output=args.output)
     text = render(spec)
     log_dir(text).mkdir(parents=True, exist_ok=True)  # Slurm opens the log before the script runs
     if args.output:

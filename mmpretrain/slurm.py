@@ -36,7 +36,12 @@ class JobSpec:
     overrides: list[str] = field(default_factory=list)
     signal_seconds: int = 600
     workdir: str | None = None
-    script: str = "job.sbatch"
+    output: str | None = None  # the file `-o` writes the script to (else stdout)
+
+    @property
+    def script(self) -> str:
+        """The script's file, as the header's `sbatch` line names it."""
+        return self.output or "job.sbatch"
 
 
 def time_seconds(limit: str) -> int:
@@ -66,9 +71,38 @@ def check_spec(spec: JobSpec):
     if not 0 < spec.signal_seconds < limit:
         raise ConfigError(f"--signal-seconds {spec.signal_seconds} must be below the time limit "
                           f"({limit} s)")
+    _check_text(spec)
     cfg = load(spec.config, spec.overrides)
     check(cfg, spec.nodes * spec.gpus_per_node)
     return cfg
+
+
+def _check_text(spec: JobSpec) -> None:
+    """No line breaks anywhere (a value split over lines would turn the rest of a comment into
+    commands), and no blanks or quotes in what `#SBATCH` lines hold (sbatch reads them unquoted)."""
+    words = {"config": spec.config, "--run-dir": spec.run_dir, "--time": spec.time,
+             "--partition": spec.partition, "--account": spec.account,
+             "--container": spec.container, "--python": spec.python,
+             "--job-name": spec.job_name, "-o": spec.output, "working directory": spec.workdir,
+             **{f"--mounts {m}": m for m in spec.mounts}, **{f"--set {o}": o for o in spec.overrides}}
+    for name, word in words.items():
+        if word is not None and any(ord(c) < 32 or ord(c) == 127 for c in word):
+            raise ConfigError(f"{name}: holds a line break or control character")
+    workdir, run_dir = _paths(spec)
+    directives = {"--job-name": spec.job_name, "--partition": spec.partition,
+                  "--account": spec.account, "--time": spec.time,
+                  "--run-dir (#SBATCH --output)": str(run_dir),
+                  "working directory (#SBATCH --chdir)": str(workdir)}
+    for name, word in directives.items():
+        if word is not None and re.search(r"[\s'\"#]", word):
+            raise ConfigError(f"{name} {word!r}: an #SBATCH line cannot hold blanks, quotes or '#'; "
+                              f"choose a value without them")
+
+
+def _paths(spec: JobSpec) -> tuple[Path, Path]:
+    """The job's working directory (where rendering ran) and its run directory, absolute."""
+    workdir = Path(spec.workdir or ".").resolve()
+    return workdir, (workdir / (spec.run_dir or f"runs/{Path(spec.config).stem}")).resolve()
 
 
 def _sbatch_extra(spec: JobSpec, workdir: Path) -> str:
@@ -100,8 +134,12 @@ def render_command(spec: JobSpec) -> str:
                         ("--python", spec.python), ("--job-name", spec.job_name)):
         if value:
             args += [flag, value]
+    if spec.signal_seconds != JobSpec.signal_seconds:
+        args += ["--signal-seconds", str(spec.signal_seconds)]
     args += [a for m in spec.mounts for a in ("--mounts", m)]
     args += [a for o in spec.overrides for a in ("--set", o)]
+    if spec.output:
+        args += ["-o", spec.output]
     return shlex.join(args)
 
 
@@ -110,9 +148,8 @@ def render(spec: JobSpec) -> str:
     from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
 
     check_spec(spec)
-    workdir = Path(spec.workdir or ".").resolve()
+    workdir, run_dir = _paths(spec)
     stem = Path(spec.config).stem
-    run_dir = (workdir / (spec.run_dir or f"runs/{stem}")).resolve()
     config = (workdir / spec.config).resolve()
     python = spec.python or ("python" if spec.container else _default_python())
     values = {

@@ -205,6 +205,18 @@ def test_inflight_memory_of_the_schedules():
     assert step_time([1.0] * 4, 12, 3) == pytest.approx(12 * (1 + bubble_fraction(4, 3, 12)))
 
 
+def test_gradient_reduction_link_follows_the_data_parallel_group():
+    """A data-parallel group spans tp x dp consecutive ranks: NVLink while they fit in a node,
+    the network beyond (not the job's whole world size)."""
+    from mmpretrain.planner.comm import dp_seconds, ring_bytes
+
+    h100 = gpu("h100")
+    nvlink, network = (ring_bytes(4e9, 4) / (bw * 1e9) for bw in (h100.nvlink_gbs, h100.network_gbs))
+    assert dp_seconds(10**9, 2, 4, 8, h100) == pytest.approx(nvlink)  # e.g. pp=4 on 4 nodes
+    assert dp_seconds(10**9, 4, 4, 8, h100) == pytest.approx(network)
+    assert dp_seconds(10**9, 1, 1, 8, h100) == 0
+
+
 def test_uneven_first_stage():
     split = stages(80, 4, 4, first=8)
     assert [s.chunk_layers for s in split] == [(2,) * 4, (6,) * 4, (6,) * 4, (6,) * 4]

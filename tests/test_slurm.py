@@ -2,6 +2,8 @@
 srun/scontrol, a 2-rank training job that checkpoints and requeues itself on USR1."""
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -167,3 +169,33 @@ def test_rendered_job_trains_two_ranks_then_checkpoints_and_requeues_on_usr1(tmp
     assert latest == f"step_{steps[-1]:08d}" and 2 <= steps[-1] < 1000, (latest, steps)
     assert (run / "checkpoints" / latest / "state.json").is_file()
     assert (run / "logs").is_dir()
+
+
+def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch):
+    from mmpretrain.cli import main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "a.sbatch"
+    assert main(["slurm", "render", "jobs/nvlm-d-8b-align.yaml", "--nodes", "2", "--time", "2:00:00",
+                 "--signal-seconds", "300", "--run-dir", str(tmp_path / "run"), "--job-name", "j1",
+                 "--set", "train.steps=7", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(f"#!/bin/bash\n# sbatch {out}\n") and "#SBATCH --signal=B:USR1@300" in text
+    command = shlex.split(re.search(r"^# Rendered by: (.+)$", text, re.M).group(1))
+    assert command[:3] == ["mmpretrain", "slurm", "render"] and "--signal-seconds" in command
+    out.unlink()
+    assert main(command[1:]) == 0
+    assert out.read_text() == text
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("overrides", ["train.steps=10\nrm -rf ~"], "--set train.steps=10"),
+    ("mounts", ["/a:/a\necho"], "line break"),
+    ("job_name", "my job", "--job-name 'my job'"),
+    ("partition", "a#b", "--partition"),
+    ("run_dir", "runs/with space", "--run-dir"),
+])
+def test_render_rejects_text_a_script_cannot_hold(field, value, needle):
+    spec = JobSpec("jobs/nvlm-d-8b-align.yaml", 2, workdir=str(ROOT), **{field: value})
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        render(spec)

@@ -8,8 +8,9 @@ all-reduce becomes a reduce-scatter plus an all-gather: the same volume); a ring
 (Transformer Engine's userbuffers) can hide part of it, so this errs slow.
 
 Data parallelism: one reduction of the fp32 gradients per step (an all-reduce, or the distributed
-optimizer's reduce-scatter + all-gather of the same volume), 2 (dp - 1) / dp of them per GPU, over
-the inter-node link (NVLink when the whole job is one node). The DDP config has
+optimizer's reduce-scatter + all-gather of the same volume), 2 (dp - 1) / dp of them per GPU. A
+data-parallel group spans tp x dp consecutive ranks (tp fastest in megatron's rank order): over
+NVLink when that fits in one node, else over the inter-node link. The DDP config has
 `overlap_grad_reduce=False`, so it is exposed.
 
 Pipeline parallelism: per micro-batch and model chunk, a stage sends its output forward and the
@@ -35,9 +36,9 @@ def tp_seconds(layers: int, tokens: int, width: int, tp: int, act_bytes: int, gr
     return layers * collectives * ring_bytes(tokens * width * act_bytes, tp) / (gpu.nvlink_gbs * 1e9)
 
 
-def dp_seconds(grad_params: int, dp: int, world: int, gpus_per_node: int, gpu: GPU) -> float:
+def dp_seconds(grad_params: int, tp: int, dp: int, gpus_per_node: int, gpu: GPU) -> float:
     """Exposed gradient reduction per step of a rank holding `grad_params` trainable parameters."""
-    bandwidth = gpu.nvlink_gbs if world <= gpus_per_node else gpu.network_gbs
+    bandwidth = gpu.nvlink_gbs if tp * dp <= gpus_per_node else gpu.network_gbs
     return ring_bytes(grad_params * 4, dp) / (bandwidth * 1e9)
 
 

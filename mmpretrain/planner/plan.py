@@ -156,7 +156,7 @@ def make_plan(cfg: Config, world: int, gpu: GPU, vocab_size: int, work: Workload
                                                                            gpu) + p2p
         out.append(StagePlan(st.index, st.layers, stage_params(cfg, model, st),
                              stage_memory(cfg, model, st, acts, dp, n_micro), f, seconds))
-    dp_s = dp_seconds(max(s.params.trainable for s in out), dp, world, gpus_per_node, gpu)
+    dp_s = dp_seconds(max(s.params.trainable for s in out), p.tp, dp, gpus_per_node, gpu)
     seconds = step_time([s.seconds for s in out], n_micro, v) + dp_s
     model_flops = sum(s.flops.total for s in out) * n_micro * dp
     return Plan(world, p.tp, p.pp, p.vpp, dp, n_micro, model, trainable_total(cfg, model), out,
