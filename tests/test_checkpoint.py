@@ -117,6 +117,10 @@ def test_mismatching_model_names_the_tensor(trained, small_dataset, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "mlp.linear_fc" in r.stderr and "the configured model has" in r.stderr
     assert "Traceback" not in r.stderr
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=6",
+                        "--set", "decoder.vocab_size=4000"))
+    assert r.returncode == 2 and "word_embeddings.weight" in r.stderr, r.stderr[-3000:]
+    assert "the vocabulary is padded to a multiple of lcm(128, parallel.tp)" in r.stderr
 
 
 def test_latest_naming_a_missing_checkpoint_is_an_error(trained, small_dataset, tmp_path):

@@ -145,5 +145,10 @@ def check_shapes(path: Path, sharded_state: dict) -> None:
         have = tuple(saved[t.key].global_shape if hasattr(saved[t.key], "global_shape")
                      else saved[t.key].shape)
         if have != tuple(t.global_shape):
-            raise CheckpointError(f"checkpoint {path} holds {t.key} with shape {list(have)}; the "
-                                  f"configured model has {list(t.global_shape)}")
+            vocab = t.key.endswith(("word_embeddings.weight", "output_layer.weight"))
+            raise CheckpointError(
+                f"checkpoint {path} holds {t.key} with shape {list(have)}; the configured model has "
+                f"{list(t.global_shape)}" + (" (the vocabulary is padded to a multiple of "
+                "lcm(128, parallel.tp): decoder.vocab_size, the tokenizer or a tp that does not "
+                "divide 128 changes its rows)" if vocab and have[1:] == tuple(t.global_shape)[1:]
+                                              else ""))
