@@ -145,7 +145,7 @@ def render_command(spec: JobSpec) -> str:
 
 def render(spec: JobSpec) -> str:
     """The sbatch script for `spec` (the layout is checked first; ConfigError if it is bad)."""
-    from mmpretrain.train.preempt import REQUEUE_EXIT_CODE
+    from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE
 
     check_spec(spec)
     workdir, run_dir = _paths(spec)
@@ -156,6 +156,7 @@ def render(spec: JobSpec) -> str:
         "script": spec.script, "render_command": render_command(spec), "config": str(config),
         "run_dir": str(run_dir), "nodes": str(spec.nodes), "gpus_per_node": str(spec.gpus_per_node),
         "signal_seconds": str(spec.signal_seconds), "requeue_code": str(REQUEUE_EXIT_CODE),
+        "stopped_file": STOPPED_FILE,
         "job_name": spec.job_name or f"mmp-{stem}", "time": spec.time,
         "sbatch_extra": _sbatch_extra(spec, workdir), "config_q": shlex.quote(str(config)),
         "run_dir_q": shlex.quote(str(run_dir)), "python_q": shlex.quote(python),

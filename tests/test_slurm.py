@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted(ROOT.glob("jobs/nvlm-*.yaml"))  # every design, both scales and stages
 
 # srun: start SLURM_NTASKS copies of the command (everything from the first non-option word), each
-# with its SLURM_PROCID/SLURM_LOCALID, forward TERM/USR1 to them, exit with the first failure.
+# with its SLURM_PROCID/SLURM_LOCALID, forward TERM/USR1 to them. --kill-on-bad-exit, at its worst:
+# the first failure kills the other tasks, and srun exits with 128 + SIGKILL as though one of them
+# had still been tearing down (srun returns the highest exit code, a signal counting as 128 + it).
 FAKE_SRUN = r'''#!PYTHON
 import os, signal, subprocess, sys
 args = sys.argv[1:]
@@ -38,8 +40,14 @@ def forward(sig, frame):
         p.send_signal(sig)
 signal.signal(signal.SIGUSR1, forward)
 signal.signal(signal.SIGTERM, forward)
+import time
+while all(p.poll() in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
+    time.sleep(0.05)
+for p in procs:
+    if p.poll() is None:
+        p.kill()
 codes = [p.wait() for p in procs]
-sys.exit(next((c for c in codes if c != 0), 0))
+sys.exit(0 if all(c == 0 for c in codes) else 128 + signal.SIGKILL)
 '''
 FAKE_SCONTROL = r'''#!/bin/bash
 case "$1" in
@@ -169,6 +177,29 @@ def test_rendered_job_trains_two_ranks_then_checkpoints_and_requeues_on_usr1(tmp
     assert latest == f"step_{steps[-1]:08d}" and 2 <= steps[-1] < 1000, (latest, steps)
     assert (run / "checkpoints" / latest / "state.json").is_file()
     assert (run / "logs").is_dir()
+    assert json.loads((run / "stopped.json").read_text()) == {"step": steps[-1]}
+
+
+def test_a_failed_job_is_not_requeued_for_an_old_stop(tmp_path, small_dataset):
+    """A stop file left by an earlier stop is removed before srun starts: a run that then fails
+    ends the job with srun's status instead of requeueing it."""
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "stopped.json").write_text('{"step": 3}\n')
+    spec = JobSpec("jobs/tiny-d.yaml", nodes=1, gpus_per_node=2, run_dir=str(run),
+                   python=sys.executable, workdir=str(ROOT),
+                   overrides=[f"data.path={tmp_path / 'no-such-data'}"])
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(spec))
+    log = tmp_path / "slurm.log"
+    env = {**os.environ, "PATH": f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4243", "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1",
+           "SLURM_NTASKS": "2", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "FAKE_SLURM_LOG": str(log), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, text=True, capture_output=True,
+                       timeout=240)
+    assert r.returncode == 128 + signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "requeue" not in log.read_text() and not (run / "stopped.json").exists()
 
 
 def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch):

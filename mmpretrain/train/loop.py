@@ -1,6 +1,7 @@
 """`mmpretrain train`: set up, resume if the run has a checkpoint, train, log, checkpoint."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from mmpretrain.parallel.layout import ParallelLayout
 from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
-from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
+from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
 from mmpretrain.train.resume import start_point
 from mmpretrain.train.step import device, train_step
 
@@ -145,6 +146,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         if stop and step < cfg.train.steps:
             if metrics:
                 metrics.close()
+            if is_rank0():  # the save is published: a requeue resumes from it
+                (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step}) + "\n")
             raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
     preempt.uninstall()
     if metrics:

@@ -20,6 +20,12 @@ sysexits.h ("temporary failure, try again"). The sbatch template requeues the jo
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+STOPPED_FILE = "stopped.json"
+"""Written to the run directory by rank 0 once the checkpoint of a requested stop is saved, before
+the exit. srun returns 128 + 9 instead of 75 when `--kill-on-bad-exit` killed a peer that was still
+tearing down; the sbatch template requeues on this file as on the exit status (and removes it
+before each start)."""
+
 
 class PreemptionHandler:
     """Installs handlers for SIGTERM and SIGUSR1 that record the signal; `uninstall` restores the
