@@ -9,6 +9,7 @@ from mmpretrain.parallel import cuda_to_cpu
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, load
 from mmpretrain.model.build import build_model
+from mmpretrain.planner import params as P
 
 PATCH, SEQ = 4, 64
 
@@ -283,13 +284,28 @@ def test_h_thumbnail_in_stream_and_tiles_cross_attended(megatron_world):
     assert not torch.allclose(logits(model, tiles), logits(model, pack_rows([[seq]], SEQ, 0)))
 
 
-def test_train_only_cross_attention_freezes_the_rest(megatron_world):
-    model = build(config(train_only_cross_attention=True))
+@pytest.mark.parametrize("freeze_projector", [False, True])
+def test_train_only_cross_attention_freezes_the_rest(megatron_world, freeze_projector):
+    cfg = config(train_only_cross_attention=True)
+    cfg.projector.freeze = freeze_projector  # respected: only encoder and decoder are forced
+    model = build(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
     for name in (n for n, _ in model.named_parameters()):
-        should = "cross_attention_" in name or name.startswith("projector.")
+        should = "cross_attention_" in name or (name.startswith("projector.") and not freeze_projector)
         assert (name in trainable) == should, name
+    assert P.Trains.of(cfg).projector == (not freeze_projector)  # as the planner counts it
+
+
+def test_frozen_decoder_on_x_is_flagged():
+    from mmpretrain.config import advisories
+
+    assert advisories(config()) == []
+    frozen = config()
+    frozen.decoder.freeze = True
+    assert "model.train_only_cross_attention" in advisories(frozen)[0]
+    frozen.model.train_only_cross_attention = True
+    assert advisories(frozen) == []
 
 
 def test_checkpoint_round_trip(megatron_world, tmp_path):

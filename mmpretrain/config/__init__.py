@@ -6,11 +6,12 @@ checks. The resolved tree is written to the run directory as `config.yaml`.
 
     tree.py    the sections (dataclasses) and ConfigError
     parse.py   load / from_dict / apply_override / dump
-    checks.py  validate, check_trainable, layer_spec_name, decoder_thd, cross_attention_positions,
+    checks.py  validate, check_trainable, advisories, layer_spec_name, decoder_thd, cross_attention_positions,
                FP8_MULTIPLE
 """
 from mmpretrain.config.checks import (
     FP8_MULTIPLE,
+    advisories,
     check_trainable,
     cross_attention_positions,
     decoder_thd,
@@ -37,6 +38,6 @@ __all__ = [
     "FP8_MULTIPLE",
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "DecoderConfig",
     "LoggingConfig", "ModelConfig", "ParallelConfig", "ProjectorConfig", "TrainConfig",
-    "VisionConfig", "apply_override", "check_trainable", "cross_attention_positions",
+    "VisionConfig", "advisories", "apply_override", "check_trainable", "cross_attention_positions",
     "decoder_thd", "dump", "from_dict", "layer_spec_name", "load", "to_dict", "validate",
 ]

@@ -32,6 +32,16 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError(f"train.fp8_recipe: {cfg.train.fp8_recipe!r} cannot run here: {reason}")
 
 
+def advisories(cfg: Config) -> list[str]:
+    """Settings that run but are likely not what was meant, one line each (logged at start)."""
+    m, out = cfg.model, []
+    if m.design in ("x", "h") and cfg.decoder.freeze and not m.train_only_cross_attention:
+        out.append("decoder.freeze also freezes the cross-attention layers (they are part of the "
+                   "decoder), so their gates stay where they start (closed when new): set "
+                   "model.train_only_cross_attention: true to train them")
+    return out
+
+
 def _te_reason() -> str:
     from mmpretrain.model.te_specs import te_unavailable
 

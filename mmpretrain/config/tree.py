@@ -18,7 +18,8 @@ class ModelConfig:
     cross_attention_layers: list[int] = field(default_factory=list)
     """x/h: explicit 1-based decoder layers preceded by a cross-attention layer (added to _every)."""
     train_only_cross_attention: bool = False
-    """x/h: Flamingo-style, freeze encoder and decoder; train cross-attention layers and projector."""
+    """x/h: Flamingo-style, freeze encoder and decoder; train the cross-attention layers (and the
+    projector unless projector.freeze)."""
     cross_attention_gate_lr_mult: float = 1.0
     """x/h: learning-rate multiplier of the tanh gates (at the base lr they open slowly from 0)."""
     init_std: float = 0.02

@@ -85,7 +85,7 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
     set_frozen(projector, cfg.projector.freeze)
     set_frozen(decoder, d.freeze)
     if cfg.model.train_only_cross_attention:
-        freeze_all_but_cross_attention(vision, projector, decoder)
+        freeze_all_but_cross_attention(vision, decoder)
     thd = decoder_thd(cfg, specs.name)
     if design == "d":
         return NVLMDecoderOnly(vision, projector, decoder, image_token_id, thd)
@@ -94,11 +94,11 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
                               thd)
 
 
-def freeze_all_but_cross_attention(vision, projector, decoder: LanguageDecoder) -> None:
-    """Flamingo-style: encoder and decoder frozen; cross-attention layers and projector train."""
+def freeze_all_but_cross_attention(vision, decoder: LanguageDecoder) -> None:
+    """Flamingo-style: encoder and decoder frozen, cross-attention layers train (the projector
+    follows projector.freeze)."""
     set_frozen(vision, True)
     set_frozen(decoder, True)
-    set_frozen(projector, False)
     for layer in decoder.cross_layers:
         set_frozen(layer, False)
 

@@ -113,8 +113,9 @@ def xattn_positions(cfg: Config) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Trains:
     """Which parts train, as `mmpretrain.model.build` sets requires_grad: the freeze flags, and
-    `model.train_only_cross_attention` (encoder and decoder frozen, projector and cross-attention
-    layers trained). Cross-attention layers belong to the decoder, so decoder.freeze freezes them."""
+    `model.train_only_cross_attention` (encoder and decoder frozen, cross-attention layers trained;
+    the projector follows projector.freeze). Cross-attention layers belong to the decoder, so
+    decoder.freeze alone freezes them."""
 
     vision: bool
     projector: bool
@@ -125,7 +126,7 @@ class Trains:
     def of(cls, cfg: Config) -> Trains:
         """The parts of `cfg`'s model that train."""
         only = cfg.model.train_only_cross_attention
-        return cls(vision=not (cfg.vision.freeze or only), projector=only or not cfg.projector.freeze,
+        return cls(vision=not (cfg.vision.freeze or only), projector=not cfg.projector.freeze,
                    decoder=not (cfg.decoder.freeze or only), xattn=only or not cfg.decoder.freeze)
 
     @property

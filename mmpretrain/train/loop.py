@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mmpretrain import checkpoint
-from mmpretrain.config import Config, check_trainable, dump
+from mmpretrain.config import Config, advisories, check_trainable, dump
 from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
@@ -91,6 +91,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1, from now: save after a step, exit
     run_dir = Path(run_dir)
     layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
+    for line in advisories(cfg) if is_rank0() else ():
+        log.warning("%s", line)
     n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
     loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp,
                          slots=cfg.train.global_batch_size // cfg.data.micro_batch_size)  # the
