@@ -16,7 +16,8 @@ mmpretrain.train.step.train_step, on synthetic packed batches (gpu_cases.make_ba
 `SPEC-PREC[-RECIPE]` set model.spec (auto|local|te), train.precision, train.fp8 (fp8: hybrid,
 e4m3) and train.fp8_recipe (delayed|tensorwise|mxfp8); one the config or the machine cannot run is
 printed as `skipped: <reason>`; `--set KEY=VALUE` adds an override to every case (e.g.
-vision.fp8=true, train.recompute=selective). After --warmup steps, --steps steps are timed between
+vision.fp8=true, train.recompute=selective). After --warmup steps (at least one pass over the
+batches), --steps steps are timed between
 torch.cuda.synchronize() calls; a step is --accumulate micro-batches of --micro-batch rows each
 (gradient accumulation, as a job with train.global_batch_size = micro-batch x accumulate x dp
 runs it: the optimizer's cost is spread over them). TFLOP/s are the planner's model FLOPs of the timed batches
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import math
 import shlex
 import sys
 import textwrap
@@ -80,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", help="comma list of SPEC-PREC[-RECIPE]: SPEC auto|local|te, PREC "
                    f"fp32|bf16|fp8|e4m3, RECIPE delayed|tensorwise|mxfp8 (default {DEFAULTS['variants']})")
     p.add_argument("--steps", type=int, help="timed steps (default 20)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; at least enough to "
+                   "run every batch once)")
     p.add_argument("--micro-batch", type=int, help="packed rows per micro-batch (default 1)")
     p.add_argument("--accumulate", type=int,
                    help="micro-batches per optimizer step, gradients accumulated (default 1)")
@@ -157,31 +160,41 @@ def measure(cfg, batches: list, flops: list[float], args, row: Row, gpu: GPU | N
     each), fill in `row`."""
     ddps, optimizer, scheduler = build(cfg)
     seq, n, k = cfg.data.seq_length, len(batches), args.accumulate
+    warm = max(args.warmup, math.ceil(n / k))  # every batch's shapes are met before the clock
+    skipped = []
 
     def step(i: int) -> float:
-        loss, *_ = train_step(ddps, optimizer, [batches[(i * k + j) % n] for j in range(k)], seq)
+        loss, _, _, applied = train_step(ddps, optimizer,
+                                         [batches[(i * k + j) % n] for j in range(k)], seq)
         scheduler.step(1)
+        skipped.append(not applied)
         return loss
 
-    for i in range(args.warmup):
+    for i in range(warm):
         step(i)
     sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
+    for i in range(warm, warm + args.steps):
         row.loss = step(i)
     sync()
     elapsed = time.perf_counter() - t0
-    total = sum(flops[(i * k + j) % n] for i in range(args.warmup, args.warmup + args.steps)
-                for j in range(k))
+    if any(skipped[warm:]):  # no optimizer step ran: the figures would flatter the variant
+        raise RuntimeError(f"{sum(skipped[warm:])} of {args.steps} timed steps skipped their "
+                           f"update (non-finite loss or gradient)")
+    total = sum(flops[(i * k + j) % n] for i in range(warm, warm + args.steps) for j in range(k))
     row.step_s = elapsed / args.steps
     row.tokens_s = args.steps * k * cfg.data.micro_batch_size * seq / elapsed
     row.tflops = total / elapsed / 1e12
     row.mfu = row.tflops * 1e12 / gpu.peak_flops(False) if gpu else None
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    if args.profile:
-        row.profile = profile_steps(step, args.warmup + args.steps, args.profile)
+    if args.profile:  # the timing above stands whatever happens here
+        try:
+            row.profile = profile_steps(step, warm + args.steps, args.profile)
+        except Exception as e:  # noqa: BLE001 - a profiler failure is reported with the row
+            traceback.print_exc()
+            row.profile = f"profile failed: {_reason(e)}"
 
 
 def _reason(e: BaseException) -> str:

@@ -9,6 +9,7 @@ import warnings
 
 from mmpretrain.config import ConfigError
 from mmpretrain.hf import VerificationError
+from mmpretrain.train import DivergedError
 
 USAGE_ERROR = 2
 VERIFY_FAILED = 1
@@ -280,4 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationError as e:
         print(f"mmpretrain: verification failed: {e}", file=sys.stderr)
         return VERIFY_FAILED
+    except DivergedError as e:
+        print(f"mmpretrain: training stopped: {e}", file=sys.stderr)
+        return 1
     return status or 0

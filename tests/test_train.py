@@ -112,3 +112,56 @@ def test_decoder_vocab_size_sets_the_model_rows(megatron_world, small_dataset):
     assert model.language_model.vocab_size == padded_vocab_size(ids + 300, 1) > padded_vocab_size(ids, 1)
     with pytest.raises(ConfigError, match=f"decoder.vocab_size {ids - 1} is smaller than the {ids}"):
         setup(small_cfg(small_dataset, f"decoder.vocab_size={ids - 1}"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_non_finite_gradient_skips_the_update(megatron_world, small_dataset, precision):
+    """A NaN in one gradient: no weight and no optimizer state moves, the step says so; the next
+    finite step updates as usual."""
+    cfg = small_cfg(small_dataset, f"train.precision={precision}", "train.lr=1e-3")
+    _, tok, (model,), ddps, optimizer, scheduler = setup(cfg)
+    scheduler.step(1)  # past the lr-0 first step
+    batches = iter(make_loader(cfg, "train", tok))
+    before = snapshot(model)
+
+    def poison():
+        model.language_model.block.layers[0].mlp.linear_fc2.weight.main_grad[0, 0] = float("nan")
+
+    loss, _, grad_norm, ok = train_step(ddps, optimizer, [next(batches)], 128, after_backward=poison)
+    assert not ok and math.isfinite(loss) and math.isnan(grad_norm)
+    assert not changed(model, before)
+    loss, _, grad_norm, ok = train_step(ddps, optimizer, [next(batches)], 128)
+    assert ok and math.isfinite(grad_norm) and changed(model, before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_dataset, tmp_path,
+                                                       monkeypatch):
+    """Through the loop: skipped steps leave the LR schedule in place and show in the metrics;
+    train.max_skipped_steps of them in a row stop the run with DivergedError."""
+    import json
+
+    import mmpretrain.train.step as step_module
+    from mmpretrain.train import DivergedError
+    from mmpretrain.train.loop import train
+
+    bad_steps, calls = {2, 3}, [0]
+    finite = step_module.loss_func
+
+    def loss_func(mask, per_token):  # one micro-batch per step: call n is step n
+        calls[0] += 1
+        return finite(mask, per_token * (float("inf") if calls[0] in bad_steps else 1.0))
+
+    monkeypatch.setattr(step_module, "loss_func", loss_func)
+    sets = ("train.steps=5", "train.warmup_steps=0", "logging.every=1", "logging.tensorboard=false")
+    train(small_cfg(small_dataset, *sets), tmp_path / "a")
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in records] == [0, 1, 1, 0, 0]
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == 1e-3 and lrs[1] == lrs[2] == lrs[3] > lrs[4] == pytest.approx(5.5e-4), lrs
+    assert all(math.isfinite(r["loss"]) for r in records if r["skipped_updates"] == 0)
+
+    bad_steps, calls[0] = set(range(1, 99)), 0
+    with pytest.raises(DivergedError, match="2 steps in a row"):
+        train(small_cfg(small_dataset, *sets, "train.max_skipped_steps=2"), tmp_path / "b")
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -81,7 +81,7 @@ def validate(cfg: Config) -> None:
         "train.global_batch_size": cfg.train.global_batch_size,
         "data.image_token_budget": cfg.data.image_token_budget,
         "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
-        "logging.every": cfg.logging.every,
+        "logging.every": cfg.logging.every, "train.max_skipped_steps": cfg.train.max_skipped_steps,
     }
     for sec in ("vision", "decoder"):
         for name in ("ffn_hidden_size", "num_attention_heads"):

@@ -23,7 +23,9 @@ class ModelConfig:
     cross_attention_gate_lr_mult: float = 1.0
     """x/h: learning-rate multiplier of the tanh gates (at the base lr they open slowly from 0)."""
     init_std: float = 0.02
-    """Standard deviation of the normal init of all weight matrices."""
+    """Standard deviation of the normal init of the weight matrices; the output projections
+    (attention out, MLP down, projector's second layer) take init_std / sqrt(2 x num_layers), as
+    in megatron and GPT-2."""
     spec: Literal["auto", "local", "te"] = "auto"
     """Layers: 'te' (Transformer Engine: fused norm+linear, flash/cuDNN attention, FP8; CUDA),
     'local' (megatron-core modules, any device), 'auto' (te where it imports and CUDA is present)."""
@@ -164,6 +166,10 @@ class TrainConfig:
     """Adam beta2."""
     clip_grad: float = 1.0
     """Gradient-norm clipping threshold (0 disables)."""
+    max_skipped_steps: int = 8
+    """A step whose loss or gradient norm is not finite is skipped (weights, optimizer and LR
+    schedule unchanged; counted in the metrics as skipped_updates); this many in a row stop the
+    run with exit status 1."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameter/compute dtype; 'auto' is bf16 on GPU and fp32 on CPU."""
     seed: int = 1234

@@ -16,12 +16,13 @@ from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
+from mmpretrain.train import DivergedError
 from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
 from mmpretrain.train.resume import start_point
-from mmpretrain.train.step import device, train_step
+from mmpretrain.train.step import SkippedSteps, device, train_step
 
 log = logging.getLogger("mmpretrain")
 
@@ -116,22 +117,32 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
     if start >= cfg.train.steps and is_rank0():
         log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
                     cfg.train.steps)
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.time()
         microbatches = [next(batches) for _ in range(n_micro)]
-        loss, _, grad_norm, _ = train_step(ddps, optimizer, microbatches, cfg.data.seq_length)
-        scheduler.step(1)
+        lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule then moves on)
+        loss, _, grad_norm, applied = train_step(ddps, optimizer, microbatches, cfg.data.seq_length)
+        if applied:
+            scheduler.step(1)  # a skipped update leaves the schedule where it is, as megatron does
+        try:
+            skipped.count(step, applied, loss, grad_norm)
+        except DivergedError:
+            if metrics:
+                metrics.close()
+            raise
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
         if step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1:
             data = data_metrics(loader)  # data/packing_efficiency, data/skipped_*, ... (all ranks)
-            record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                      "samples_seen": consumed + int(seen), "step_time": dt, **data}
+                      "samples_seen": consumed + int(seen), "step_time": dt,
+                      "skipped_updates": skipped.take(), **data}
             if metrics:
                 metrics.log(record)
         every = cfg.checkpoint.every

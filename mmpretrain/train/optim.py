@@ -53,13 +53,16 @@ def param_overrides(ocfg: OptimizerConfig, cfg: Config) -> dict:
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
-    """Linear warmup to lr, cosine decay to min_lr at the last step; constant weight decay. On
-    resume the config's schedule holds (a run extended or its lr changed), not the saved one."""
+    """Linear warmup to lr, cosine decay to min_lr; constant weight decay. The update of step n
+    (1-based) uses the schedule at n - 1, as in megatron: the first update of a warmup is at lr 0,
+    and the last one, at train.steps, at min_lr. On resume the config's schedule holds (a run
+    extended or its lr changed), not the saved one."""
     t = cfg.train
-    warmup = min(t.warmup_steps, t.steps - 1)
+    decay = max(t.steps - 1, 1)
+    warmup = min(t.warmup_steps, decay - 1)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=t.steps, lr_decay_style="cosine", start_wd=t.weight_decay,
+        lr_decay_steps=decay, lr_decay_style="cosine", start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 

@@ -1,14 +1,47 @@
 """One optimizer step through megatron-core's schedule, and the loss it reports."""
 from __future__ import annotations
 
+import logging
+import math
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mmpretrain.parallel import cuda_to_cpu
+from mmpretrain.parallel import cuda_to_cpu, is_rank0
+from mmpretrain.train import DivergedError
+
+log = logging.getLogger(__name__)
+
+
+class SkippedSteps:
+    """Counts the steps whose update was skipped; `limit` of them in a row raise DivergedError."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.since_record = limit, 0, 0
+
+    def count(self, step: int, applied: bool, loss: float, grad_norm: float) -> None:
+        """Record one step's outcome (the same on every rank)."""
+        if applied:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.since_record += 1
+        if is_rank0():
+            log.warning("step %d: loss %s, gradient norm %s: not finite, update skipped (%d in a "
+                        "row)", step, loss, grad_norm, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise DivergedError(f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite "
+                                f"loss or gradient (train.max_skipped_steps {self.limit}); the "
+                                f"checkpoints hold the weights of the last finite update")
+
+    def take(self) -> int:
+        """Skipped updates since the previous call (for a metrics record)."""
+        n, self.since_record = self.since_record, 0
+        return n
 
 
 def device() -> torch.device:
@@ -57,9 +90,27 @@ def forward_backward(ddps: list, microbatches: list, seq_len: int, forward_only:
         forward_only=forward_only)
 
 
+def update(optimizer, loss: float) -> tuple[bool, float]:
+    """megatron's optimizer step (main grads, global grad norm, clipping, Adam), skipped when the
+    loss or the gradient norm is not finite: with bf16 and fp32 there is no loss scaler to catch
+    it, and one NaN step would poison every weight. (update applied, grad norm before clipping)"""
+    found_inf = optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm() or 0.0)  # the same on every rank
+    if found_inf or not (math.isfinite(norm) and math.isfinite(loss)):
+        return False, norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params and opt.config.clip_grad > 0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), norm
+
+
 def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_backward=None):
-    """Forward/backward over one step's micro-batches, then the optimizer step.
-    `after_backward()`, if given, runs between them (the reduced gradients are in place).
+    """Forward/backward over one step's micro-batches, then the optimizer step (skipped on a
+    non-finite loss or gradient). `after_backward()`, if given, runs between them (the reduced
+    gradients are in place).
 
     Returns (loss, text tokens, grad norm, update applied)."""
     for ddp in ddps:
@@ -69,9 +120,9 @@ def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_ba
         outputs = forward_backward(ddps, microbatches, seq_len)
         if after_backward is not None:
             after_backward()
-        ok, grad_norm, _ = optimizer.step()
-    loss, tokens = reduce_losses(outputs)
-    return loss, tokens, float(grad_norm or 0.0), bool(ok)
+        loss, tokens = reduce_losses(outputs)
+        ok, grad_norm = update(optimizer, loss)
+    return loss, tokens, grad_norm, ok
 
 
 @torch.no_grad()
