@@ -63,9 +63,9 @@ def forward_step(data_iterator, model):
     return model(batch), partial(loss_func, batch.loss_mask)
 
 
-def reduce_losses(outputs: list[dict]) -> tuple[float, float]:
-    """(mean loss per text token, text tokens) over micro-batches and data-parallel ranks,
-    known on every rank (only the last pipeline stage computes it)."""
+def loss_totals(outputs: list[dict]) -> torch.Tensor:
+    """[summed loss, text tokens] over micro-batches and data-parallel ranks, on every rank (only
+    the last pipeline stage computes it); a device tensor, queued, not yet waited for."""
     if not outputs:  # not the last pipeline stage
         totals = torch.zeros(2, device=device())
     else:
@@ -73,8 +73,7 @@ def reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     if dist.is_initialized():  # NCCL reduces device tensors only
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    loss, tokens = totals.tolist()
-    return loss / max(tokens, 1.0), tokens
+    return totals
 
 
 def forward_backward(ddps: list, microbatches: list, seq_len: int, forward_only: bool = False):
@@ -90,21 +89,26 @@ def forward_backward(ddps: list, microbatches: list, seq_len: int, forward_only:
         forward_only=forward_only)
 
 
-def update(optimizer, loss: float) -> tuple[bool, float]:
+def update(optimizer, totals: torch.Tensor) -> tuple[bool, float, float, float]:
     """megatron's optimizer step (main grads, global grad norm, clipping, Adam), skipped when the
     loss or the gradient norm is not finite: with bf16 and fp32 there is no loss scaler to catch
-    it, and one NaN step would poison every weight. (update applied, grad norm before clipping)"""
+    it, and one NaN step would poison every weight. `totals` (loss_totals) is read after the
+    gradient norm, so the host waits for the GPU once, with the main-grad copies already queued.
+
+    Returns (update applied, grad norm before clipping, mean loss per text token, text tokens)."""
     found_inf = optimizer.prepare_grads()
     norm = float(optimizer.get_grad_norm() or 0.0)  # the same on every rank
+    total, tokens = totals.tolist()
+    loss = total / max(tokens, 1.0)
     if found_inf or not (math.isfinite(norm) and math.isfinite(loss)):
-        return False, norm
+        return False, norm, loss, tokens
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
         if params and opt.config.clip_grad > 0:
             clip_grad_by_total_norm_fp32(
                 params, max_norm=opt.config.clip_grad, total_norm=norm,
                 use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    return bool(optimizer.step_with_ready_grads()), norm
+    return bool(optimizer.step_with_ready_grads()), norm, loss, tokens
 
 
 def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_backward=None):
@@ -120,8 +124,7 @@ def train_step(ddps: list, optimizer, microbatches: list, seq_len: int, after_ba
         outputs = forward_backward(ddps, microbatches, seq_len)
         if after_backward is not None:
             after_backward()
-        loss, tokens = reduce_losses(outputs)
-        ok, grad_norm = update(optimizer, loss)
+        ok, grad_norm, loss, tokens = update(optimizer, loss_totals(outputs))
     return loss, tokens, grad_norm, ok
 
 
