@@ -79,3 +79,19 @@ def test_synth_train_eval(tmp_path, small_dataset):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["loss"] > 0 and result["loss_shuffled_images"] > 0
     assert result["checkpoint"].endswith("step_00000004")
+
+
+def test_a_diverged_run_exits_1_with_its_last_finite_weights_saved(tmp_path, small_dataset):
+    """An lr so large that the first update overflows the next forward: the following steps are
+    skipped, train.max_skipped_steps of them stop the run with status 1 and one line naming the
+    setting, and the stop's checkpoint is the run's latest."""
+    run = tmp_path / "run"
+    r = cli("train", "jobs/tiny-d.yaml", "--run-dir", run, "--set", f"data.path={small_dataset}",
+            "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.steps=20",
+            "--set", "train.max_skipped_steps=2", "--set", "checkpoint.every=0")
+    assert r.returncode == 1, r.stderr
+    assert "mmpretrain: training stopped: 2 steps in a row" in r.stderr
+    assert "train.max_skipped_steps 2" in r.stderr and "Traceback" not in r.stderr
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert saved == f"step_{records[-1]['step']:08d}" and records[-1]["skipped_updates"] >= 1

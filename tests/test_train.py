@@ -138,10 +138,15 @@ def test_a_non_finite_gradient_skips_the_update(megatron_world, small_dataset, p
 def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_dataset, tmp_path,
                                                        monkeypatch):
     """Through the loop: skipped steps leave the LR schedule in place and show in the metrics;
-    train.max_skipped_steps of them in a row stop the run with DivergedError."""
+    train.max_skipped_steps of them in a row stop the run with DivergedError, after saving the
+    weights of the last finite update."""
     import json
 
+    from mmpretrain.parallel import cuda_to_cpu
+
     import mmpretrain.train.step as step_module
+    from mmpretrain import checkpoint
+    from mmpretrain.checkpoint.files import checkpoint_root, latest_checkpoint, step_dir
     from mmpretrain.train import DivergedError
     from mmpretrain.train.loop import train
 
@@ -161,7 +166,18 @@ def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_da
     assert lrs[0] == 1e-3 and lrs[1] == lrs[2] == lrs[3] > lrs[4] == pytest.approx(5.5e-4), lrs
     assert all(math.isfinite(r["loss"]) for r in records if r["skipped_updates"] == 0)
 
-    bad_steps, calls[0] = set(range(1, 99)), 0
-    with pytest.raises(DivergedError, match="2 steps in a row"):
-        train(small_cfg(small_dataset, *sets, "train.max_skipped_steps=2"), tmp_path / "b")
-    assert not (tmp_path / "b" / "checkpoints").exists()
+    bad_steps, calls[0] = set(range(3, 99)), 0  # steps 1-2 update, 3-4 do not: the run stops
+    cfg = small_cfg(small_dataset, *sets, "train.max_skipped_steps=2", "checkpoint.every=3")
+    with pytest.raises(DivergedError, match=r"2 steps in a row \(up to step 4\)"):
+        train(cfg, tmp_path / "b")
+    assert latest_checkpoint(tmp_path / "b") == step_dir(checkpoint_root(tmp_path / "b"), 4)
+    models = []
+    for step in (3, 4):  # both hold the weights of step 2, the last update; 4 saved by the stop
+        _, _, (model,), *_ = setup(cfg)
+        with cuda_to_cpu():
+            checkpoint.load_model(step_dir(checkpoint_root(tmp_path / "b"), step), model)
+        models.append(model)
+    assert not changed(models[1], snapshot(models[0]))
+    _, _, (fresh,), *_ = setup(cfg)
+    assert changed(fresh, snapshot(models[0]))  # (the loads did load something)
+

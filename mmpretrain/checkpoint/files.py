@@ -102,16 +102,17 @@ def read_file(path: Path, name: str):
                               f"({type(e).__name__}: {e})") from None
 
 
-def check_files(path: Path) -> None:
+def check_files(path: Path) -> dict:
     """Every file the checkpoint's index names exists and is long enough, and its small files
-    read; else name the file."""
+    read; else name the file. Returns state.json."""
     from torch.distributed.checkpoint import FileSystemReader
 
     for name in ("state.json", ".metadata", "common.pt"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
-    for name in ("state.json", "metadata.json", "common.pt"):
-        if name == "state.json" or (path / name).is_file():
+    meta = read_file(path, "state.json")
+    for name in ("metadata.json", "common.pt"):
+        if (path / name).is_file():
             read_file(path, name)
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
@@ -127,6 +128,7 @@ def check_files(path: Path) -> None:
         if f.stat().st_size < size:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is truncated "
                                   f"({f.stat().st_size} of at least {size} bytes)")
+    return meta
 
 
 def check_shapes(path: Path, sharded_state: dict) -> None:

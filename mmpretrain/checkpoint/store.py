@@ -185,6 +185,11 @@ def _layout() -> list[int]:
 def load_model(path: Path, chunks) -> None:
     """Load only the model weights of a checkpoint into a model or list of chunks (any layout)."""
     check_files(path)
+    _load_checked_model(path, chunks)
+
+
+def _load_checked_model(path: Path, chunks) -> None:
+    """The model's weights from a checkpoint whose files check_files has checked."""
     request = model_state(chunks)
     check_shapes(path, request)
     _load_into(chunks, dist_checkpointing.load(request, str(path)))
@@ -194,10 +199,9 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     """Load model, optimizer, schedule and (same layout) RNG states; return state.json plus this
     rank's loader position. A weights-only checkpoint (`save_weights`) loads the model and keeps
     the fresh optimizer."""
-    check_files(path)
-    meta = read_file(path, "state.json")
+    meta = check_files(path)
     if meta.get("weights_only"):
-        return _load_weights_only(path, chunks, optimizer)
+        return _load_weights_only(path, chunks, optimizer, meta)
     request = model_state(chunks)
     check_shapes(path, request)
     request["optimizer"] = optimizer.sharded_state_dict(dict(request), is_loading=True)
@@ -232,11 +236,12 @@ def _loader_state(path: Path, meta: dict) -> list:
     return [read_file(path, f"loader_dp{r}.json") for r in range(saved_dp)]
 
 
-def _load_weights_only(path: Path, chunks, optimizer) -> dict:
-    """Model weights into the chunks and the optimizer's main copies; schedule and data start."""
-    load_model(path, chunks)
+def _load_weights_only(path: Path, chunks, optimizer, meta: dict) -> dict:
+    """Model weights into the chunks and the optimizer's main copies (the files checked);
+    schedule and data start."""
+    _load_checked_model(path, chunks)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
-    return {**read_file(path, "state.json"), "loader": None}
+    return {**meta, "loader": None}
 
 
 def load_weights(path: Path, chunks, optimizer) -> None:

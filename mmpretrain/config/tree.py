@@ -169,7 +169,7 @@ class TrainConfig:
     max_skipped_steps: int = 8
     """A step whose loss or gradient norm is not finite is skipped (weights, optimizer and LR
     schedule unchanged; counted in the metrics as skipped_updates); this many in a row stop the
-    run with exit status 1."""
+    run with exit status 1, after saving a checkpoint (the last finite update's weights)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameter/compute dtype; 'auto' is bf16 on GPU and fp32 on CPU."""
     seed: int = 1234

@@ -16,7 +16,6 @@ from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
-from mmpretrain.train import DivergedError
 from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
@@ -128,16 +127,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         loss, _, grad_norm, applied = train_step(ddps, optimizer, microbatches, cfg.data.seq_length)
         if applied:
             scheduler.step(1)  # a skipped update leaves the schedule where it is, as megatron does
-        try:
-            skipped.count(step, applied, loss, grad_norm)
-        except DivergedError:
-            if metrics:
-                metrics.close()
-            raise
+        diverged = skipped.count(step, applied, loss, grad_norm)  # the same on every rank
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
-        if step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1:
+        if step % cfg.logging.every == 0 or step in (start + 1, cfg.train.steps) or diverged:
             data = data_metrics(loader)  # data/packing_efficiency, data/skipped_*, ... (all ranks)
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
@@ -150,12 +144,16 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         with cuda_to_cpu():
             if saves:
                 saves.poll()  # publish a background save once every rank has written it
-            if step == cfg.train.steps or (every and step % every == 0) or stop:
+            if step == cfg.train.steps or (every and step % every == 0) or stop or diverged:
                 checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
                                 cfg, consumed + int(seen), cfg.checkpoint.keep,
                                 cfg.checkpoint.keep_every, saves)
-            if saves and (stop or step == cfg.train.steps):
+            if saves and (stop or diverged or step == cfg.train.steps):
                 saves.close()  # the last save is written and published before the exit
+        if diverged:  # the weights are the last finite update's: saved above, nothing is lost
+            if metrics:
+                metrics.close()
+            raise skipped.error(step)
         if stop and step < cfg.train.steps:
             if metrics:
                 metrics.close()

@@ -18,25 +18,28 @@ log = logging.getLogger(__name__)
 
 
 class SkippedSteps:
-    """Counts the steps whose update was skipped; `limit` of them in a row raise DivergedError."""
+    """Counts the steps whose update was skipped; `limit` of them in a row end the run."""
 
     def __init__(self, limit: int):
         self.limit, self.in_a_row, self.since_record = limit, 0, 0
 
-    def count(self, step: int, applied: bool, loss: float, grad_norm: float) -> None:
-        """Record one step's outcome (the same on every rank)."""
+    def count(self, step: int, applied: bool, loss: float, grad_norm: float) -> bool:
+        """Record one step's outcome (the same on every rank); True when the limit is reached."""
         if applied:
             self.in_a_row = 0
-            return
+            return False
         self.in_a_row += 1
         self.since_record += 1
         if is_rank0():
             log.warning("step %d: loss %s, gradient norm %s: not finite, update skipped (%d in a "
                         "row)", step, loss, grad_norm, self.in_a_row)
-        if self.in_a_row >= self.limit:
-            raise DivergedError(f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite "
-                                f"loss or gradient (train.max_skipped_steps {self.limit}); the "
-                                f"checkpoints hold the weights of the last finite update")
+        return self.in_a_row >= self.limit
+
+    def error(self, step: int) -> DivergedError:
+        return DivergedError(f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite "
+                             f"loss or gradient (train.max_skipped_steps {self.limit}); the "
+                             f"checkpoint of step {step} holds the weights of the last finite "
+                             f"update and the data position after the skipped batches")
 
     def take(self) -> int:
         """Skipped updates since the previous call (for a metrics record)."""
