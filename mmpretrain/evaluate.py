@@ -6,6 +6,7 @@ text is unchanged and only the pictures are wrong; a model that reads its images
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from mmpretrain import checkpoint
@@ -15,6 +16,8 @@ from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.train.step import eval_losses
+
+log = logging.getLogger("mmpretrain")
 
 
 def shuffle_images(samples: list[dict]) -> list[dict]:
@@ -61,6 +64,9 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
     model.eval()
     loader = make_loader(cfg, "heldout", tok, shuffle=False)
     held = [loader.reader[i] for i in range(min(samples, len(loader.reader)))]
+    if len(held) < samples:
+        log.info("the held-out split has %d samples (--samples %d): evaluating all of them",
+                 len(held), samples)
     result = {"checkpoint": str(ckpt), "samples": len(held)}
     for name, chosen in (("loss", held), ("loss_shuffled_images", shuffle_images(held))):
         total, count = eval_losses(model, packed_batches(chosen, loader))

@@ -51,7 +51,12 @@ def test_rerun_resumes_and_no_resume_refuses(trained, small_dataset, tmp_path):
     shutil.copytree(trained, run)
     r = cli(*train_args(run, small_dataset, "--set", "train.steps=5"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and logged_steps(run)[-1] == 5 and latest(run) == "step_00000005"
+    assert "resumed from" in r.stderr and logged_steps(run) == [1, 2, 3, 4, 5]
+    assert latest(run) == "step_00000005"
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=5", "--resume",
+                        run / "checkpoints" / "step_00000004"))  # step 5 again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped 1 record(s) after step 4" in r.stderr and logged_steps(run) == [1, 2, 3, 4, 5]
     r = cli(*train_args(run, small_dataset, "--no-resume"))
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
     r = cli(*train_args(run, small_dataset, "--no-resume", "--overwrite", "--set", "train.steps=1"))

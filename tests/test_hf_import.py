@@ -152,10 +152,13 @@ def test_llava_feature_layer_before_the_last(env):
     assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg) < 1e-4
 
 
-def test_training_starts_from_the_import(env):
-    """`mmpretrain train` on the run directory loads the imported weights with a fresh optimizer."""
+def test_training_starts_from_the_import(env, caplog):
+    """`mmpretrain train` on the run directory loads the imported weights with a fresh optimizer,
+    and says so."""
+    import logging
+
     from mmpretrain import checkpoint
-    from mmpretrain.train.loop import setup
+    from mmpretrain.train.loop import _resume, setup
 
     root, cfg, tok = env
     run = root / "from_llava"
@@ -169,6 +172,9 @@ def test_training_starts_from_the_import(env):
     want = model_tensors(imported(checkpoint.latest_checkpoint(run), cfg, tok).state_dict())
     for name, value in model_tensors(chunks[0].state_dict()).items():
         assert torch.equal(value, want[name]), name
+    with caplog.at_level(logging.INFO, logger="mmpretrain"):
+        assert _resume(checkpoint.latest_checkpoint(run), chunks, optimizer, scheduler, None) == (0, 0)
+    assert "started from the weights of" in caplog.text and "resumed" not in caplog.text
 
 
 def test_refuses_a_run_directory_that_has_checkpoints(env, capsys):

@@ -41,7 +41,7 @@ def run(cmd) -> str:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a kill and after the restart) keeps the last."""
+    """step -> loss."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -90,6 +90,8 @@ def test_kill_and_restart_gives_bitwise_identical_losses(tmp_path, small_dataset
     err = run(command(world, b, small_dataset, sets))
     assert f"resumed from {b}/checkpoints/step_{N:08d}" in err
     want, got = losses(tmp_path / "a"), losses(b)
+    logged = [json.loads(x)["step"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 2 * N + 1))  # once each, whenever the kill came
     assert [got[s] for s in range(N + 1, 2 * N + 1)] == [want[s] for s in range(N + 1, 2 * N + 1)]
 
 

@@ -171,6 +171,7 @@ def test_rendered_job_trains_two_ranks_then_checkpoints_and_requeues_on_usr1(tmp
             job.kill()
     assert job.returncode == 0, out[-4000:]
     assert "received SIGUSR1" in out and "requeueing job 4242" in out
+    assert "asked to stop (" in out and "then exit 75 for a requeue" in out
     assert log.read_text().splitlines() == ["srun 2 tasks: ['bash', '-c']", "requeue 4242"]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     latest = (run / "checkpoints" / "latest").read_text().strip()

@@ -63,7 +63,10 @@ def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int]:
         meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
     if meta["loader"] is not None:
         loader.load_state_dict(meta["loader"])
-    if is_rank0():
+    if is_rank0() and meta.get("weights_only"):
+        log.info("started from the weights of %s (%s); optimizer and data order start fresh", ckpt,
+                 meta.get("source", "a weights-only checkpoint"))
+    elif is_rank0():
         how = "" if meta.get("same_layout", True) else " under another layout (RNG states reseeded)"
         log.info("resumed from %s at step %d%s", ckpt, meta["step"], how)
     return meta["step"], meta["consumed_samples"]
@@ -111,7 +114,12 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         log.info("model: %.2fM trainable parameters on rank 0; %d micro-batches x %d sequences x "
                  "%d tokens per step per dp rank", trainable_parameters(chunks) / 1e6, n_micro,
                  cfg.data.micro_batch_size, cfg.data.seq_length)
-    metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard) if is_rank0() else None
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a new start; a stop writes it again
+    metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard, start) \
+        if is_rank0() else None
+    if metrics and metrics.dropped:
+        log.info("metrics.jsonl: dropped %d record(s) after step %d, logged by the attempt "
+                 "that stopped before its next checkpoint", metrics.dropped, start)
     batches = CountingIterator(loader)
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
@@ -141,6 +149,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
                 metrics.log(record)
         every = cfg.checkpoint.every
         stop = preempt.stop_requested(device())  # agreed by all ranks
+        if stop and is_rank0():
+            log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
+                        "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
         with cuda_to_cpu():
             if saves:
                 saves.poll()  # publish a background save once every rank has written it

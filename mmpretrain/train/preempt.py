@@ -56,6 +56,11 @@ class PreemptionHandler:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
+    def reason(self) -> str:
+        """The signal this process received, or that another rank did."""
+        return signal.Signals(self.received).name if self.received is not None else \
+            "a signal to another rank"
+
     def stop_requested(self, device: torch.device | str = "cpu") -> bool:
         """Whether any rank has received a signal; a collective: every rank must call it."""
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
