@@ -273,20 +273,43 @@ def test_plan_command(capsys):
 
 def test_suggested_layouts_load_and_fit_as_printed(capsys):
     """Each suggested --set line, applied to the config, passes the config and layout checks and
-    fits; the user's uneven first stage is undone, as the suggestion plans without it."""
+    fits; the user's uneven first stage is replaced: by an even split, or by a balanced one that
+    is faster than the even split."""
     from mmpretrain.cli import main
 
     base = ["jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "4", "--set", "parallel.tp=1",
             "--set", "parallel.sequence_parallel=false", "--set", "parallel.pp=2",
             "--set", "parallel.first_stage_decoder_layers=20"]
-    assert main(["plan", *base]) == 1
+    assert main(["plan", *base, "--suggest", "6"]) == 1
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "s/step: --set" in ln]
-    assert lines
+    assert len(lines) == 6
     for line in lines:
         sets = line.split("s/step: --set ", 1)[1].split(" --set ")
-        assert "parallel.first_stage_decoder_layers=null" in sets
+        first = [s for s in sets if s.startswith("parallel.first_stage_decoder_layers=")]
+        assert len(first) == 1 and first[0] != "parallel.first_stage_decoder_layers=20"
         cfg = load(ROOT / base[0], [s for s in base[4::2]] + sets)
-        assert planner.plan_job(cfg, 4).fits
+        plan = planner.plan_job(cfg, 4)
+        assert plan.fits and f"{plan.step_seconds:7.2f} s/step" in line
+        if not first[0].endswith("=null"):
+            even = load(ROOT / base[0], [s for s in base[4::2]] + sets
+                        + ["parallel.first_stage_decoder_layers=null"])
+            assert planner.plan_job(even, 4).step_seconds > plan.step_seconds
+
+
+def test_suggestions_find_a_layout_as_fast_as_a_shipped_one(capsys):
+    """Forced off its layout (pp=1 does not fit), the 72B job is offered layouts at least as fast
+    as the one it ships with (pipelined, first stage shortened for the vision encoder)."""
+    from mmpretrain.cli import main
+
+    job = ["jobs/nvlm-d-72b-pretrain.yaml", "--nodes", "4"]
+    shipped = planner.plan_job(load(ROOT / job[0]), 4)
+    assert shipped.fits and load(ROOT / job[0]).parallel.first_stage_decoder_layers
+    assert main(["plan", *job, "--set", "parallel.pp=1", "--set", "parallel.vpp=null",
+                 "--set", "parallel.first_stage_decoder_layers=null"]) == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "s/step: --set" in ln]
+    fastest = float(lines[0].split("GiB,")[1].split("s/step")[0])
+    assert fastest <= round(shipped.step_seconds, 2)
+    assert "parallel.pp=1" not in lines[0] and "first_stage_decoder_layers=null" not in lines[0]
 
 
 def test_plan_kernels_default_to_the_configs_spec(capsys):

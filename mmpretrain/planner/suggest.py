@@ -1,7 +1,8 @@
 """Layouts that fit: a small search over tp, pp, virtual stages and recomputation.
 
 Sequence parallelism goes with tp > 1 and the distributed optimizer is always on (both only save
-memory); the micro-batch, precision and freezing stay as configured. Candidates that pass the
+memory); a pipeline's first stage, which also runs the vision encoder, gets fewer decoder layers
+where that is faster; the micro-batch, precision and freezing stay as configured. Candidates that pass the
 layout checks and fit are ranked by predicted step time.
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def balanced_first_stage(cfg: Config, plan: Plan) -> int | None:
     return min(valid, key=lambda f: abs(f - best)) if valid else None
 
 
-def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> str | None:
-    """A line proposing `parallel.first_stage_decoder_layers` when it saves over 3% of a step."""
+def balanced(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> tuple[Config, Plan] | None:
+    """`cfg` with the balanced first stage (`balanced_first_stage`) and its plan; None when that
+    is the split already or the layout checks refuse it."""
     first = balanced_first_stage(cfg, plan)
     if first is None or first == getattr(cfg.parallel, "first_stage_decoder_layers", None):
         return None
@@ -61,9 +63,15 @@ def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> 
         check(cand, plan.world)
     except ConfigError:
         return None
-    better = plan_of(cand)
-    if not better.fits or better.step_seconds > 0.97 * plan.step_seconds:
+    return cand, plan_of(cand)
+
+
+def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> str | None:
+    """A line proposing `parallel.first_stage_decoder_layers` when it saves over 3% of a step."""
+    found = balanced(cfg, plan, plan_of)
+    if found is None or not found[1].fits or found[1].step_seconds > 0.97 * plan.step_seconds:
         return None
+    first, better = found[0].parallel.first_stage_decoder_layers, found[1]
     return (f"hint        the first stage also runs the vision encoder: --set "
             f"parallel.first_stage_decoder_layers={first} balances the stages, "
             f"{better.step_seconds:.2f} s/step instead of {plan.step_seconds:.2f}")
@@ -71,7 +79,8 @@ def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> 
 
 def suggest(cfg: Config, world: int, gpus_per_node: int, plan_of: Callable[[Config], Plan],
             top: int = 3) -> list[tuple[Config, Plan]]:
-    """The `top` fastest layouts of `world` GPUs that fit, fastest first."""
+    """The `top` fastest layouts of `world` GPUs that fit, fastest first; a pipelined layout
+    with the first stage balanced (`balanced`) where that fits and is faster than an even split."""
     found = []
     for cand in candidates(cfg, world, gpus_per_node):
         try:
@@ -80,6 +89,9 @@ def suggest(cfg: Config, world: int, gpus_per_node: int, plan_of: Callable[[Conf
         except ConfigError:
             continue
         plan = plan_of(cand)
+        alt = balanced(cand, plan, plan_of) if cand.parallel.pp > 1 else None
+        if alt is not None and alt[1].fits and (not plan.fits or alt[1].step_seconds < plan.step_seconds):
+            cand, plan = alt
         if plan.fits:
             found.append((plan.step_seconds, len(found), cand, plan))
     found.sort(key=lambda item: item[:2])
