@@ -268,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core imports torch's extension builder, which guesses a CUDA_HOME on CPU machines.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # megatron-core warns at import about each missing optional kernel library (TE, apex).
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    # Deprecations inside megatron's checkpoint loading (torch.distributed.checkpoint's API it calls):
+    for message in (r"`load_state_dict` is deprecated", r".*deprecating ShardedTensor"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "eval": _eval, "data": _data, "convert": _convert,
                "plan": _plan, "slurm": _slurm}[args.command]
