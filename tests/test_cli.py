@@ -23,6 +23,7 @@ def cli(*args, timeout=300):
     (["train"], "config"),
     (["eval", "--run", "/nonexistent/run"], "/nonexistent/run"),
     (["frobnicate"], "frobnicate"),
+    (["data", "build", "--input", "tests", "--out", "jobs"], "--out jobs: exists and is not an empty"),
 ])
 def test_errors_exit_2_with_one_clear_line(args, needle):
     r = cli(*args)
