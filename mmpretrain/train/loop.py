@@ -149,7 +149,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
                 metrics.log(record)
         every = cfg.checkpoint.every
         stop = preempt.stop_requested(device())  # agreed by all ranks
-        if stop and is_rank0():
+        if stop and step < cfg.train.steps and is_rank0():
             log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
                         "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
         with cuda_to_cpu():
