@@ -9,6 +9,7 @@ of workers. A bad record is skipped and counted by reason, never aborts the buil
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from itertools import chain
 from pathlib import Path
 
 from mmpretrain.data.decode import DEFAULT_MAX_PIXELS, ImageError, PillowDecoder, decode_image
-from mmpretrain.data.formats import RawRecord, RecordError, read_input, to_sample
+from mmpretrain.data.formats import RawRecord, RecordError, input_files, read_input, to_sample
 from mmpretrain.data.sequence import SampleError, check_text
 from mmpretrain.data.shards import COLUMNS, DEFAULT_SIZE_LIMIT, to_row
 from mmpretrain.data.workers import ordered_map
@@ -79,6 +80,15 @@ class Progress:
                   file=sys.stderr, flush=True)
 
 
+def _undo(out: Path, existed: bool) -> None:
+    """Remove what a failed build wrote: `out` itself unless it `existed` (empty) before."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in list(out.iterdir()) if out.is_dir() else []:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not an empty directory")
@@ -89,9 +99,9 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
     """Convert `inputs` into MDS shards in `out`; return (and save) the summary."""
     out = Path(out)
     _check_out(out)
+    existed = out.exists()
     for spec in inputs:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"--input {spec}: no such file or directory")
+        input_files(spec)  # every input readable before the output directory is made
     records = enumerate(chain.from_iterable(read_input(s) for s in inputs))
     prog = Progress(progress)
     writer = MDSWriter(out=str(out), columns=COLUMNS, size_limit=size_limit)
@@ -105,6 +115,7 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
             prog.tick()
     except BaseException:
         writer.cancel_future_jobs()  # no index.json: a failed build is not a dataset
+        _undo(out, existed)  # it was absent or empty: leave it so
         raise
     writer.finish()
     prog.tick(force=True)

@@ -57,8 +57,9 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 
 
-class CacheLimitError(RuntimeError):
-    """The cache limit is too small for what has to be in the cache at once."""
+class CacheLimitError(ValueError):
+    """The cache limit is too small for what has to be in the cache at once (a setting to change:
+    the CLI reports it as a bad input, exit 2)."""
 
 
 def parse_size(value: int | str | None, key: str = SETTING) -> int:
@@ -340,7 +341,7 @@ class ShardCache:
                 f"{SETTING}: {human(self.limit)} is smaller than the largest shard of {remote} "
                 f"({name}: {human(sizes[name])}) plus its index ({human(index_bytes)}); raise "
                 f"{SETTING} (to at least one shard of each dataset for every process that reads "
-                "this cache at once) or write smaller shards")
+                "this cache at once) or write smaller shards (`mmpretrain data build --shard-size`)")
 
 
 def _shard_of(dotname: str, index: str) -> str | None:

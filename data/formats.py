@@ -7,6 +7,7 @@ Inputs `mmpretrain data build` reads, one raw record at a time:
                    "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}, ...]}
     interleaved   {"segments": [{"text": "..."}, {"image": "a.jpg"}, ...]}  or
                   {"texts": ["...", null, ...], "images": [null, "a.jpg", ...]} (parallel lists)
+- JSON (`.json`): one array of such objects, as LLaVA's instruction files ship.
 - WebDataset tars (`.tar`, or a directory of them): members grouped by key (the name up to the
   first dot); an image (.jpg .jpeg .png .webp) plus .txt (the caption) or .json ("caption"/"text").
 `to_sample` turns a raw record into a sample or raises RecordError with a skip reason.
@@ -76,21 +77,44 @@ def read_tar(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{path}:{key}", {}, "", blobs)
 
 
-def read_input(spec: str) -> Iterator[RawRecord]:
-    """Records of a .jsonl file, a .tar file, or a directory of .jsonl / .tar files."""
+def read_json(path: Path) -> Iterator[RawRecord]:
+    """One RawRecord per element of a JSON array (LLaVA's instruction files)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--input {path}: not JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"--input {path}: a .json input holds an array of records, not a "
+                         f"{type(data).__name__} (one record a line: .jsonl)")
+    for n, item in enumerate(data):
+        yield RawRecord(f"{path}[{n}]", item if isinstance(item, dict) else
+                        {"__error__": "not a JSON object"}, str(path.parent))
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".tar": read_tar}
+
+
+def input_files(spec: str) -> list[Path]:
+    """The files of one --input: a .jsonl, .json or .tar file, or a directory of them; else a
+    FileNotFoundError naming it (before anything is written)."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".tar"))
+        files = sorted(p for p in path.iterdir() if p.suffix in READERS and p.is_file())
         if not files:
-            raise FileNotFoundError(f"{path}: no .jsonl or .tar files")
-        for p in files:
-            yield from read_input(str(p))
-    elif path.suffix == ".jsonl" and path.is_file():
-        yield from read_jsonl(path)
-    elif path.suffix == ".tar" and path.is_file():
-        yield from read_tar(path)
-    else:
-        raise FileNotFoundError(f"{spec}: not a .jsonl file, a .tar file or a directory of them")
+            raise FileNotFoundError(f"--input {spec}: no .jsonl, .json or .tar files")
+        return files
+    if path.suffix in READERS and path.is_file():
+        return [path]
+    if not path.exists():
+        raise FileNotFoundError(f"--input {spec}: no such file or directory")
+    raise FileNotFoundError(f"--input {spec}: not a .jsonl, .json or .tar file nor a directory "
+                            "of them")
+
+
+def read_input(spec: str) -> Iterator[RawRecord]:
+    """Records of a .jsonl, .json or .tar file, or of a directory of them."""
+    for path in input_files(spec):
+        yield from READERS[path.suffix](path)
 
 
 def _load(base: str, rel) -> bytes:

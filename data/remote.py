@@ -38,9 +38,16 @@ __all__ = ["CacheLimitError", "ShardFetcher", "cache_dir_for", "cache_metrics", 
 
 
 def is_remote(path: str) -> bool:
-    """Whether `path` is a URL of a remote that streaming can download from."""
+    """Whether `path` is a URL of a remote that streaming can download from; a URL of any other
+    scheme (http://, file://) is a ValueError naming the ones it can."""
     scheme = urllib.parse.urlparse(path).scheme
-    return bool(scheme) and "://" in path and scheme in DOWNLOADER_MAPPINGS
+    if not scheme or "://" not in path:
+        return False
+    if scheme not in DOWNLOADER_MAPPINGS:
+        raise ValueError(f"{path}: {scheme}:// is not a supported remote; datasets stream from "
+                         f"{', '.join(s + '://' for s in sorted(DOWNLOADER_MAPPINGS) if s)} "
+                         "or a local path")
+    return True
 
 
 def cache_dir_for(remote: str, cache_root: str | Path = "") -> Path:

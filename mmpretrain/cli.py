@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .jsonl file, a WebDataset .tar, or a directory of them (repeatable)")
     b.add_argument("--out", required=True, help="output directory (absent or empty)")
     b.add_argument("--workers", type=int, default=0, help="worker processes (default 0: inline)")
+    b.add_argument("--shard-size", default="64MB",
+                   help="largest shard file (default 64MB; smaller fits a smaller data.cache_limit)")
     b.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
                    help="skip images with more pixels (default 64 Mi)")
     _add_convert(sub)
@@ -184,8 +186,13 @@ def _data(args) -> None:
         import json
 
         from mmpretrain.data.build import build
+        from mmpretrain.data.cache import parse_size
 
-        summary = build(args.input, args.out, args.workers, args.max_pixels)
+        size = parse_size(args.shard_size, "--shard-size")
+        if not 0 < size < 1 << 32:
+            raise ValueError(f"--shard-size {args.shard_size}: between 1 byte and 4 GiB (MDS "
+                             "offsets are 32-bit)")
+        summary = build(args.input, args.out, args.workers, args.max_pixels, size)
         print(json.dumps(summary))
     else:
         _synth(args)

@@ -104,3 +104,39 @@ def test_conversation_images_without_placeholders_go_first():
     segs = conversation_segments([{"from": "human", "value": "describe"},
                                   {"from": "gpt", "value": "a dog"}], 1)
     assert segs == [{"image": 0}, {"text": "user: describe\nassistant: a dog"}]
+
+
+def test_a_json_array_builds_as_its_lines_do(tmp_path):
+    """LLaVA ships its instruction data as one JSON array: the same records as JSONL lines give
+    the same samples."""
+    src = make_inputs(tmp_path / "src")
+    lines = [json.loads(x) for x in (src / "data.jsonl").read_text().splitlines()[:-1]]
+    (src / "data.json").write_text(json.dumps(lines))
+    a = build([str(src / "data.jsonl")], tmp_path / "a", progress=False)
+    b = build([str(src / "data.json")], tmp_path / "b", progress=False)
+    assert b["written"] == a["written"] == 5 and b["skipped"] == {**a["skipped"], "bad_record": 1}
+    assert list(ShardReader(tmp_path / "a")) == list(ShardReader(tmp_path / "b"))
+    assert any("data.json[5]" in m for m in b["skip_examples"]["missing_file"])
+
+
+def test_refused_inputs_leave_no_output_and_shard_size_is_honoured(tmp_path, capsys):
+    src = make_inputs(tmp_path / "src")
+    (src / "notes.txt").write_text("x")
+    (src / "object.json").write_text('{"image": "img/0.png", "text": "not in an array"}')
+    out = tmp_path / "out"
+    for inputs, needle in [([src / "notes.txt"], "not a .jsonl, .json or .tar file"),
+                           ([src / "data.jsonl", src / "object.json"], "an array of records"),
+                           ([src / "img"], "no .jsonl, .json or .tar files")]:
+        args = [a for i in inputs for a in ("--input", str(i))]
+        assert main(["data", "build", *args, "--out", str(out)]) == 2
+        assert needle in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # an empty directory given as --out stays, empty
+    assert main(["data", "build", "--input", str(src / "object.json"), "--out", str(out)]) == 2
+    assert out.is_dir() and not any(out.iterdir())
+    assert main(["data", "build", "--input", str(src / "data.jsonl"), "--out", str(tmp_path / "s"),
+                 "--shard-size", "0"]) == 2
+    assert "--shard-size" in capsys.readouterr().err
+    assert main(["data", "build", "--input", str(src / "data.jsonl"), "--out", str(tmp_path / "s"),
+                 "--shard-size", "2KB"]) == 0
+    assert len(list((tmp_path / "s").glob("shard.*.mds"))) >= 5  # one or two images a shard
+    assert len(list(ShardReader(tmp_path / "s"))) == 5

@@ -57,6 +57,9 @@ def test_remote_dataset_is_fetched_into_the_cache_lazily(tmp_path):
     remote = tmp_path / "bucket" / "ds"
     write_shards(remote, _samples(30), size_limit=4096)
     assert is_remote("s3://bucket/ds") and is_remote("gs://b/x") and not is_remote(str(remote))
+    for url in ("http://127.0.0.1:8765/ds", "file:///data/ds"):
+        with pytest.raises(ValueError, match=url.split(":")[0] + r":// is not a supported remote.*s3://"):
+            is_remote(url)
     local = cache_dir_for("s3://bucket/ds", tmp_path / "cache")
     assert local.parent == tmp_path / "cache" and local.name.startswith("ds-")
     fetcher = ShardFetcher(str(remote), tmp_path / "cache" / "ds")  # a plain path: a local "remote"
