@@ -135,13 +135,16 @@ def _text(value) -> str:
 
 def conversation_segments(turns, n_images: int) -> list[dict]:
     """LLaVA turns -> segments; each `<image>` in the text places the next image (unplaced ones
-    go first), each turn is written 'user: ...' / 'assistant: ...' on its own line."""
+    go first; more placeholders than images is a bad record), each turn is written 'user: ...' / 'assistant: ...' on its own line."""
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_record", "conversations must be a non-empty list")
     text = "\n".join(f"{ROLES.get(t.get('from'), t.get('from'))}: {_text(t.get('value'))}"
                      for t in turns if isinstance(t, dict))
     pieces = text.split("<image>")
-    placed = min(len(pieces) - 1, n_images)
+    if len(pieces) - 1 > n_images:  # a placeholder with no image: the record is broken
+        raise RecordError("bad_record", f"{len(pieces) - 1} <image> placeholders for {n_images} "
+                          "image(s)")
+    placed = len(pieces) - 1
     segments: list[dict] = [{"image": k} for k in range(placed, n_images)]
     for k, piece in enumerate(pieces):
         if piece.strip():

@@ -81,10 +81,12 @@ def test_records_of_the_wrong_shape_are_skipped_not_fatal(tmp_path):
              {"segments": {"text": "x"}}, {"texts": ["a", None], "images": 5},
              {"texts": ["a", None, "b"], "images": [None, "a.png"]},
              {"image": "a.png", "conversations": [{"from": "human", "value": ["x"]}]}]
+    lines.insert(1, {"image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"}]})
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     summary = build([str(tmp_path / "in.jsonl")], tmp_path / "out", workers=0, progress=False)
     assert summary["written"] == 1
-    assert summary["skipped"] == {"empty_text": 1, "bad_record": 5}
+    assert summary["skipped"] == {"empty_text": 1, "bad_record": 6}
+    assert any("2 <image> placeholders for 1 image" in m for m in summary["skip_examples"]["bad_record"])
     assert all("in.jsonl" in m for m in summary["skip_examples"]["bad_record"])
 
 
