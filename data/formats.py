@@ -135,7 +135,8 @@ def _text(value) -> str:
 
 def conversation_segments(turns, n_images: int) -> list[dict]:
     """LLaVA turns -> segments; each `<image>` in the text places the next image (unplaced ones
-    go first; more placeholders than images is a bad record), each turn is written 'user: ...' / 'assistant: ...' on its own line."""
+    go first; more placeholders than images is a bad record), each turn is written 'user: ...' /
+    'assistant: ...' on its own line."""
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_record", "conversations must be a non-empty list")
     text = "\n".join(f"{ROLES.get(t.get('from'), t.get('from'))}: {_text(t.get('value'))}"

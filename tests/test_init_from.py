@@ -136,3 +136,23 @@ def test_where_a_run_starts(tmp_path):
     assert start_point(new, None, True, True, True, str(stage1)) == Start(stage1, True)
     with pytest.raises(CheckpointError, match="checkpoint.init_from .*nothing: neither a checkpoint"):
         start_point(tmp_path / "fresh", None, False, False, True, str(tmp_path / "nothing"))
+
+
+def test_an_x_model_starts_from_a_d_run_with_fresh_cross_attention(megatron_world, small_dataset,
+                                                                  tmp_path):
+    """NVLM-X from a D run: every tensor D has is loaded, the cross-attention layers D lacks keep
+    their initialisation (and are named); at lr 0 the saved X weights show both."""
+    d_run = tmp_path / "d"
+    d_cmd = command(1, d_run, small_dataset, ["train.steps=2"])
+    d_cmd[d_cmd.index("jobs/tiny-x.yaml")] = "jobs/tiny-d.yaml"
+    run(d_cmd)
+    r = run(command(1, tmp_path / "x", small_dataset, [*STAGE2, "train.steps=1",
+                                                       f"checkpoint.init_from={d_run}"]))
+    assert "has no cross_attention_" in r.stderr and "fresh initialisation" in r.stderr
+    d = model_tensors(d_run / "checkpoints" / "step_00000002")
+    x = model_tensors(tmp_path / "x" / "checkpoints" / "step_00000001")
+    cross = [k for k in x if "cross_attention_" in k]
+    assert cross and not any("cross_attention_" in k for k in d)
+    assert set(x) - set(cross) == set(d)
+    for k in d:
+        assert torch.equal(x[k], d[k]), k

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,12 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from mmpretrain.checkpoint import rng
 from mmpretrain.checkpoint.files import (
     LATEST,
     REPLACED,
     TMP_PREFIX,
+    CheckpointError,
     check_files,
     check_shapes,
     checkpoint_root,
@@ -244,12 +247,43 @@ def _load_weights_only(path: Path, chunks, optimizer, meta: dict) -> dict:
     return {**meta, "loader": None}
 
 
-def load_weights(path: Path, chunks, optimizer) -> None:
+def load_weights(path: Path, chunks, optimizer) -> list[str]:
     """Only the model weights of any checkpoint (full or weights-only, saved under any layout)
     into the chunks and the optimizer's main copies; the optimizer states, schedule, step, RNG and
-    data position stay as built (fresh). The weights-only start of `checkpoint.init_from`."""
-    load_model(path, chunks)
+    data position stay as built (fresh). The weights-only start of `checkpoint.init_from`.
+
+    Cross-attention layers the checkpoint has none of (an NVLM-X or -H model started from a D
+    run) keep their fresh initialisation; returns their names. Any other missing tensor is an
+    error naming it."""
+    check_files(path)
+    request = model_state(chunks)
+    fresh = _drop_absent_cross_attention(path, request)
+    check_shapes(path, request)
+    state = dist_checkpointing.load(request, str(path))
+    for i, c in enumerate(chunks if isinstance(chunks, (list, tuple)) else [chunks]):
+        missing, unexpected = c.load_state_dict(state[f"model{i}"], strict=not fresh)
+        if unexpected or any(not any(f"{f}." in m for f in fresh) for m in missing):
+            raise CheckpointError(f"checkpoint {path}: could not load {unexpected or missing}")
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
+    return fresh
+
+
+def _drop_absent_cross_attention(path: Path, request: dict) -> list[str]:
+    """Remove from `request` every entry of the cross-attention layers that the checkpoint has no
+    tensor of; their layer names (e.g. 'cross_attention_1'), sorted."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    absent = {_cross_layer(t.key) for d in request.values() for t in d.values()
+              if isinstance(t, ShardedTensor) and t.key not in saved} - {None}
+    for d in request.values():
+        for name in [n for n, t in d.items() if _cross_layer(getattr(t, "key", "")) in absent]:
+            del d[name]
+    return sorted(absent)
+
+
+def _cross_layer(key: str) -> str | None:
+    """'cross_attention_3' of a key inside that layer, else None."""
+    m = re.search(r"(?:^|\.)(cross_attention_\d+)\.", key)
+    return m.group(1) if m else None
 
 
 def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: str) -> Path:

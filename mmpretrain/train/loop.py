@@ -78,10 +78,13 @@ def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int]:
     from mmpretrain.checkpoint.store import load_weights
 
     with cuda_to_cpu():
-        load_weights(ckpt, chunks, optimizer)
+        fresh = load_weights(ckpt, chunks, optimizer)
     if is_rank0():
         log.info("initialised the model weights from %s (checkpoint.init_from); optimizer, "
                  "schedule, step and data order start fresh", ckpt)
+        if fresh:
+            log.info("the checkpoint has no %s: these cross-attention layers start from their "
+                     "fresh initialisation", ", ".join(fresh))
     return 0, 0
 
 
