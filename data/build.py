@@ -126,3 +126,37 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
                "inputs": [str(s) for s in inputs], "workers": workers}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> dict:
+    """Train the byte-level BPE tokenizer (data/tokenizer.py: the project's special tokens at
+    their fixed ids) on the text of built datasets (`data build` outputs, or their train/ split)
+    and write `out`/tokenizer.json, so that `data.path: out` tokenizes them. Returns a summary."""
+    from mmpretrain.data.source import open_dataset
+    from mmpretrain.data.tokenizer import train_tokenizer
+
+    out = Path(out)
+    if (out / "tokenizer.json").exists():
+        raise ValueError(f"--out {out}: already holds a tokenizer.json")
+    readers = [open_dataset(d) for d in datasets]  # a clear error before the (long) training
+    counts = Counter()
+
+    def texts():
+        for reader in readers:
+            for sample in reader:
+                counts["samples"] += 1
+                for seg in sample["segments"]:
+                    if "text" in seg:
+                        counts["characters"] += len(seg["text"])
+                        yield seg["text"]
+
+    tok = train_tokenizer(texts(), vocab_size)
+    if not counts["characters"]:
+        raise ValueError(f"--input {', '.join(datasets)}: no text to train a tokenizer on")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(out / "tokenizer.json")
+    return {"tokenizer": str(out / "tokenizer.json"), "samples": counts["samples"],
+            "characters": counts["characters"],
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True)}

@@ -55,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed (same seed, same dataset)")
     b = dsub.add_parser("build", help="convert JSONL / LLaVA / WebDataset / interleaved data to MDS shards")
     b.add_argument("--input", required=True, action="append", metavar="SPEC",
-                   help="a .jsonl file, a WebDataset .tar, or a directory of them (repeatable)")
+                   help="a .jsonl file, a .json array, a WebDataset .tar, or a directory of them")
     b.add_argument("--out", required=True, help="output directory (absent or empty)")
     b.add_argument("--workers", type=int, default=0, help="worker processes (default 0: inline)")
     b.add_argument("--shard-size", default="64MB",
                    help="largest shard file (default 64MB; smaller fits a smaller data.cache_limit)")
     b.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
                    help="skip images with more pixels (default 64 Mi)")
+    k = dsub.add_parser("tokenizer", help="train a tokenizer on built datasets (data.path: OUT)")
+    k.add_argument("--input", required=True, action="append", metavar="DIR",
+                   help="a `data build` output or its train/ split (repeatable)")
+    k.add_argument("--out", required=True, help="directory for tokenizer.json")
+    k.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary (default 32000)")
     _add_convert(sub)
     _add_plan(sub)
     _add_slurm(sub)
@@ -194,6 +199,12 @@ def _data(args) -> None:
                              "offsets are 32-bit)")
         summary = build(args.input, args.out, args.workers, args.max_pixels, size)
         print(json.dumps(summary))
+    elif args.data_command == "tokenizer":
+        import json
+
+        from mmpretrain.data.build import build_tokenizer
+
+        print(json.dumps(build_tokenizer(args.input, args.out, args.vocab_size)))
     else:
         _synth(args)
 

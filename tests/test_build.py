@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 from mmpretrain.data.build import build
@@ -14,6 +18,8 @@ from PIL import Image
 from test_decode import _png_header_only
 
 from mmpretrain.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def png(seed=0, size=(24, 32)):
@@ -142,3 +148,34 @@ def test_refused_inputs_leave_no_output_and_shard_size_is_honoured(tmp_path, cap
                  "--shard-size", "2KB"]) == 0
     assert len(list((tmp_path / "s").glob("shard.*.mds"))) >= 5  # one or two images a shard
     assert len(list(ShardReader(tmp_path / "s"))) == 5
+
+
+def test_a_tokenizer_trained_on_built_data_serves_training(tmp_path, capsys):
+    """`data tokenizer` over a build: the project's special tokens at their ids, the build's text
+    round-trips, and `data.path` pointing at it trains on the build (`data.datasets`)."""
+    from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+
+    src = make_inputs(tmp_path / "src")
+    build([str(src)], tmp_path / "built", progress=False)
+    tok_dir = tmp_path / "tok"
+    args = ["data", "tokenizer", "--input", str(tmp_path / "built"), "--out", str(tok_dir),
+            "--vocab-size", "300"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 7 and summary["characters"] > 0
+    tok = TextTokenizer.load(tok_dir / "tokenizer.json")
+    assert [tok.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert tok.decode(tok.encode("another pair")) == "another pair"
+    assert main(args) == 2 and "already holds a tokenizer.json" in capsys.readouterr().err
+    assert main(["data", "tokenizer", "--input", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "t2")]) == 2
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mmpretrain", "train", "jobs/tiny-d.yaml", "--run-dir",
+                        str(run), "--set", f"data.path={tok_dir}", "--set",
+                        f"data.datasets=[{{path: {tmp_path / 'built'}}}]", "--set", "train.steps=2",
+                        "--set", "data.seq_length=128", "--set", "data.image_token_budget=16",
+                        "--set", "train.global_batch_size=2", "--set", "data.micro_batch_size=2"],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
