@@ -95,34 +95,46 @@ def _check_out(out: Path) -> None:
 
 
 def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-          size_limit: int = DEFAULT_SIZE_LIMIT, progress: bool = True) -> dict:
-    """Convert `inputs` into MDS shards in `out`; return (and save) the summary."""
+          size_limit: int = DEFAULT_SIZE_LIMIT, progress: bool = True, heldout_every: int = 0) -> dict:
+    """Convert `inputs` into MDS shards in `out`; return (and save) the summary. With
+    `heldout_every` k, every k-th written sample goes to `out`/heldout and the others to
+    `out`/train (the layout `data.path` reads), else all of them to `out`."""
     out = Path(out)
     _check_out(out)
+    if heldout_every < 0:
+        raise ValueError(f"--heldout-every {heldout_every}: must be 0 (none) or positive")
     existed = out.exists()
     for spec in inputs:
         input_files(spec)  # every input readable before the output directory is made
     records = enumerate(chain.from_iterable(read_input(s) for s in inputs))
     prog = Progress(progress)
-    writer = MDSWriter(out=str(out), columns=COLUMNS, size_limit=size_limit)
+    splits = ("train", "heldout") if heldout_every else ("",)
+    writers = {s: MDSWriter(out=str(out / s), columns=COLUMNS, size_limit=size_limit) for s in splits}
+    counts = Counter()
     try:
         for result in ordered_map(partial(convert, max_pixels=max_pixels), records, workers):
             if result[0] == "ok":
-                writer.write(result[1])
+                split = splits[-1] if heldout_every and (prog.written + 1) % heldout_every == 0 \
+                    else splits[0]
+                writers[split].write(result[1])
+                counts[split] += 1
                 prog.written += 1
             else:
                 prog.skip(result[1], result[2])
             prog.tick()
     except BaseException:
-        writer.cancel_future_jobs()  # no index.json: a failed build is not a dataset
+        for writer in writers.values():
+            writer.cancel_future_jobs()  # no index.json: a failed build is not a dataset
         _undo(out, existed)  # it was absent or empty: leave it so
         raise
-    writer.finish()
+    for writer in writers.values():
+        writer.finish()
     prog.tick(force=True)
-    summary = {"written": prog.written, "skipped": dict(sorted(prog.skipped.items())),
+    summary = {"written": prog.written, **({"heldout": counts["heldout"]} if heldout_every else {}),
+               "skipped": dict(sorted(prog.skipped.items())),
                "skipped_total": sum(prog.skipped.values()), "skip_examples": prog.examples,
-               "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
-               "shards": len(list(out.glob("shard.*.mds"))), "seconds": round(time.time() - prog.t0, 2),
+               "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+               "shards": len(list(out.rglob("shard.*.mds"))), "seconds": round(time.time() - prog.t0, 2),
                "inputs": [str(s) for s in inputs], "workers": workers}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

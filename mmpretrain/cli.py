@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="worker processes (default 0: inline)")
     b.add_argument("--shard-size", default="64MB",
                    help="largest shard file (default 64MB; smaller fits a smaller data.cache_limit)")
+    b.add_argument("--heldout-every", type=int, default=0, metavar="K",
+                   help="every K-th sample to OUT/heldout, the rest to OUT/train (default 0: all to OUT)")
     b.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
                    help="skip images with more pixels (default 64 Mi)")
     k = dsub.add_parser("tokenizer", help="train a tokenizer on built datasets (data.path: OUT)")
@@ -197,7 +199,8 @@ def _data(args) -> None:
         if not 0 < size < 1 << 32:
             raise ValueError(f"--shard-size {args.shard_size}: between 1 byte and 4 GiB (MDS "
                              "offsets are 32-bit)")
-        summary = build(args.input, args.out, args.workers, args.max_pixels, size)
+        summary = build(args.input, args.out, args.workers, args.max_pixels, size,
+                        heldout_every=args.heldout_every)
         print(json.dumps(summary))
     elif args.data_command == "tokenizer":
         import json

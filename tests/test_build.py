@@ -150,32 +150,38 @@ def test_refused_inputs_leave_no_output_and_shard_size_is_honoured(tmp_path, cap
     assert len(list(ShardReader(tmp_path / "s"))) == 5
 
 
-def test_a_tokenizer_trained_on_built_data_serves_training(tmp_path, capsys):
-    """`data tokenizer` over a build: the project's special tokens at their ids, the build's text
-    round-trips, and `data.path` pointing at it trains on the build (`data.datasets`)."""
+def test_users_data_with_its_own_tokenizer_and_heldout_split_trains_and_evaluates(tmp_path, capsys):
+    """`data build --heldout-every 3` writes train/ and heldout/; `data tokenizer` into the same
+    directory trains the project's tokenizer (specials at their ids) on train/'s text; that
+    directory is then a `data.path` that `train` and `eval` use."""
     from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
     src = make_inputs(tmp_path / "src")
-    build([str(src)], tmp_path / "built", progress=False)
-    tok_dir = tmp_path / "tok"
-    args = ["data", "tokenizer", "--input", str(tmp_path / "built"), "--out", str(tok_dir),
-            "--vocab-size", "300"]
+    built = tmp_path / "built"
+    assert main(["data", "build", "--input", str(src), "--out", str(built), "--heldout-every", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 7 and summary["heldout"] == 2
+    assert len(list(ShardReader(built / "train"))) == 5 and len(list(ShardReader(built / "heldout"))) == 2
+    args = ["data", "tokenizer", "--input", str(built), "--out", str(built), "--vocab-size", "300"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["samples"] == 7 and summary["characters"] > 0
-    tok = TextTokenizer.load(tok_dir / "tokenizer.json")
+    assert summary["samples"] == 5 and summary["characters"] > 0  # train/ only
+    tok = TextTokenizer.load(built / "tokenizer.json")
     assert [tok.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.decode(tok.encode("another pair")) == "another pair"
     assert main(args) == 2 and "already holds a tokenizer.json" in capsys.readouterr().err
     assert main(["data", "tokenizer", "--input", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "t2")]) == 2
-    run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "mmpretrain", "train", "jobs/tiny-d.yaml", "--run-dir",
-                        str(run), "--set", f"data.path={tok_dir}", "--set",
-                        f"data.datasets=[{{path: {tmp_path / 'built'}}}]", "--set", "train.steps=2",
-                        "--set", "data.seq_length=128", "--set", "data.image_token_budget=16",
-                        "--set", "train.global_batch_size=2", "--set", "data.micro_batch_size=2"],
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                       text=True, timeout=300)
+    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    sets = [f"data.path={built}", "train.steps=2", "data.seq_length=128", "data.image_token_budget=16",
+            "train.global_batch_size=2", "data.micro_batch_size=2"]
+    cli = [sys.executable, "-m", "mmpretrain"]
+    r = subprocess.run([*cli, "train", "jobs/tiny-d.yaml", "--run-dir", str(run),
+                        *[a for x in sets for a in ("--set", x)]], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    r = subprocess.run([*cli, "eval", "--run", str(run)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["samples"] == 2
