@@ -191,11 +191,19 @@ def load_model(path: Path, chunks) -> None:
     _load_checked_model(path, chunks)
 
 
-def _load_checked_model(path: Path, chunks) -> None:
-    """The model's weights from a checkpoint whose files check_files has checked."""
+def _load_checked_model(path: Path, chunks, fresh_cross_attention: bool = False) -> list[str]:
+    """The model's weights from a checkpoint whose files check_files has checked. With
+    `fresh_cross_attention`, cross-attention layers the checkpoint has none of keep their
+    initialisation; returns their names."""
     request = model_state(chunks)
+    fresh = _drop_absent_cross_attention(path, request) if fresh_cross_attention else []
     check_shapes(path, request)
-    _load_into(chunks, dist_checkpointing.load(request, str(path)))
+    state = dist_checkpointing.load(request, str(path))
+    for i, c in enumerate(chunks if isinstance(chunks, (list, tuple)) else [chunks]):
+        missing, unexpected = c.load_state_dict(state[f"model{i}"], strict=not fresh)
+        if unexpected or any(not any(f"{f}." in m for f in fresh) for m in missing):
+            raise CheckpointError(f"checkpoint {path}: could not load {unexpected or missing}")
+    return fresh
 
 
 def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
@@ -256,14 +264,7 @@ def load_weights(path: Path, chunks, optimizer) -> list[str]:
     run) keep their fresh initialisation; returns their names. Any other missing tensor is an
     error naming it."""
     check_files(path)
-    request = model_state(chunks)
-    fresh = _drop_absent_cross_attention(path, request)
-    check_shapes(path, request)
-    state = dist_checkpointing.load(request, str(path))
-    for i, c in enumerate(chunks if isinstance(chunks, (list, tuple)) else [chunks]):
-        missing, unexpected = c.load_state_dict(state[f"model{i}"], strict=not fresh)
-        if unexpected or any(not any(f"{f}." in m for f in fresh) for m in missing):
-            raise CheckpointError(f"checkpoint {path}: could not load {unexpected or missing}")
+    fresh = _load_checked_model(path, chunks, fresh_cross_attention=True)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
     return fresh
 

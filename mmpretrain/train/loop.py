@@ -16,6 +16,7 @@ from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model_chunks
 from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
+from mmpretrain.train import DivergedError
 from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
@@ -88,6 +89,35 @@ def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int]:
     return 0, 0
 
 
+def _open_run(cfg: Config, run_dir: Path, start: int, chunks, n_micro: int) -> MetricsLogger:
+    """Rank 0: the run directory with its config.yaml, no stop marker of an earlier attempt, and
+    the metrics logger (records after `start` dropped)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump(cfg, run_dir / "config.yaml")
+    log.info("model: %.2fM trainable parameters on rank 0; %d micro-batches x %d sequences x "
+             "%d tokens per step per dp rank", trainable_parameters(chunks) / 1e6, n_micro,
+             cfg.data.micro_batch_size, cfg.data.seq_length)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a new start; a stop writes it again
+    metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard, start)
+    if metrics.dropped:
+        log.info("metrics.jsonl: dropped %d record(s) after step %d, logged by the attempt "
+                 "that stopped before its next checkpoint", metrics.dropped, start)
+    return metrics
+
+
+def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
+               diverged: DivergedError | None) -> None:
+    """End the run after the save of `step`: raise `diverged` (its weights are the last finite
+    update's), else mark the stop for the job script and exit with the requeue status."""
+    if metrics:
+        metrics.close()
+    if diverged:
+        raise diverged
+    if is_rank0():  # the save is published: a requeue resumes from it
+        (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step}) + "\n")
+    raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bool = False,
           overwrite: bool = False) -> dict:
     """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
@@ -111,18 +141,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
     else:
         start, consumed = 0, 0
-    if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump(cfg, run_dir / "config.yaml")
-        log.info("model: %.2fM trainable parameters on rank 0; %d micro-batches x %d sequences x "
-                 "%d tokens per step per dp rank", trainable_parameters(chunks) / 1e6, n_micro,
-                 cfg.data.micro_batch_size, cfg.data.seq_length)
-        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a new start; a stop writes it again
-    metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard, start) \
-        if is_rank0() else None
-    if metrics and metrics.dropped:
-        log.info("metrics.jsonl: dropped %d record(s) after step %d, logged by the attempt "
-                 "that stopped before its next checkpoint", metrics.dropped, start)
+    metrics = _open_run(cfg, run_dir, start, chunks, n_micro) if is_rank0() else None
     batches = CountingIterator(loader)
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
@@ -164,16 +183,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
                                 cfg.checkpoint.keep_every, saves)
             if saves and (stop or diverged or step == cfg.train.steps):
                 saves.close()  # the last save is written and published before the exit
-        if diverged:  # the weights are the last finite update's: saved above, nothing is lost
-            if metrics:
-                metrics.close()
-            raise skipped.error(step)
-        if stop and step < cfg.train.steps:
-            if metrics:
-                metrics.close()
-            if is_rank0():  # the save is published: a requeue resumes from it
-                (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step}) + "\n")
-            raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
+        if diverged or (stop and step < cfg.train.steps):  # saved above
+            _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)
     preempt.uninstall()
     if metrics:
         metrics.close()
