@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from mmpretrain.config import ConfigError, load
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.in"
+TEMPLATE = Path(str(resources.files("mmpretrain.sbatch") / "train.sbatch.in"))
 FIELD = re.compile(r"\{\{(\w+)\}\}")
 
 

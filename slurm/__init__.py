@@ -1,0 +1,1 @@
+"""sbatch templates, installed as package data of `mmpretrain.sbatch`."""
