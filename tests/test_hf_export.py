@@ -205,7 +205,9 @@ def test_export_replaces_a_previous_export_whole(tiny, tmp_path):
     x = random_checkpoint(tmp_path / "x", design_config(Path(cfg.data.path), "x"), tok, seed=4)
     export(x, tmp_path / "hf")
     names = {f.name for f in (tmp_path / "hf").iterdir()}
-    assert "preprocessor_config.json" not in names and "processor_config.json" not in names
+    assert "preprocessor_config.json" not in names  # D's PixtralImageProcessor
+    processor = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    assert processor["processor_class"] == "NVLMProcessor" and processor["design"] == "x"
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     assert {n for n in names if n.endswith(".safetensors")} == set(index.values())
     assert sorted(f.name for f in tmp_path.iterdir()) == ["hf", "x"]  # no temporary left

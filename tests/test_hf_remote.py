@@ -10,6 +10,7 @@ from hf_helpers import design_config, random_checkpoint, write_dataset_tokenizer
 from safetensors import safe_open
 
 from mmpretrain.hf import ConversionError, local
+from mmpretrain.hf.cases import TEXTS
 from mmpretrain.hf.export import export
 from mmpretrain.hf.import_ import import_hf
 from mmpretrain.hf.mapping import model_tensors
@@ -96,11 +97,10 @@ def test_round_trip_is_exact(exported, tmp_path):
 @each_variant
 def test_export_files(exported):
     name, _, _, _, out = exported
-    for f in ("configuration_nvlm.py", "nvlm_layers.py", "modeling_nvlm.py", "tokenizer.json",
+    for f in ("configuration_nvlm.py", "nvlm_layers.py", "modeling_nvlm.py", "processing_nvlm.py",
+              "nvlm_resize.py", "nvlm_tiling.py", "tokenizer.json", "processor_config.json",
               "generation_config.json", "model.safetensors.index.json"):
         assert (out / f).is_file(), f
-    # PixtralProcessor writes D's native layout only (with its spatial merge)
-    assert (out / "processor_config.json").is_file() == (name == "d_merge2")
 
 
 @pytest.mark.parametrize("name", ["x"])
@@ -192,21 +192,83 @@ def test_a_batch_of_rows_equals_each_row_alone(exported):
             torch.testing.assert_close(both[row, :len(c.ids)], alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["d_merge2"])
-def test_merged_d_runs_from_its_processor(exported):
+def raw_sample():
+    """Two images (PNG, lossless) between three texts, as a shard sample and as processor text."""
+    import io
+
     import numpy as np
     from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((30, 45), (50, 20))]
+    encoded = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    t = TEXTS
+    sample = {"images": encoded, "segments": [{"text": t[2]}, {"image": 0}, {"text": t[0]},
+                                              {"image": 1}, {"text": t[1]}]}
+    return sample, f"{t[2]}<image>{t[0]}<image>{t[1]}", [Image.fromarray(a) for a in arrays]
+
+
+@each_variant
+def test_the_processor_gives_the_inputs_training_builds(exported):
+    """AutoProcessor on raw images: the token ids and pixels the training data path builds for the
+    same sample (its resize, tiles and layout), and the logits our model gives on them."""
+    from mmpretrain.data.images import ImagePatches, ImagePreparer
+    from mmpretrain.data.resize import normalize
+    from mmpretrain.data.sequence import build_sequence
     from transformers import AutoProcessor
 
-    _, cfg, tok, _, out = exported
-    processor = AutoProcessor.from_pretrained(out)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 45, 3), dtype=np.uint8))
-    inputs = processor(text="[IMG]question: what color is the star? answer:", images=image,
-                       return_tensors="pt")
-    unit = cfg.vision.patch_size * cfg.projector.merge
-    assert inputs["input_ids"][0].tolist().count(tok.img_id) == (inputs["image_sizes"][0] // unit).prod()
+    from mmpretrain.dataset import image_settings
+    from mmpretrain.hf.verify import Case, our_logits
+
+    name, cfg, tok, ckpt, out = exported
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == "NVLMProcessor"
+    sample, text, images = raw_sample()
+    settings = image_settings(cfg)
+    settings.decoder = "pillow"
+    seq = build_sequence(sample, tok, ImagePreparer(settings), cfg.projector.merge, cfg.model.design)
+    trained = [ImagePatches(normalize(i.patches), i.rows, i.cols, i.tile) for i in seq.images]
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == seq.ids[:-1]  # training's sample ends with </s>
+    pixels, sizes = pixel_batch(trained, cfg.vision.patch_size)
+    assert torch.equal(inputs["pixel_values"], pixels) and torch.equal(inputs["image_sizes"], sizes)
+    assert inputs["image_tiles"].tolist() == [i.tile for i in seq.images]
+    assert len(seq.images) > 2 if cfg.data.resize == "tiles" else len(seq.images) == 2
+    ours = our_logits(ours_of(ckpt, tok), Case(name, seq.ids[:-1], trained, seq.anchors[:len(trained)]),
+                      tok.pad_id)
     with torch.no_grad():
-        assert load_hf(out)(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+        theirs = load_hf(out)(**inputs).logits[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["x", "h"])
+def test_the_processor_batches_generates_and_names_a_miscount(exported):
+    _, cfg, tok, _, out = exported
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    _, text, images = raw_sample()
+    alone = [processor(text=t, images=i)["input_ids"][0] for t, i in
+             ((text, images), ("<image>question: what color is it? answer:", images[:1]))]
+    texts = [text, "<image>question: what color is it? answer:"]
+    flat = processor(text=texts, images=images + images[:1])
+    nested = processor(text=texts, images=[images, images[:1]], return_tensors="pt")
+    assert flat["input_ids"] == nested["input_ids"].tolist()
+    for row, ids in enumerate(alone):
+        assert flat["input_ids"][row][:len(ids)] == ids
+        assert flat["input_ids"][row][len(ids):] == [tok.pad_id] * (len(flat["input_ids"][row]) - len(ids))
+        assert sum(flat["attention_mask"][row]) == len(ids)
+    assert nested["pixel_values"].shape[0] == len(processor(text=text, images=images)["image_tiles"]) + \
+        len(processor(text=texts[1], images=images[:1])["image_tiles"])
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    out_ids = load_hf(out).generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out_ids.shape == (1, inputs["input_ids"].shape[1] + 3)
+    with pytest.raises(ValueError, match="2 <image> in the text for 1 images"):
+        processor(text=text, images=images[:1])
 
 
 def test_llava_into_an_x_job_keeps_fresh_cross_attention(world, tmp_path):

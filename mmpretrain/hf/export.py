@@ -120,7 +120,7 @@ def write_export(out: Path, cfg: Config, fmt: Format, sources: dict[str, torch.T
     fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
     if fmt.code is not None:
         fmt.code(out)
-    write_text_files(out, cfg, tok, vocab_size)
+    write_text_files(out, cfg, tok, vocab_size, check_exportable(cfg))
     (out / "mmpretrain.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "design": cfg.model.design,
          "format": check_exportable(cfg)}) + "\n")

@@ -6,6 +6,7 @@ cross-attention layers for X and H. Remote code written by mmpretrain (torch + t
 Inputs: `input_ids` and, with images, `pixel_values` [n, 3, H, W] (normalised, zero-padded to the
 largest), `image_sizes` [n, 2] in pixels (multiples of patch_size x merge) and, for X with tiled
 images, `image_tiles` [n] (0: a whole image, k >= 1: its k-th tile, -1: its global thumbnail).
+The export's `NVLMProcessor` (`processing_nvlm.py`) makes all of them from text and images.
 Tiles and thumbnails are images; all come in the order their tokens appear, row after row:
     D: an image's projected tokens replace `[IMG]` tokens, in order.
     X: cross-attended; an image and its tiles belong to the next `<image>` marker.

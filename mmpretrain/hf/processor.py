@@ -1,6 +1,7 @@
 """Tokenizer, processor and generation files of an export, so that `AutoProcessor` and
 `generate` work on an image.
 
+LLaVA exports (D at native resolution):
 The tokenizer is the dataset's `tokenizer.json` wrapped as a `PreTrainedTokenizerFast`, with a
 post-processor that puts `<s>` first, as every training sample begins. The processor is
 `PixtralProcessor` (`[IMG]` per patch, `[IMG_BREAK]` after each row, `[IMG_END]` last: the layout
@@ -11,6 +12,9 @@ The resize differs from ours: `data/images.py` scales an image to at most
 patches), HF Pixtral caps the longest edge (never enlarging, rounding up to whole patches). The
 export sets the longest edge to the largest square within the budget, so HF never exceeds the
 budget; non-square images get fewer patches than in training.
+
+Remote-code exports (X, H, tiled or pixel-shuffled D): `processing_nvlm.NVLMProcessor`, whose
+settings are the job's, resizes with the training code itself and writes each design's layout.
 """
 from __future__ import annotations
 
@@ -63,13 +67,24 @@ def generation_config(tok: TextTokenizer, vocab_size: int):
                             do_sample=False, suppress_tokens=pad_rows or None)
 
 
-def write_text_files(out: Path, cfg: Config, tok: TextTokenizer, vocab_size: int) -> None:
-    """Tokenizer, processor and generation config files into `out`. The processor only for D at
-    native resolution (with or without pixel shuffle): PixtralProcessor writes neither X's
-    `<image>` markers nor tile tags, so X, H and tiled D get the tokenizer alone."""
+def nvlm_processor(cfg: Config, tokenizer):
+    """NVLMProcessor with the job's image settings; `auto_map` names it for AutoProcessor."""
+    from mmpretrain.hf.processing_nvlm import NVLMProcessor
+
+    d = cfg.data
+    processor = NVLMProcessor(
+        tokenizer, design=cfg.model.design, patch_size=cfg.vision.patch_size,
+        merge=cfg.projector.merge, resize=d.resize, token_budget=d.image_token_budget,
+        max_upscale=d.max_upscale, max_side=d.max_image_side, tile_size=d.tile_size,
+        max_tiles=d.max_tiles, thumbnail=d.tile_thumbnail)
+    processor.auto_map = {"AutoProcessor": "processing_nvlm.NVLMProcessor"}
+    return processor
+
+
+def write_text_files(out: Path, cfg: Config, tok: TextTokenizer, vocab_size: int, fmt: str) -> None:
+    """Tokenizer, processor and generation config files into `out`, for the export format `fmt`
+    ('llava': PixtralProcessor; 'nvlm': NVLMProcessor, whose code `remote.write_code` ships)."""
     tokenizer = hf_tokenizer(tok, cfg.data.seq_length)
-    if cfg.model.design == "d" and cfg.data.resize == "native":
-        hf_processor(cfg, tokenizer).save_pretrained(out)
-    else:
-        tokenizer.save_pretrained(out)
+    make = hf_processor if fmt == "llava" else nvlm_processor
+    make(cfg, tokenizer).save_pretrained(out)
     generation_config(tok, vocab_size).save_pretrained(out)

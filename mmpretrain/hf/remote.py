@@ -4,7 +4,9 @@ transformers has no class for these, so the export carries its own: `configurati
 `nvlm_layers.py` and `modeling_nvlm.py` (in this package, torch + transformers only) are copied
 into the export, and `config.json`'s `auto_map` names them, so that
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` (or
-`AutoModelForImageTextToText`) builds `NVLMForConditionalGeneration`.
+`AutoModelForImageTextToText`) builds `NVLMForConditionalGeneration`. `processing_nvlm.py` and the
+training's own resize and tiling modules (as `nvlm_resize.py`, `nvlm_tiling.py`) make
+`AutoProcessor` give the same inputs training builds (`processor.py`).
 
 Tensor names are LLaVA's on-disk names (`mapping.py`: vision tower, projector, decoder) plus one
 group per gated cross-attention layer. Our layer before decoder layer L (1-based,
@@ -29,6 +31,8 @@ import shutil
 from pathlib import Path
 
 from mmpretrain.config import Config, cross_attention_positions
+from mmpretrain.data import resize as resize_module
+from mmpretrain.data import tiling as tiling_module
 from mmpretrain.hf import ConversionError
 from mmpretrain.hf.configs import _require, llama_config, pixtral_config, rope_table_side
 from mmpretrain.hf.mapping import (
@@ -42,7 +46,9 @@ from mmpretrain.hf.mapping import (
 )
 
 HERE = Path(__file__).parent
-CODE_FILES = ("configuration_nvlm.py", "nvlm_layers.py", "modeling_nvlm.py")
+CODE_FILES = {name: HERE / name for name in ("configuration_nvlm.py", "nvlm_layers.py",
+                                             "modeling_nvlm.py", "processing_nvlm.py")} | {
+    "nvlm_resize.py": Path(resize_module.__file__), "nvlm_tiling.py": Path(tiling_module.__file__)}
 MODEL_CLASS = "modeling_nvlm.NVLMForConditionalGeneration"
 AUTO_MAP = {"AutoConfig": "configuration_nvlm.NVLMConfig", "AutoModelForCausalLM": MODEL_CLASS,
             "AutoModelForImageTextToText": MODEL_CLASS}
@@ -106,16 +112,16 @@ def nvlm_config(cfg: Config, vocab_size: int, tok, dtype_name: str):
 
 
 def write_code(out: Path) -> None:
-    """Copy the configuration and modeling files into the export."""
-    for name in CODE_FILES:
-        shutil.copyfile(HERE / name, Path(out) / name)
+    """Copy the configuration, modeling and processing files into the export."""
+    for name, source in CODE_FILES.items():
+        shutil.copyfile(source, Path(out) / name)
 
 
 def check_code(hf_dir: Path) -> None:
     """The export's code files are this version's (so loading them runs code we wrote)."""
-    for name in CODE_FILES:
+    for name, source in CODE_FILES.items():
         theirs = Path(hf_dir) / name
-        if not theirs.is_file() or theirs.read_bytes() != (HERE / name).read_bytes():
+        if not theirs.is_file() or theirs.read_bytes() != source.read_bytes():
             raise ConversionError(f"{theirs}: missing or not the one this mmpretrain writes; "
                                   f"export again with `mmpretrain convert to-hf`")
 
