@@ -12,8 +12,8 @@ any pixel is decoded. Then:
   decoded by Pillow instead, so a bad image is judged the same way by both.
 
 Both apply the EXIF orientation, expand grayscale and palette images, convert CMYK, scale 16-bit
-samples with round(v * 255 / 65535), and composite alpha over white with the same function, so
-Pillow and DALI's CPU pipeline give identical pixels (tests check each case).
+samples with round(v * 255 / 65535), and composite alpha over white with the same functions
+(`pixels.py`), so Pillow and DALI's CPU pipeline give identical pixels (tests check each case).
 """
 from __future__ import annotations
 
@@ -23,16 +23,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from mmpretrain.data.pixels import ALPHA_MODES, pillow_rgb, to_rgb
 from PIL import Image
 
 log = logging.getLogger(__name__)
 
-ORIENTATION_TAG = 0x0112
-TRANSPOSE = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
-             4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
-             6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
-             8: [Image.Transpose.ROTATE_90]}  # EXIF orientation -> Pillow ops (as exif_transpose)
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
@@ -74,48 +69,6 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     return ImageInfo(img.format or "", img.mode, w, h, alpha)
 
 
-def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """[H, W, 4] uint8 -> [H, W, 3] uint8: alpha-blend over an opaque white background."""
-    a = rgba[..., 3:4].astype(np.uint32)
-    rgb = rgba[..., :3].astype(np.uint32)
-    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """[H, W] / [H, W, 1|2|3|4] uint8 or uint16 -> [H, W, 3] uint8 (shared by all decoders)."""
-    if pixels.dtype == np.uint16:
-        pixels = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    c = pixels.shape[-1]
-    if c == 2:  # gray + alpha
-        pixels = np.concatenate([np.repeat(pixels[..., :1], 3, -1), pixels[..., 1:]], -1)
-        c = 4
-    if c == 4:
-        return composite_on_white(pixels)
-    if c == 1:
-        return np.repeat(pixels, 3, -1)
-    return pixels
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as by DALI
-        return 1
-
-
-def _pillow_pixels(img: Image.Image) -> np.ndarray:
-    """A loaded Pillow image -> array with the channels to_rgb expects."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img).astype(np.uint16)
-    if img.mode in ("RGB", "L"):
-        return np.asarray(img)
-    if img.mode in ALPHA_MODES or "transparency" in img.info:
-        return np.asarray(img.convert("RGBA"))
-    return np.asarray(img.convert("RGB"))
-
-
 class PillowDecoder:
     """Decode with Pillow (libjpeg-turbo, zlib) on the CPU."""
 
@@ -126,9 +79,7 @@ class PillowDecoder:
         try:
             img = Image.open(io.BytesIO(data))
             img.load()
-            for op in TRANSPOSE.get(_orientation(img), []):
-                img = img.transpose(op)
-            return to_rgb(_pillow_pixels(img))
+            return pillow_rgb(img)
         except ImageError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -13,12 +13,12 @@ from mmpretrain.data.decode import (
     DaliDecoder,
     ImageError,
     PillowDecoder,
-    composite_on_white,
     dali_available,
     decode_image,
     make_decoder,
     probe,
 )
+from mmpretrain.data.pixels import composite_on_white
 from PIL import Image
 from PIL.JpegImagePlugin import get_sampling
 

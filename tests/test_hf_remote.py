@@ -98,7 +98,7 @@ def test_round_trip_is_exact(exported, tmp_path):
 def test_export_files(exported):
     name, _, _, _, out = exported
     for f in ("configuration_nvlm.py", "nvlm_layers.py", "modeling_nvlm.py", "processing_nvlm.py",
-              "nvlm_resize.py", "nvlm_tiling.py", "tokenizer.json", "processor_config.json",
+              "nvlm_pixels.py", "nvlm_resize.py", "nvlm_tiling.py", "tokenizer.json", "processor_config.json",
               "generation_config.json", "model.safetensors.index.json"):
         assert (out / f).is_file(), f
 
@@ -193,23 +193,25 @@ def test_a_batch_of_rows_equals_each_row_alone(exported):
 
 
 def raw_sample():
-    """Two images (PNG, lossless) between three texts, as a shard sample and as processor text."""
+    """Two images between three texts, as a shard sample (encoded bytes) and as processor inputs
+    (text, the same files opened by Pillow): a JPEG turned by its EXIF orientation and a PNG with
+    transparency, which training reads upright and over white."""
     import io
 
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    arrays = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((30, 45), (50, 20))]
-    encoded = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
+    turned, clear = io.BytesIO(), io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: 30 x 45 stored, 45 x 30 upright
+    Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)).save(turned, "JPEG", exif=exif)
+    Image.fromarray(rng.integers(0, 255, (50, 20, 4), dtype=np.uint8)).save(clear, "PNG")
+    encoded = [turned.getvalue(), clear.getvalue()]
     t = TEXTS
     sample = {"images": encoded, "segments": [{"text": t[2]}, {"image": 0}, {"text": t[0]},
                                               {"image": 1}, {"text": t[1]}]}
-    return sample, f"{t[2]}<image>{t[0]}<image>{t[1]}", [Image.fromarray(a) for a in arrays]
+    return sample, f"{t[2]}<image>{t[0]}<image>{t[1]}", [Image.open(io.BytesIO(b)) for b in encoded]
 
 
 @each_variant

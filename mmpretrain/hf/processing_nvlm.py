@@ -6,10 +6,11 @@
                        return_tensors="pt")
     model.generate(**inputs, max_new_tokens=8)
 
-Images (PIL images or [H, W, 3] uint8 arrays) are resized by the training code's own functions,
-shipped beside this file (`nvlm_resize.py`, `nvlm_tiling.py`): at native resolution under the
-token budget, or as NVLM tiles plus a global thumbnail. Each `<image>` becomes what the design puts
-in the decoder's token stream:
+Images (PIL images, or [H, W(, C)] uint8/uint16 arrays) are read and resized by the training
+code's own functions, shipped beside this file (`nvlm_pixels.py`, `nvlm_resize.py`,
+`nvlm_tiling.py`): EXIF orientation applied and alpha composited over white, then resized at native
+resolution under the token budget, or as NVLM tiles plus a global thumbnail. Each `<image>`
+becomes what the design puts in the decoder's token stream:
     D native  [IMG] per projected patch, [IMG_BREAK] after each row but the last, [IMG_END] last
     D tiles   <tile_1> [IMG]... <tile_N> [IMG]... <tile_global_thumbnail> [IMG]...
     X         <image> (its tiles reach the decoder by cross-attention)
@@ -25,9 +26,11 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 try:  # in an export: the files beside this one
+    from .nvlm_pixels import pillow_rgb, to_rgb
     from .nvlm_resize import native_size, normalize, resize, to_tensor
     from .nvlm_tiling import choose_grid
 except ImportError:  # in the mmpretrain package
+    from mmpretrain.data.pixels import pillow_rgb, to_rgb
     from mmpretrain.data.resize import native_size, normalize, resize, to_tensor
     from mmpretrain.data.tiling import choose_grid
 
@@ -51,10 +54,15 @@ class NVLMProcessor(ProcessorMixin):
 
     def split(self, image) -> list[tuple[torch.Tensor, int]]:
         """One image -> [(uint8 [1, 3, h, w], tile)]: the whole image, or its tiles then thumbnail."""
-        pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-        if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-            raise ValueError(f"an image is a PIL image or an [H, W, 3] uint8 array, got "
-                             f"{pixels.dtype} {list(pixels.shape)}")
+        if hasattr(image, "getexif"):  # a PIL image: upright, alpha over white, as training reads it
+            pixels = pillow_rgb(image)
+        else:
+            pixels = np.asarray(image)
+            if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3) or \
+                    pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
+                raise ValueError(f"an image is a PIL image or an [H, W(, C)] uint8/uint16 array, "
+                                 f"got {pixels.dtype} {list(pixels.shape)}")
+            pixels = to_rgb(pixels)
         full, (h, w) = to_tensor(pixels), pixels.shape[:2]
         if self.resize == "native":
             size = native_size(h, w, self.patch_size, self.token_budget, self.merge,

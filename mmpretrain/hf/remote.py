@@ -5,8 +5,8 @@ transformers has no class for these, so the export carries its own: `configurati
 into the export, and `config.json`'s `auto_map` names them, so that
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` (or
 `AutoModelForImageTextToText`) builds `NVLMForConditionalGeneration`. `processing_nvlm.py` and the
-training's own resize and tiling modules (as `nvlm_resize.py`, `nvlm_tiling.py`) make
-`AutoProcessor` give the same inputs training builds (`processor.py`).
+training's own pixel, resize and tiling modules (as `nvlm_pixels.py`, `nvlm_resize.py`,
+`nvlm_tiling.py`) make `AutoProcessor` give the same inputs training builds (`processor.py`).
 
 Tensor names are LLaVA's on-disk names (`mapping.py`: vision tower, projector, decoder) plus one
 group per gated cross-attention layer. Our layer before decoder layer L (1-based,
@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 
 from mmpretrain.config import Config, cross_attention_positions
+from mmpretrain.data import pixels as pixels_module
 from mmpretrain.data import resize as resize_module
 from mmpretrain.data import tiling as tiling_module
 from mmpretrain.hf import ConversionError
@@ -48,7 +49,8 @@ from mmpretrain.hf.mapping import (
 HERE = Path(__file__).parent
 CODE_FILES = {name: HERE / name for name in ("configuration_nvlm.py", "nvlm_layers.py",
                                              "modeling_nvlm.py", "processing_nvlm.py")} | {
-    "nvlm_resize.py": Path(resize_module.__file__), "nvlm_tiling.py": Path(tiling_module.__file__)}
+    "nvlm_pixels.py": Path(pixels_module.__file__), "nvlm_resize.py": Path(resize_module.__file__),
+    "nvlm_tiling.py": Path(tiling_module.__file__)}
 MODEL_CLASS = "modeling_nvlm.NVLMForConditionalGeneration"
 AUTO_MAP = {"AutoConfig": "configuration_nvlm.NVLMConfig", "AutoModelForCausalLM": MODEL_CLASS,
             "AutoModelForImageTextToText": MODEL_CLASS}
