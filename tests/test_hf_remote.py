@@ -247,6 +247,41 @@ def test_the_processor_gives_the_inputs_training_builds(exported):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["h"])
+def test_the_export_processes_images_without_mmpretrain(exported, tmp_path):
+    """The export's processor runs on its own shipped files: in a process where `import
+    mmpretrain` fails, it gives the inputs it gives here."""
+    import subprocess
+    import sys
+
+    from transformers import AutoProcessor
+
+    _, _, _, _, out = exported
+    sample, text, images = raw_sample()
+    names = [str(tmp_path / f"{i}.img") for i in range(len(images))]
+    for name, data in zip(names, sample["images"]):
+        open(name, "wb").write(data)
+    here = AutoProcessor.from_pretrained(out, trust_remote_code=True)(text=text, images=images,
+                                                                      return_tensors="pt")
+    code = f"""
+import sys, torch
+sys.modules["mmpretrain"] = None  # any import of it raises ImportError
+from PIL import Image
+from transformers import AutoProcessor
+p = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
+torch.save(dict(p(text={text!r}, images=[Image.open(n) for n in {names!r}], return_tensors="pt")),
+           {str(tmp_path / "there.pt")!r})
+"""
+    env = {"OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    there = torch.load(tmp_path / "there.pt")
+    assert set(there) == set(here)
+    for key, value in here.items():
+        assert torch.equal(there[key], value), key
+
+
 @pytest.mark.parametrize("name", ["x", "h"])
 def test_the_processor_batches_generates_and_names_a_miscount(exported):
     _, cfg, tok, _, out = exported
