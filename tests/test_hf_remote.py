@@ -304,6 +304,14 @@ def test_the_processor_batches_generates_and_names_a_miscount(exported):
     inputs = processor(text=text, images=images, return_tensors="pt")
     out_ids = load_hf(out).generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out_ids.shape == (1, inputs["input_ids"].shape[1] + 3)
+    from transformers import pipeline  # transformers' own pipeline finds processor and model
+
+    pipe = pipeline("image-text-to-text", model=str(out), trust_remote_code=True)
+    one = "<image>question: what color is it? answer:"  # the JPEG: the pipeline drops alpha itself
+    (answer,) = pipe(images=images[:1], text=one, max_new_tokens=3, return_tensors=True)
+    alone = processor(text=one, images=images[:1], return_tensors="pt")
+    want = load_hf(out).generate(**alone, max_new_tokens=3, do_sample=False)[0].tolist()
+    assert [int(t) for t in answer["generated_token_ids"]] == want
     with pytest.raises(ValueError, match="2 <image> in the text for 1 images"):
         processor(text=text, images=images[:1])
 
