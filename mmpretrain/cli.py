@@ -20,9 +20,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"mmpretrain: error: {message}\n")
 
 
+def _version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmpretrain")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands and their arguments."""
     p = _Parser(prog="mmpretrain", description="Pretrain NVLM-style vision-language models.")
+    p.add_argument("--version", action="version", version=f"mmpretrain {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a job config (distributed under torchrun)")

@@ -87,6 +87,9 @@ for m in {modules!r}:
     here = subprocess.run([sys.executable, "-m", "mmpretrain", *args], cwd=tmp_path,
                           capture_output=True, text=True, env={"OMP_NUM_THREADS": "1"})
     assert plan.stdout == here.stdout and "step" in plan.stdout
+    version = run_installed(target, tmp_path, cli.format(["--version"]))
+    want = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version.stdout.strip() == f"mmpretrain {want}", version.stderr
     render = run_installed(target, tmp_path, cli.format(
         ["slurm", "render", str(job), "--nodes", "1", "--gpus-per-node", "1"]))
     assert render.returncode == 0, render.stderr
