@@ -154,6 +154,24 @@ def test_verify_runs_only_the_code_it_wrote(exported, tmp_path):
         load_hf(tmp_path / "hf")
 
 
+@each_variant
+def test_verify_checks_the_processor_against_training(exported, tmp_path, capsys):
+    import shutil
+
+    from mmpretrain.hf import VerificationError
+
+    _, _, _, ckpt, out = exported
+    verify(ckpt, out)
+    assert "verify: processor       token ids and pixels equal" in capsys.readouterr().out
+    shutil.copytree(out, tmp_path / "hf")
+    conf = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    key = "tile_size" if conf["resize"] == "tiles" else "token_budget"
+    conf[key] //= 2  # a hand edit the model was not trained with
+    (tmp_path / "hf" / "processor_config.json").write_text(json.dumps(conf))
+    with pytest.raises(VerificationError, match="processor differs from training on .*pixel_values"):
+        verify(ckpt, tmp_path / "hf")
+
+
 @pytest.mark.parametrize("name", ["x"])
 def test_verify_refuses_the_export_of_another_design(exported, world):
     """An X checkpoint against a pixel-shuffled D export: refused before any weights load."""

@@ -7,7 +7,8 @@ differ on purpose (see `processor.py`), the weights and the computation are what
 A remote-code export is loaded with `trust_remote_code=True` after checking that its code files
 are the ones this version writes. Before any weights load, HF_DIR's config.json is compared with
 the one the exporter writes for the checkpoint (format, design, sizes): another model's directory
-is refused by name rather than fed inputs it cannot read.
+is refused by name rather than fed inputs it cannot read. A remote-code export's processor is
+checked against the training data path too (`processor_check.py`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from mmpretrain.data.packing import pack_rows
 from mmpretrain.data.sequence import TokenSequence
 from mmpretrain.hf import ConversionError, VerificationError, local
 from mmpretrain.hf.cases import Case, design_cases, random_image, sample_cases  # noqa: F401
+from mmpretrain.hf.configs import check_exportable
+from mmpretrain.hf.processor_check import check_processor
 
 log = logging.getLogger("mmpretrain")
 
@@ -124,7 +127,6 @@ def config_differences(want: dict, got: dict) -> list[str]:
 def check_export_of(path: Path, cfg, tok, hf_dir: Path) -> None:
     """HF_DIR's config.json is the one `to-hf` writes for this checkpoint (its format, design and
     sizes); else a ConversionError naming what differs. Reads configs only."""
-    from mmpretrain.hf.configs import check_exportable
     from mmpretrain.hf.export import FORMATS
     from mmpretrain.hf.import_ import read_config
 
@@ -151,5 +153,8 @@ def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
     worst = max(diffs.values())
     if not worst <= tol:
         raise VerificationError(f"logits differ by {worst:.3e} > tolerance {tol:g}")
+    if check_exportable(cfg) == "nvlm":
+        check_processor(cfg, tok, Path(hf_dir))
+        print("verify: processor       token ids and pixels equal the training data path's")
     print(f"verify: ok (max abs diff {worst:.3e} <= {tol:g})")
     return diffs
