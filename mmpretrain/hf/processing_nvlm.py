@@ -77,11 +77,16 @@ class NVLMProcessor(ProcessorMixin):
             out.append((resize(full, t, t), -1))
         return out
 
+    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of projected patches of one part [1, 3, h, w]."""
+        unit = self.patch_size * self.merge
+        return x.shape[-2] // unit, x.shape[-1] // unit
+
     def layout(self, parts: list[tuple[torch.Tensor, int]]) -> list[str]:
         """The tokens one image puts in the decoder's stream (see the module's table)."""
         def img(x):  # [IMG] per projected patch of one part
-            return ["[IMG]"] * ((x.shape[-2] // self.patch_size // self.merge)
-                                * (x.shape[-1] // self.patch_size // self.merge))
+            rows, cols = self.grid(x)
+            return ["[IMG]"] * (rows * cols)
 
         def tag(k):
             return "<tile_global_thumbnail>" if k == -1 else f"<tile_{k}>"
@@ -91,9 +96,7 @@ class NVLMProcessor(ProcessorMixin):
         if self.design == "h":
             return [tok for x, k in parts for tok in [tag(k)] + (img(x) if k == -1 else [])]
         if parts[0][1] == 0:
-            x = parts[0][0]
-            rows = x.shape[-2] // self.patch_size // self.merge
-            cols = x.shape[-1] // self.patch_size // self.merge
+            rows, cols = self.grid(parts[0][0])
             return [t for r in range(rows) for t in ["[IMG]"] * cols
                     + ["[IMG_BREAK]" if r < rows - 1 else "[IMG_END]"]]
         return [tok for x, k in parts for tok in [tag(k)] + img(x)]

@@ -69,14 +69,14 @@ def generation_config(tok: TextTokenizer, vocab_size: int):
 
 def nvlm_processor(cfg: Config, tokenizer):
     """NVLMProcessor with the job's image settings; `auto_map` names it for AutoProcessor."""
+    from mmpretrain.dataset import image_settings
     from mmpretrain.hf.processing_nvlm import NVLMProcessor
 
-    d = cfg.data
+    s = image_settings(cfg)  # what the data path resizes with
     processor = NVLMProcessor(
-        tokenizer, design=cfg.model.design, patch_size=cfg.vision.patch_size,
-        merge=cfg.projector.merge, resize=d.resize, token_budget=d.image_token_budget,
-        max_upscale=d.max_upscale, max_side=d.max_image_side, tile_size=d.tile_size,
-        max_tiles=d.max_tiles, thumbnail=d.tile_thumbnail)
+        tokenizer, design=cfg.model.design, patch_size=s.patch_size, merge=s.merge, resize=s.policy,
+        token_budget=s.token_budget, max_upscale=s.max_upscale, max_side=s.max_side,
+        tile_size=s.tile_size, max_tiles=s.max_tiles, thumbnail=s.thumbnail)
     processor.auto_map = {"AutoProcessor": "processing_nvlm.NVLMProcessor"}
     return processor
 
