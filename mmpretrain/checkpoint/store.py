@@ -234,7 +234,7 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
 def _log_schedule_changes(saved: dict, scheduler) -> None:
     """Say which of the learning-rate schedule's settings the config changed since the save."""
     changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}"
-               for k in ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps")
+               for k in ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
                if k in saved and saved[k] != getattr(scheduler, k)]
     if changed and dist.get_rank() == 0:
         log.info("learning-rate schedule from the config, not the checkpoint: %s", ", ".join(changed))

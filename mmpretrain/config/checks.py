@@ -90,10 +90,22 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be positive, got {v}")
+    if cfg.train.eval_every and cfg.train.eval_samples <= 0:
+        raise ConfigError(f"train.eval_samples: must be positive when train.eval_every is set, "
+                          f"got {cfg.train.eval_samples}")
     for key, v in {"train.warmup_steps": cfg.train.warmup_steps, "train.lr": cfg.train.lr,
+                   "train.eval_every": cfg.train.eval_every,
                    "train.min_lr": cfg.train.min_lr, "model.init_std": cfg.model.init_std}.items():
         if v < 0:
             raise ConfigError(f"{key}: must not be negative, got {v}")
+    if cfg.train.lr_decay == "wsd" and not 0 < cfg.train.wsd_decay_steps < max(cfg.train.steps, 2):
+        raise ConfigError(f"train.wsd_decay_steps: train.lr_decay 'wsd' needs 1 to "
+                          f"{max(cfg.train.steps - 1, 1)} steps of final decay (train.steps "
+                          f"{cfg.train.steps}), got {cfg.train.wsd_decay_steps}")
+    steps = cfg.logging.profile_steps
+    if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"logging.profile_steps: [first, last] with 1 <= first <= last, or [], "
+                          f"got {steps}")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr {cfg.train.min_lr} is above train.lr {cfg.train.lr}")
     if cfg.projector.merge not in (1, 2):

@@ -158,6 +158,14 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 10
     """Steps of linear warmup."""
+    lr_decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """The learning rate after the warmup: 'cosine' or 'linear' decay to min_lr at the last step;
+    'wsd' (warmup-stable-decay) lr until the last `wsd_decay_steps` steps, which decay to min_lr;
+    'constant' lr to the end."""
+    wsd_decay_steps: int = 0
+    """wsd: steps of the final decay, counted back from train.steps (1 to train.steps - 1)."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """wsd: shape of the final decay ('minus_sqrt': lr falls as 1 - sqrt of its progress)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
@@ -180,6 +188,12 @@ class TrainConfig:
     """FP8 format of the decoder's linear layers (Transformer Engine, H100 and newer); null: bf16."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
     """FP8 scaling: 'delayed' (amax history), 'tensorwise' (current scaling), 'mxfp8' (B200)."""
+    eval_every: int = 0
+    """Held-out loss every this many steps and at the last step (0: never): the first
+    `eval_samples` samples of <data.path>/heldout, the same at every evaluation, logged as
+    `eval/loss` (loss per text token)."""
+    eval_samples: int = 64
+    """Held-out samples of each evaluation (all of the split when it has fewer)."""
     gradient_accumulation_fusion: bool = False
     """Transformer Engine's linear layers add their weight gradients into the fp32 gradient
     buffer inside the GEMM, instead of writing a bf16 gradient that is then added (TE spec only;
@@ -222,6 +236,9 @@ class LoggingConfig:
     """Log metrics every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard event files under <run>/tb."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: profile these steps with torch.profiler (a trace per rank under
+    <run>/profile/, the top ops logged); empty: none."""
 
 
 @dataclass

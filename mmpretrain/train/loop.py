@@ -21,8 +21,10 @@ from mmpretrain.train.data_metrics import data_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
+from mmpretrain.train.profile import StepProfiler
 from mmpretrain.train.resume import start_point
 from mmpretrain.train.step import SkippedSteps, device, train_step
+from mmpretrain.train.validate import HeldoutLoss
 
 log = logging.getLogger("mmpretrain")
 
@@ -105,6 +107,19 @@ def _open_run(cfg: Config, run_dir: Path, start: int, chunks, n_micro: int) -> M
     return metrics
 
 
+def _heldout(cfg: Config, tok, layout: ParallelLayout) -> HeldoutLoss | None:
+    """The held-out loss of `train.eval_every`, its samples packed now (None: no evaluation)."""
+    if not cfg.train.eval_every:
+        return None
+    heldout = HeldoutLoss(make_loader(cfg, "heldout", tok, shuffle=False), cfg.train.eval_samples,
+                          parallel_state.get_data_parallel_rank(), layout.dp,
+                          multiple=layout.pp if layout.vpp else 1)
+    if is_rank0():
+        log.info("held-out loss every %d steps on %d samples of %s/heldout", cfg.train.eval_every,
+                 heldout.samples, cfg.data.path)
+    return heldout
+
+
 def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
                diverged: DivergedError | None) -> None:
     """End the run after the save of `step`: raise `diverged` (its weights are the last finite
@@ -141,6 +156,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
     else:
         start, consumed = 0, 0
+    heldout = _heldout(cfg, tok, layout)
     metrics = _open_run(cfg, run_dir, start, chunks, n_micro) if is_rank0() else None
     batches = CountingIterator(loader)
     record: dict = {}
@@ -150,7 +166,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     if start >= cfg.train.steps and is_rank0():
         log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
                     cfg.train.steps)
+    profiler = StepProfiler(cfg.logging.profile_steps, run_dir, dist.get_rank())
     for step in range(start + 1, cfg.train.steps + 1):
+        profiler.begin(step)
         t0 = time.time()
         microbatches = [next(batches) for _ in range(n_micro)]
         lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule then moves on)
@@ -161,30 +179,38 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
-        if step % cfg.logging.every == 0 or step in (start + 1, cfg.train.steps) or diverged:
+        evaluate = heldout is not None and not diverged and (
+            step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+        if step % cfg.logging.every == 0 or step in (start + 1, cfg.train.steps) or diverged \
+                or evaluate:
             data = data_metrics(loader)  # data/packing_efficiency, data/skipped_*, ... (all ranks)
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                       "samples_seen": consumed + int(seen), "step_time": dt,
                       "skipped_updates": skipped.take(), **data}
+            if evaluate:  # after the step's timing; every rank takes part
+                record["eval/loss"] = heldout(ddps, cfg.data.seq_length)
             if metrics:
                 metrics.log(record)
-        every = cfg.checkpoint.every
+        profiler.end(step)
         stop = preempt.stop_requested(device())  # agreed by all ranks
         if stop and step < cfg.train.steps and is_rank0():
             log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
                         "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
+        last = stop or diverged or step == cfg.train.steps
         with cuda_to_cpu():
             if saves:
                 saves.poll()  # publish a background save once every rank has written it
-            if step == cfg.train.steps or (every and step % every == 0) or stop or diverged:
+            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
                                 cfg, consumed + int(seen), cfg.checkpoint.keep,
                                 cfg.checkpoint.keep_every, saves)
-            if saves and (stop or diverged or step == cfg.train.steps):
+            if saves and last:
                 saves.close()  # the last save is written and published before the exit
         if diverged or (stop and step < cfg.train.steps):  # saved above
+            profiler.close()
             _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)
+    profiler.close()
     preempt.uninstall()
     if metrics:
         metrics.close()

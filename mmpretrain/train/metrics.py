@@ -66,13 +66,15 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, step)
+                    self.writer.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, step)
             self.writer.flush()
         done = step - self.first_step
         eta = (time.time() - self.start) / max(done, 1) * (self.total_steps - step)
-        print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-              f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-              f"ETA {format_duration(eta)}", file=sys.stderr, flush=True)
+        held = f" | eval loss {record['eval/loss']:.4f}" if "eval/loss" in record else ""
+        print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f}{held} | "
+              f"lr {record['lr']:.2e} | grad {record['grad_norm']:.3f} | "
+              f"{record['tokens_per_s']:.0f} tok/s | ETA {format_duration(eta)}",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

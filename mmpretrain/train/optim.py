@@ -1,4 +1,4 @@
-"""DDP wrapping, the megatron optimizer (Adam) and the warmup + cosine LR schedule."""
+"""DDP wrapping, the megatron optimizer (Adam) and the LR schedule (warmup, then a decay)."""
 from __future__ import annotations
 
 import torch
@@ -52,17 +52,23 @@ def param_overrides(ocfg: OptimizerConfig, cfg: Config) -> dict:
     return overrides
 
 
+DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "wsd": "WSD", "constant": "constant"}
+
+
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
-    """Linear warmup to lr, cosine decay to min_lr; constant weight decay. The update of step n
-    (1-based) uses the schedule at n - 1, as in megatron: the first update of a warmup is at lr 0,
-    and the last one, at train.steps, at min_lr. On resume the config's schedule holds (a run
-    extended or its lr changed), not the saved one."""
+    """Linear warmup to lr, then train.lr_decay (cosine by default) to min_lr; constant weight
+    decay. The update of step n (1-based) uses the schedule at n - 1, as in megatron: the first
+    update of a warmup is at lr 0, and the last one, at train.steps, at min_lr (lr for
+    'constant'). On resume the config's schedule holds (a run extended or its lr changed), not the
+    saved one."""
     t = cfg.train
     decay = max(t.steps - 1, 1)
     warmup = min(t.warmup_steps, decay - 1)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=decay, lr_decay_style="cosine", start_wd=t.weight_decay,
+        lr_decay_steps=decay, lr_decay_style=DECAY_STYLES[t.lr_decay],
+        wsd_decay_steps=t.wsd_decay_steps or None, lr_wsd_decay_style=t.wsd_decay_style,
+        start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 

@@ -1,0 +1,118 @@
+"""Held-out loss during training (`train.eval_every`): it equals `mmpretrain eval` of the same
+checkpoint on the same samples, in one process and under a pipelined, data-parallel layout; the
+empty micro-batches that even out the ranks' counts change nothing; bad samples are skipped."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmpretrain.config import ConfigError, load
+from mmpretrain.dataset import make_loader
+from mmpretrain.train.loop import setup
+from mmpretrain.train.validate import HeldoutLoss, pack_samples
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+SMALL = ["data.seq_length=128", "data.micro_batch_size=2", "data.image_token_budget=16",
+         "train.global_batch_size=4", "train.warmup_steps=0", "logging.every=100"]
+
+
+def train_cli(world: int, run: Path, data: Path, job: str, sets: list[str]) -> None:
+    launch = [sys.executable, "-m", "mmpretrain"] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+        str(world), "-m", "mmpretrain"]
+    args = ["train", job, "--run-dir", str(run)]
+    for s in [f"data.path={data}", *SMALL, *sets]:
+        args += ["--set", s]
+    r = subprocess.run(launch + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def eval_cli(run: Path, samples: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "mmpretrain", "eval", "--run", str(run),
+                        "--samples", str(samples)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def records(run: Path) -> dict[int, dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {(rec := json.loads(x))["step"]: rec for x in lines}
+
+
+@pytest.mark.parametrize("world, job, sets", [
+    (1, "jobs/tiny-d.yaml", []),
+    (4, "jobs/tiny-x.yaml", ["parallel.pp=2", "data.max_patches=64",
+                             "model.cross_attention_every=2", "decoder.num_layers=4"]),
+], ids=["d-one-process", "x-pp2-dp2"])
+def test_heldout_loss_is_that_of_mmpretrain_eval(tmp_path, small_dataset, world, job, sets):
+    run = tmp_path / "run"
+    train_cli(world, run, small_dataset, job,
+              ["train.steps=4", "train.eval_every=2", "train.eval_samples=15", *sets])
+    recs = records(run)
+    assert sorted(s for s, r in recs.items() if "eval/loss" in r) == [2, 4]
+    assert recs[4]["eval/loss"] < recs[2]["eval/loss"]  # the model learns
+    ref = eval_cli(run, 15)  # the step-4 checkpoint, one process; under dp2 the
+    # ranks pack 8 and 7 samples into 3 and 2 micro-batches: the second rank adds an empty one
+    assert ref["samples"] == 15
+    assert recs[4]["eval/loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_empty_padding_micro_batches_change_nothing(megatron_world, small_dataset):
+    for design in ("d", "x", "h"):
+        extra = [] if design == "d" else ["model.cross_attention_every=1"]
+        if design == "h":
+            extra += ["data.resize=tiles", "data.tile_size=32", "data.max_tiles=2"]
+        cfg = load(None, [f"data.path={small_dataset}", *SMALL, f"model.design={design}", *extra])
+        _, tok, _, ddps, _, _ = setup(cfg)
+        loader = make_loader(cfg, "heldout", tok, shuffle=False)
+        plain = HeldoutLoss(loader, 7, 0, 1)
+        padded = HeldoutLoss(loader, 7, 0, 1, multiple=len(plain.batches) + 2)
+        assert len(padded._padded()) == len(plain.batches) + 2  # two empty ones
+        assert math.isfinite(a := plain(ddps, cfg.data.seq_length))
+        assert padded(ddps, cfg.data.seq_length) == pytest.approx(a, rel=1e-6)
+        assert all(d.training for d in ddps)  # back in training mode
+
+
+def test_pack_samples_keeps_every_readable_sample_and_counts_the_rest(small_dataset):
+    cfg = load(None, [f"data.path={small_dataset}", *SMALL])
+    from mmpretrain.dataset import open_tokenizer
+
+    loader = make_loader(cfg, "heldout", open_tokenizer(cfg), shuffle=False)
+    samples = [loader.reader[i] for i in range(9)]
+    assert samples[4]["images"]
+    broken = {**samples[4], "images": [b"\x00not an image" * 20] * len(samples[4]["images"])}
+    batches, skipped = pack_samples(samples[:4] + [broken] + samples[5:], loader)
+    assert skipped == 1
+    packed = sum(int((b.sample_ids.max(dim=1).values + 1).sum()) for b in batches)
+    assert packed == 8
+    whole, _ = pack_samples(samples, loader)
+    tokens = sum(int(b.loss_mask.sum()) for b in whole)
+    assert tokens > sum(int(b.loss_mask.sum()) for b in batches) > 0
+
+
+def test_eval_settings_are_checked():
+    with pytest.raises(ConfigError, match="train.eval_every: must not be negative"):
+        load(None, ["train.eval_every=-1"])
+    with pytest.raises(ConfigError, match="train.eval_samples: must be positive"):
+        load(None, ["train.eval_every=5", "train.eval_samples=0"])
+
+
+def test_no_heldout_split_is_a_clear_error_at_start(tmp_path, small_dataset):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer.json").write_bytes((small_dataset / "tokenizer.json").read_bytes())
+    os.symlink(small_dataset / "train", data / "train")
+    r = subprocess.run([sys.executable, "-m", "mmpretrain", "train", "jobs/tiny-d.yaml",
+                        "--run-dir", str(tmp_path / "run"), "--set", f"data.path={data}",
+                        "--set", "train.eval_every=2", "--set", "train.steps=2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "has no heldout/ split" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
