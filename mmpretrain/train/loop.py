@@ -18,6 +18,7 @@ from mmpretrain.parallel import cuda_to_cpu, init_distributed, is_rank0
 from mmpretrain.parallel.layout import ParallelLayout
 from mmpretrain.train import DivergedError
 from mmpretrain.train.data_metrics import data_metrics
+from mmpretrain.train.memory import memory_metrics
 from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
@@ -187,7 +188,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                       "samples_seen": consumed + int(seen), "step_time": dt,
-                      "skipped_updates": skipped.take(), **data}
+                      "skipped_updates": skipped.take(), **data, **memory_metrics()}
             if evaluate:  # after the step's timing; every rank takes part
                 record["eval/loss"] = heldout(ddps, cfg.data.seq_length)
             if metrics:
