@@ -15,7 +15,7 @@ from mmpretrain.dataset import make_loader, model_vocab_size, open_tokenizer
 from mmpretrain.model.build import build_model
 from mmpretrain.parallel import cuda_to_cpu, init_distributed
 from mmpretrain.train.step import eval_losses
-from mmpretrain.train.validate import pack_samples
+from mmpretrain.train.validate import pack_samples, read_samples
 
 log = logging.getLogger("mmpretrain")
 
@@ -50,18 +50,20 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
         checkpoint.load_model(ckpt, model)
     model.eval()
     loader = make_loader(cfg, "heldout", tok, shuffle=False)
-    held = [loader.reader[i] for i in range(min(samples, len(loader.reader)))]
-    if len(held) < samples:
+    n = min(samples, len(loader.reader))
+    if n < samples:
         log.info("the held-out split has %d samples (--samples %d): evaluating all of them",
-                 len(held), samples)
-    result = {"checkpoint": str(ckpt), "samples": len(held)}
+                 n, samples)
+    held, unread = read_samples(loader.reader, range(n))
+    result = {"checkpoint": str(ckpt), "samples": n}
     for name, chosen in (("loss", held), ("loss_shuffled_images", shuffle_images(held))):
-        batches, skipped = pack_samples(chosen, loader)
+        batches, unfit = pack_samples(chosen, loader, log_skips=name == "loss")
         total, count = eval_losses(model, batches)
         result[name] = total / max(count, 1)
-        if skipped and name == "loss":
-            result["skipped_samples"] = skipped  # unreadable or too long (each logged)
-        result["text_tokens"] = count
+        if name == "loss":
+            result["text_tokens"] = count
+            if unread + unfit:
+                result["skipped_samples"] = unread + unfit  # unreadable or too long (logged)
     result["ratio"] = result["loss_shuffled_images"] / result["loss"]
     return result
 

@@ -68,10 +68,12 @@ def test_wsd_holds_lr_then_decays_over_its_last_steps(style):
     assert got[-1] == pytest.approx(MIN_LR)
 
 
-@pytest.mark.parametrize("steps", [0, STEPS, STEPS + 5])
-def test_wsd_needs_its_decay_steps(steps):
-    with pytest.raises(ConfigError, match="train.wsd_decay_steps"):
-        load(None, [f"train.steps={STEPS}", "train.lr_decay=wsd", f"train.wsd_decay_steps={steps}"])
+@pytest.mark.parametrize("steps", [0, STEPS - 1 - WARMUP + 1, STEPS + 5])
+def test_wsd_decay_must_fit_after_the_warmup(steps):
+    sets = [f"train.steps={STEPS}", f"train.warmup_steps={WARMUP}", "train.lr_decay=wsd"]
+    with pytest.raises(ConfigError, match="train.wsd_decay_steps: .* 1 to 15 steps"):
+        load(None, [*sets, f"train.wsd_decay_steps={steps}"])
+    load(None, [*sets, f"train.wsd_decay_steps={STEPS - 1 - WARMUP}"])  # the longest: 15
 
 
 def test_unknown_decay_is_a_config_error():

@@ -146,7 +146,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
     _write_rank_files(tmp, loader_state)
     if dist.get_rank() == 0:
         meta = {"step": step, "consumed_samples": consumed_samples,
-                "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
                 "layout": _layout()}
         (tmp / "state.json").write_text(json.dumps(meta))
         dump(cfg, tmp / "config.yaml")
@@ -231,10 +231,19 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     return meta
 
 
+SCHEDULE_SETTINGS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                     "wsd_decay_steps", "lr_wsd_decay_style")
+
+
+def schedule_state(scheduler) -> dict:
+    """megatron's scheduler state, with the wsd settings it leaves out (for `_log_schedule_changes`)."""
+    return {**scheduler.state_dict(), "wsd_decay_steps": scheduler.wsd_decay_steps,
+            "lr_wsd_decay_style": scheduler.lr_wsd_decay_style}
+
+
 def _log_schedule_changes(saved: dict, scheduler) -> None:
     """Say which of the learning-rate schedule's settings the config changed since the save."""
-    changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}"
-               for k in ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+    changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}" for k in SCHEDULE_SETTINGS
                if k in saved and saved[k] != getattr(scheduler, k)]
     if changed and dist.get_rank() == 0:
         log.info("learning-rate schedule from the config, not the checkpoint: %s", ", ".join(changed))

@@ -98,10 +98,14 @@ def validate(cfg: Config) -> None:
                    "train.min_lr": cfg.train.min_lr, "model.init_std": cfg.model.init_std}.items():
         if v < 0:
             raise ConfigError(f"{key}: must not be negative, got {v}")
-    if cfg.train.lr_decay == "wsd" and not 0 < cfg.train.wsd_decay_steps < max(cfg.train.steps, 2):
-        raise ConfigError(f"train.wsd_decay_steps: train.lr_decay 'wsd' needs 1 to "
-                          f"{max(cfg.train.steps - 1, 1)} steps of final decay (train.steps "
-                          f"{cfg.train.steps}), got {cfg.train.wsd_decay_steps}")
+    if cfg.train.lr_decay == "wsd":
+        decay = max(cfg.train.steps - 1, 1)  # the schedule's, as train/optim.py builds it
+        most = decay - min(cfg.train.warmup_steps, decay - 1)  # the steps after the warmup
+        if not 0 < cfg.train.wsd_decay_steps <= most:
+            raise ConfigError(f"train.wsd_decay_steps: train.lr_decay 'wsd' needs 1 to {most} "
+                              f"steps of final decay after the warmup (train.steps "
+                              f"{cfg.train.steps}, warmup_steps {cfg.train.warmup_steps}), got "
+                              f"{cfg.train.wsd_decay_steps}")
     steps = cfg.logging.profile_steps
     if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
         raise ConfigError(f"logging.profile_steps: [first, last] with 1 <= first <= last, or [], "

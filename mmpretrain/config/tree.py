@@ -163,7 +163,8 @@ class TrainConfig:
     'wsd' (warmup-stable-decay) lr until the last `wsd_decay_steps` steps, which decay to min_lr;
     'constant' lr to the end."""
     wsd_decay_steps: int = 0
-    """wsd: steps of the final decay, counted back from train.steps (1 to train.steps - 1)."""
+    """wsd: steps of the final decay, counted back from train.steps (at most the steps after
+    the warmup but one)."""
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     """wsd: shape of the final decay ('minus_sqrt': lr falls as 1 - sqrt of its progress)."""
     weight_decay: float = 0.01

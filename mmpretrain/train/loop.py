@@ -167,7 +167,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     if start >= cfg.train.steps and is_rank0():
         log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
                     cfg.train.steps)
-    profiler = StepProfiler(cfg.logging.profile_steps, run_dir, dist.get_rank())
+    profiler = StepProfiler(cfg.logging.profile_steps, run_dir, dist.get_rank(), cfg.train.steps)
     for step in range(start + 1, cfg.train.steps + 1):
         profiler.begin(step)
         t0 = time.time()
