@@ -68,14 +68,8 @@ def test_a_resumed_run_follows_the_configs_schedule(trained, small_dataset, tmp_
     """Extended and with a new learning rate on resume: the learning rates of the new steps are
     a fresh run's with that config (not the checkpoint's schedule)."""
     new = ["--set", "train.steps=6", "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-5"]
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    r = cli(*train_args(run, small_dataset, *new))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "max_lr 0.002 -> 0.001" in r.stderr
-    r = cli(*train_args(tmp_path / "fresh", small_dataset, *new))
-    assert r.returncode == 0, r.stderr[-3000:]
-    resumed, fresh = step_lrs(run), step_lrs(tmp_path / "fresh")
+    log, resumed, fresh = resumed_and_fresh(trained, small_dataset, tmp_path, new)
+    assert "max_lr 0.002 -> 0.001" in log
     assert resumed[5] == fresh[5] and resumed[6] == fresh[6] == 1e-5
 
 
@@ -84,16 +78,22 @@ def test_a_run_switched_to_wsd_on_resume_decays_at_its_new_end(trained, small_da
     run's learning rates (held, then decayed over the last two), and the change is logged."""
     new = ["--set", "train.steps=8", "--set", "train.lr_decay=wsd",
            "--set", "train.wsd_decay_steps=2", "--set", "train.warmup_steps=1"]
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    r = cli(*train_args(run, small_dataset, *new))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "lr_decay_style cosine -> WSD" in r.stderr
-    r = cli(*train_args(tmp_path / "fresh", small_dataset, *new))
-    assert r.returncode == 0, r.stderr[-3000:]
-    resumed, fresh = step_lrs(run), step_lrs(tmp_path / "fresh")
+    log, resumed, fresh = resumed_and_fresh(trained, small_dataset, tmp_path, new)
+    assert "lr_decay_style cosine -> WSD" in log
     assert [resumed[s] for s in range(5, 9)] == [fresh[s] for s in range(5, 9)]
     assert resumed[5] == resumed[6] > resumed[7] > resumed[8] == fresh[8]
+
+
+def resumed_and_fresh(trained: Path, data: Path, tmp_path: Path, new: list[str]):
+    """A copy of `trained` resumed with the settings `new`, and a fresh run with them: (the
+    resumed run's log, step -> lr of each)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli(*train_args(run, data, *new))
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = cli(*train_args(tmp_path / "fresh", data, *new))
+    assert f.returncode == 0, f.stderr[-3000:]
+    return r.stderr, step_lrs(run), step_lrs(tmp_path / "fresh")
 
 
 def step_lrs(run: Path) -> dict[int, float]:
