@@ -223,16 +223,19 @@ class PackedLoader:
         finally:
             pool.close()
 
+    def packer(self) -> BestFitPacker:
+        """An empty best-fit packer of this loader's micro-batch shape, buffer and patch budget."""
+        return BestFitPacker(self.seq_len, self.micro_batch, self.tok.pad_id,
+                             int(self.packing.buffer * self.micro_batch * self.seq_len),
+                             self.packing.max_patches)
+
     def __iter__(self) -> Iterator[PackedBatch]:
         self._restore(self._state)  # a new iteration starts after the last batch handed out
         pool = WorkerPool(self.maker, self.workers)
         try:
             packers, streams = {}, {}
             for s in self.slots:
-                packers[s.index] = BestFitPacker(
-                    self.seq_len, self.micro_batch, self.tok.pad_id,
-                    int(self.packing.buffer * self.micro_batch * self.seq_len),
-                    self.packing.max_patches)
+                packers[s.index] = self.packer()
                 for p in pool.map(s.buffer_keys, self._lookahead()):  # the saved buffer, rebuilt
                     if p.seq is None:  # read before, unreadable now (data changed): a skip
                         self._accept(s, p)

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mmpretrain.config import ConfigError
-from mmpretrain.data.bestfit import BestFitPacker
 from mmpretrain.data.decode import ImageError
 from mmpretrain.data.packing import PackedBatch, pack_rows
 from mmpretrain.data.sequence import SampleError
@@ -41,9 +40,7 @@ def pack_samples(samples: list[dict], loader, log_skips: bool = True
     """`samples` made into sequences by the loader's rules (image policy, long samples) and packed
     by best fit into micro-batches of the loader's shape, as training packs; (batches, samples
     skipped: an unreadable image or text, or too long under data.long_samples 'drop')."""
-    packer = BestFitPacker(loader.seq_len, loader.micro_batch, loader.tok.pad_id,
-                           int(loader.packing.buffer * loader.micro_batch * loader.seq_len),
-                           loader.packing.max_patches)
+    packer = loader.packer()
     batches, skipped = [], 0
     for i, sample in enumerate(samples):
         try:
