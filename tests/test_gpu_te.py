@@ -16,6 +16,7 @@ from mmpretrain.model.build import build_model
 from mmpretrain.model.te_specs import fp8_unavailable, te_unavailable
 from mmpretrain.train.loop import setup
 from mmpretrain.train.step import train_step
+from mmpretrain.train.validate import HeldoutLoss
 
 pytestmark = pytest.mark.skipif(te_unavailable() is not None,
                                 reason=f"needs Transformer Engine on CUDA: {te_unavailable()}")
@@ -84,17 +85,30 @@ def test_te_fused_mlp_matches_local_spec(megatron_world, design):
     assert err <= 2e-2, f"TE fused MLP vs local logits differ by {err:.3%} of their range"
 
 
-def train_losses(base: list[str], steps: int) -> list[float]:
+def train_losses(base: list[str], steps: int, eval_every: int = 0) -> list[float]:
+    """Training losses of `steps` steps, with the held-out loss taken every `eval_every` steps
+    (as the training loop does) when it is not 0."""
     cfg = load(None, base)
     _, tok, chunks, ddps, optimizer, scheduler = setup(cfg, world_size=1)
     loader = iter(make_loader(cfg, "train", tok))
+    heldout = HeldoutLoss(make_loader(cfg, "heldout", tok, shuffle=False), 16, 0, 1) if eval_every else None
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss, *_ = train_step(ddps, optimizer, [next(loader)], cfg.data.seq_length)
         scheduler.step(1)
         losses.append(loss)
+        if heldout is not None and step % eval_every == 0:
+            heldout(ddps, cfg.data.seq_length)
     destroy_distributed()
     return losses
+
+
+def small_te(data) -> list[str]:
+    """A 4-layer D model (hidden 256) on the TE spec, 50 steps of 2 rows of 256 tokens."""
+    return [f"data.path={data}", "model.spec=te", "decoder.num_layers=4",
+            "decoder.hidden_size=256", "decoder.ffn_hidden_size=768", "vision.hidden_size=128",
+            "vision.ffn_hidden_size=256", "data.seq_length=256", "data.micro_batch_size=2",
+            "train.global_batch_size=2", "train.steps=50", "train.warmup_steps=5"]
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
@@ -107,13 +121,25 @@ def test_fp8_loss_tracks_bf16(small_dataset, recipe):
     unfused RoPE in place of TE's kernel: +5.4% and -0.2%), so the bound is not tighter."""
     if fp8_unavailable(recipe):
         pytest.skip(fp8_unavailable(recipe))
-    base = [f"data.path={small_dataset}", "model.spec=te", "decoder.num_layers=4",
-            "decoder.hidden_size=256", "decoder.ffn_hidden_size=768", "vision.hidden_size=128",
-            "vision.ffn_hidden_size=256", "data.seq_length=256", "data.micro_batch_size=2",
-            "train.global_batch_size=2", "train.steps=50", "train.warmup_steps=5"]
+    base = small_te(small_dataset)
     bf16 = train_losses(base, 50)
     fp8 = train_losses([*base, "train.fp8=hybrid", f"train.fp8_recipe={recipe}"], 50)
     late_bf16, late_fp8 = sum(bf16[-10:]) / 10, sum(fp8[-10:]) / 10
     assert abs(fp8[0] - bf16[0]) <= 5e-3 * bf16[0], (bf16[0], fp8[0])
     assert late_bf16 < 0.3 * bf16[0] and late_fp8 < 0.3 * fp8[0], (bf16, fp8)
     assert abs(late_fp8 - late_bf16) <= 0.1 * late_bf16, (bf16, fp8)
+
+
+@pytest.mark.parametrize("recipe", [None, "delayed", "tensorwise"])
+def test_evaluation_leaves_training_alone(small_dataset, recipe):
+    """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8. Under
+    delayed scaling the evaluation's forward passes run in FP8 too; if their activations entered
+    the amax history that scales the next training step, the losses after the first evaluation
+    would differ. A repeat of the run without evaluation must give the same losses first (the
+    runs are deterministic), so that a difference is the evaluation's."""
+    if recipe and fp8_unavailable(recipe):
+        pytest.skip(fp8_unavailable(recipe))
+    base = small_te(small_dataset) + (["train.fp8=hybrid", f"train.fp8_recipe={recipe}"] if recipe else [])
+    plain = train_losses(base, 8)
+    assert train_losses(base, 8) == plain, "the same run twice gave other losses"
+    assert train_losses(base, 8, eval_every=2) == plain
