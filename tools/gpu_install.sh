@@ -27,10 +27,10 @@ fi
 # Every part named in SHA256SUMS must be here and intact; a damaged one is dropped.
 whole=$(awk '$2 == "bundle.tar" {print $1}' "$stash/SHA256SUMS")
 missing=()
-total=0
+listed=()
 while read -r sum name; do
   [ "$name" = bundle.tar ] && continue
-  total=$((total + 1))
+  listed+=("$stash/$name")
   if [ -f "$stash/$name" ] && [ "$(sha256sum < "$stash/$name" | cut -d' ' -f1)" = "$sum" ]; then
     continue
   fi
@@ -38,29 +38,43 @@ while read -r sum name; do
   missing+=("$name")
 done < "$stash/SHA256SUMS"
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "have $((total - ${#missing[@]})) of $total parts in $stash; missing: ${missing[*]}" >&2
+  echo "have $((${#listed[@]} - ${#missing[@]})) of ${#listed[@]} parts in $stash; missing: ${missing[*]}" >&2
   exit 3
 fi
 
 marker="$site/.mmpretrain-bundle-$whole"
 if [ ! -f "$marker" ]; then
-  echo "all $total parts here: joining, installing into $site" >&2
-  rm -rf "$stash/wheels" "$stash/built"
+  echo "all ${#listed[@]} parts here: joining, installing into $site" >&2
+  rm -rf "$stash/wheels"
   mkdir -p "$stash/wheels" "$site"
-  cat "$stash"/bundle.tar.part* | tar -x -C "$stash/wheels"
+  cat "${listed[@]}" | tar -x -C "$stash/wheels"  # the listed parts, in order: no stale one
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" "$stash"/wheels/*.whl
   # Transformer Engine's PyTorch extension is built here, against this node's torch and CUDA.
   # The CUDA toolkit's headers leave out NCCL's and cuDNN's; the node's pip packages hold them.
+  # CUDA_HOME, where unset, is the toolkit nvcc runs from (nvcc may be a wrapper elsewhere).
   for sdist in "$stash"/wheels/transformer_engine_torch-*.tar.gz; do
     [ -f "$sdist" ] || continue
+    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+      top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')
+      if [ -n "$top" ]; then CUDA_HOME=$(cd "$top" && pwd); export CUDA_HOME; fi
+    fi
     nvidia_includes=$("$py" -c 'import glob, nvidia
 print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/include"))))')
-    echo "building $(basename "$sdist") (a few minutes)" >&2
-    CPATH="$nvidia_includes${CPATH:+:$CPATH}" NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) \
-      PYTHONPATH="$site" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-index \
-      -w "$stash/built" "$sdist"
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$stash"/built/*.whl
+    built=("$stash/built/$(basename "$sdist" .tar.gz)"-*.whl)  # kept from an earlier run?
+    if [ ! -f "${built[0]}" ]; then
+      jobs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+      echo "building $(basename "$sdist") on $jobs cores (a few minutes)" >&2
+      CPATH="$nvidia_includes${CPATH:+:$CPATH}" NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=$jobs \
+        PYTHONPATH="$site" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-index \
+        -w "$stash/built" "$sdist"
+      built=("$stash/built/$(basename "$sdist" .tar.gz)"-*.whl)
+    fi
+    # Its library goes inside transformer_engine/, which the core wheel installed: pip --target
+    # would skip that folder (or, with --upgrade, replace it), so the files are merged instead.
+    rm -rf "$stash/ext"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$stash/ext" "${built[0]}"
+    cp -a "$stash/ext/." "$site/"
   done
   touch "$marker"
 fi
@@ -86,4 +100,7 @@ for dist in dists:
         print(f"imports {module} ({dist.metadata['Name']} {dist.version})")
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"torch {torch.__version__} on {gpu}")
+from mmpretrain.model.te_specs import te_unavailable  # noqa: E402
+
+print("mmpretrain's TE spec:", te_unavailable() or "available")
 EOF
