@@ -3,7 +3,7 @@ path (Transformer Engine, DALI, megatron-core, mosaicml-streaming), for nodes th
 index, in parts small enough for a size-limited copy.
 
     python3 tools/gpu_bundle.py [--out .gpu] [--node-packages tools/gpu_node_packages.txt] \\
-        [--python 3.12] [--part-mib 56]
+        [--python 3.12] [--part-mib 56] [--leave-out NAME ...]
 
 What goes in: every pin of requirements.lock that the node's Python does not already have (the
 node's distributions are listed in --node-packages, one name per line, e.g. from
@@ -127,13 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     every = {normalise(p.split("==")[0]) for p in wanted(ROOT / "requirements.lock", set())}
     if unknown := [n for n in args.leave_out if normalise(n) not in every]:
         ap.error(f"--leave-out {' '.join(unknown)}: not among what the bundle would hold")
+    if not args.node_packages.is_file():
+        ap.error(f"--node-packages {args.node_packages}: no such file")
     have = read_names(args.node_packages) | {normalise(n) for n in args.leave_out}
     pins = wanted(ROOT / "requirements.lock", have)
     wheels = args.out / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     print(f"fetching {len(pins)} wheels and the TE extension's source into {wheels}", flush=True)
-    for pin in download(pins, wheels, args.python):
+    try:
+        substituted = download(pins, wheels, args.python)
+    except subprocess.CalledProcessError as e:
+        print(f"pip could not fetch {e.cmd[-1]} (its message is above)", file=sys.stderr)
+        return 1
+    for pin in substituted:
         print(f"no wheel of {pin} for Python {args.python}: took its newest one instead")
     parts = pack(wheels, args.out / "parts", args.part_mib << 20)
     total = sum(p.stat().st_size for p in parts) / 2**20
