@@ -1,6 +1,6 @@
 """Transformer Engine on a GPU (skipped elsewhere, with the reason): the TE spec against the local
-spec from the same weights, TE's thd attention against the local dense mask, and FP8 training
-against bf16 over 50 steps."""
+spec from the same weights, TE's thd attention against the local dense mask, FP8 training
+against bf16 over 50 steps, and the held-out evaluation leaving bf16 and FP8 training alone."""
 import re
 
 import pytest
@@ -85,9 +85,22 @@ def test_te_fused_mlp_matches_local_spec(megatron_world, design):
     assert err <= 2e-2, f"TE fused MLP vs local logits differ by {err:.3%} of their range"
 
 
-def train_losses(base: list[str], steps: int, eval_every: int = 0) -> list[float]:
+def fp8_scaling(ddps) -> list[torch.Tensor]:
+    """Copies of every TE module's forward amax history and scales (delayed scaling keeps them;
+    other recipes leave this empty)."""
+    out = []
+    for ddp in ddps:
+        for m in ddp.modules():
+            meta = getattr(m, "fp8_meta", None)
+            state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
+            out += [getattr(state, k).clone() for k in ("amax_history", "scale") if hasattr(state, k)]
+    return out
+
+
+def train_losses(base: list[str], steps: int, eval_every: int = 0, moved: list | None = None) -> list[float]:
     """Training losses of `steps` steps, with the held-out loss taken every `eval_every` steps
-    (as the training loop does) when it is not 0."""
+    (as the training loop does) when it is not 0; `moved` gets, per evaluation, the number of FP8
+    scaling tensors it compared and whether the evaluation changed any of them."""
     cfg = load(None, base)
     _, tok, chunks, ddps, optimizer, scheduler = setup(cfg, world_size=1)
     loader = iter(make_loader(cfg, "train", tok))
@@ -98,7 +111,11 @@ def train_losses(base: list[str], steps: int, eval_every: int = 0) -> list[float
         scheduler.step(1)
         losses.append(loss)
         if heldout is not None and step % eval_every == 0:
+            before = fp8_scaling(ddps)
             heldout(ddps, cfg.data.seq_length)
+            after = fp8_scaling(ddps)
+            if moved is not None:
+                moved.append((len(before), any(not torch.equal(a, b) for a, b in zip(before, after))))
     destroy_distributed()
     return losses
 
@@ -131,15 +148,21 @@ def test_fp8_loss_tracks_bf16(small_dataset, recipe):
 
 
 @pytest.mark.parametrize("recipe", [None, "delayed", "tensorwise"])
-def test_evaluation_leaves_training_alone(small_dataset, recipe):
-    """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8. Under
-    delayed scaling the evaluation's forward passes run in FP8 too; if their activations entered
-    the amax history that scales the next training step, the losses after the first evaluation
-    would differ. A repeat of the run without evaluation must give the same losses first (the
+def test_evaluation_leaves_training_alone(small_dataset, recipe, monkeypatch):
+    """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8, and
+    under delayed scaling no amax history or scale: the evaluation's forward passes run in FP8
+    too, and activations entering the amax history would scale the next training steps
+    differently. A repeat of the run without evaluation must give the same losses first (the
     runs are deterministic), so that a difference is the evaluation's."""
     if recipe and fp8_unavailable(recipe):
         pytest.skip(fp8_unavailable(recipe))
+    monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
     base = small_te(small_dataset) + (["train.fp8=hybrid", f"train.fp8_recipe={recipe}"] if recipe else [])
     plain = train_losses(base, 8)
     assert train_losses(base, 8) == plain, "the same run twice gave other losses"
-    assert train_losses(base, 8, eval_every=2) == plain
+    moved = []
+    assert train_losses(base, 8, eval_every=2, moved=moved) == plain
+    assert len(moved) == 4
+    if recipe == "delayed":
+        assert all(n > 0 for n, _ in moved), "no FP8 scaling state found to compare"
+    assert not any(changed for _, changed in moved), "an evaluation changed FP8 scaling state"

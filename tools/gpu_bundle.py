@@ -2,8 +2,8 @@
 path (Transformer Engine, DALI, megatron-core, mosaicml-streaming), for nodes that reach no package
 index, in parts small enough for a size-limited copy.
 
-    python3 tools/gpu_bundle.py [--out .gpu] [--node-packages tools/gpu_node_packages.txt] \\
-        [--python 3.12] [--part-mib 56] [--leave-out NAME ...]
+    .venv/bin/python tools/gpu_bundle.py [--out .gpu] [--node-packages tools/gpu_node_packages.txt] \\
+        [--python 3.12] [--glibc 2.28] [--part-mib 56] [--leave-out NAME ...]
 
 What goes in: every pin of requirements.lock that the node's Python does not already have (the
 node's distributions are listed in --node-packages, one name per line, e.g. from
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -31,9 +32,13 @@ TE_WHEELS = [f"transformer_engine=={TE_VERSION}", f"transformer_engine_cu13=={TE
              "typing-inspection==0.4.5", "importlib_metadata==10.2.0", "zipp==4.1.2"]
 TE_SOURCE = f"transformer_engine_torch=={TE_VERSION}"
 DEV_ONLY = {"pytest", "ruff", "iniconfig", "pluggy", "pygments"}
-PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64",
-             "manylinux_2_26_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64",
-             "manylinux1_x86_64", "manylinux_2_5_x86_64"]
+OLD_TAGS = ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]
+
+
+def platforms(glibc: str) -> list[str]:
+    """The manylinux tags a node with this glibc (major.minor) takes."""
+    major, minor = (int(x) for x in glibc.split("."))
+    return OLD_TAGS + [f"manylinux_{major}_{m}_x86_64" for m in range(5, minor + 1)]
 
 
 def normalise(name: str) -> str:
@@ -65,18 +70,22 @@ def wanted(lock: Path, have: set[str]) -> list[str]:
     return out
 
 
-def download(pins: list[str], dest: Path, python: str) -> list[str]:
-    """Fetch each pin's wheel for CPython `python` on x86-64 Linux, and the TE extension's source.
-    A pin with no wheel for that Python falls back to the newest one that has; returns those."""
+def download(pins: list[str], dest: Path, python: str, glibc: str) -> list[str]:
+    """Fetch each pin's wheel for CPython `python` on x86-64 Linux with `glibc`, and the TE
+    extension's source. A pin with no such wheel falls back to the newest version that has one
+    (pip's reason is printed); returns those pins."""
     abi = "cp" + python.replace(".", "")
-    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    tags = [a for p in platforms(glibc) for a in ("--platform", p)]
     pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest)]
     binary = pip + ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-                    "--abi", abi, "--abi", "abi3", "--abi", "none", *platforms]
+                    "--abi", abi, "--abi", "abi3", "--abi", "none", *tags]
     substituted = []
     for i, pin in enumerate(pins):
         print(f"[{i + 1}/{len(pins)}] {pin}", flush=True)
-        if subprocess.run(binary + [pin], stderr=subprocess.DEVNULL).returncode != 0:
+        first = subprocess.run(binary + [pin], stderr=subprocess.PIPE, text=True)
+        if first.returncode != 0:
+            print(first.stderr.strip().splitlines()[-1] if first.stderr.strip() else "pip failed",
+                  file=sys.stderr)
             subprocess.run(binary + [pin.split("==")[0]], check=True)
             substituted.append(pin)
     # The extension has only a source release; preparing its metadata imports torch (so no isolation).
@@ -119,11 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu")
     ap.add_argument("--node-packages", type=Path, default=ROOT / "tools" / "gpu_node_packages.txt")
     ap.add_argument("--python", default="3.12", help="the node's Python version (major.minor)")
+    ap.add_argument("--glibc", default="2.28", help="the node's glibc version (major.minor): the "
+                    "newest manylinux wheels it takes")
     ap.add_argument("--part-mib", type=int, default=56)
     ap.add_argument("--leave-out", nargs="*", default=[], metavar="NAME",
                     help="distributions not to bundle, e.g. the cloud-storage clients that "
                          "mosaicml-streaming imports only to read remote shards: oci boto3 botocore")
     args = ap.parse_args(argv)
+    for flag, value in (("--python", args.python), ("--glibc", args.glibc)):
+        if not re.fullmatch(r"\d+\.\d+", value):
+            ap.error(f"{flag} {value}: give major.minor, e.g. 3.12")
+    if args.part_mib < 1:
+        ap.error(f"--part-mib {args.part_mib}: at least 1")
+    if importlib.util.find_spec("torch") is None:
+        ap.error("this Python has no torch, which fetching TE's extension source needs: run "
+                 ".venv/bin/python tools/gpu_bundle.py")
     every = {normalise(p.split("==")[0]) for p in wanted(ROOT / "requirements.lock", set())}
     if unknown := [n for n in args.leave_out if normalise(n) not in every]:
         ap.error(f"--leave-out {' '.join(unknown)}: not among what the bundle would hold")
@@ -136,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     wheels.mkdir(parents=True)
     print(f"fetching {len(pins)} wheels and the TE extension's source into {wheels}", flush=True)
     try:
-        substituted = download(pins, wheels, args.python)
+        substituted = download(pins, wheels, args.python, args.glibc)
     except subprocess.CalledProcessError as e:
         print(f"pip could not fetch {e.cmd[-1]} (its message is above)", file=sys.stderr)
         return 1
     for pin in substituted:
-        print(f"no wheel of {pin} for Python {args.python}: took its newest one instead")
+        print(f"no wheel of {pin} for Python {args.python} and glibc {args.glibc}: took the "
+              "newest version that has one")
     parts = pack(wheels, args.out / "parts", args.part_mib << 20)
     total = sum(p.stat().st_size for p in parts) / 2**20
     print(f"{len(parts)} parts, {total:.0f} MiB, in {args.out / 'parts'} (with SHA256SUMS); on the "
-          "node, with the parts copied to the same folder: tools/gpu_install.sh <that folder>")
+          "node, with the parts (and SHA256SUMS) copied to a folder: tools/gpu_install.sh FOLDER")
     return 0
 
 

@@ -1,86 +1,29 @@
 #!/usr/bin/env bash
 # On a GPU node that reaches no package index: install the bundle of tools/gpu_bundle.py into a
 # site folder and check that the GPU path imports. The parts may come over several copies: each
-# run keeps the parts it finds (checked against SHA256SUMS) and installs once all of them are there.
+# run keeps the intact parts it finds and installs once all of them are there.
 #
-#   tools/gpu_install.sh [PARTS_DIR]        # default .gpu/parts; then:
-#   export PYTHONPATH=/tmp/site:$PWD
+#   tools/gpu_install.sh [PARTS_DIR]        # default .gpu/parts; every copy brings SHA256SUMS
+#   export PYTHONPATH=$PWD/.gpu/site:$PWD   # from the repository root
 #
-# MMPRETRAIN_SITE (default /tmp/site) is the install folder, MMPRETRAIN_STASH (default
-# /tmp/mmpretrain-bundle) keeps the parts between runs, PYTHON (default python3) is the node's
-# Python with torch. Exit 0: installed; 3: parts still missing (named); 1: anything else failed.
+# MMPRETRAIN_SITE (default .gpu/site in the repository) is the install folder, replaced whole by
+# each new bundle. MMPRETRAIN_STASH (default .gpu/stash) keeps the parts between runs, one folder
+# per bundle, and the built TE extension, per Python and torch. (A node's /tmp may not outlive
+# a job.) PYTHON (default python3) is the node's Python with torch.
+# Exit 0: installed and importable; 3: parts still missing (named); 1: anything else.
 set -euo pipefail
-parts=${1:-.gpu/parts}
-site=${MMPRETRAIN_SITE:-/tmp/site}
-stash=${MMPRETRAIN_STASH:-/tmp/mmpretrain-bundle}
+trap 'echo "gpu_install.sh: failed at line $LINENO" >&2; exit 1' ERR
+export PIP_REQUIRE_VIRTUALENV=0  # --target installs need no virtualenv
+root=$(cd "$(dirname "$0")/.." && pwd)
+parts=${1:-$root/.gpu/parts}
+site=${MMPRETRAIN_SITE:-$root/.gpu/site}
+stash=${MMPRETRAIN_STASH:-$root/.gpu/stash}
 py=${PYTHON:-python3}
-mkdir -p "$stash"
-if [ -d "$parts" ]; then
-  find "$parts" -maxdepth 1 -type f \( -name 'bundle.tar.part*' -o -name SHA256SUMS \) \
-    -exec cp {} "$stash/" \;
-fi
-if [ ! -f "$stash/SHA256SUMS" ]; then
-  echo "no SHA256SUMS in $parts or $stash: copy it with the parts" >&2
-  exit 3
-fi
+sha() { sha256sum < "$1" | cut -d' ' -f1; }
 
-# Every part named in SHA256SUMS must be here and intact; a damaged one is dropped.
-whole=$(awk '$2 == "bundle.tar" {print $1}' "$stash/SHA256SUMS")
-missing=()
-listed=()
-while read -r sum name; do
-  [ "$name" = bundle.tar ] && continue
-  listed+=("$stash/$name")
-  if [ -f "$stash/$name" ] && [ "$(sha256sum < "$stash/$name" | cut -d' ' -f1)" = "$sum" ]; then
-    continue
-  fi
-  [ -f "$stash/$name" ] && { echo "$name does not match SHA256SUMS: dropped" >&2; rm -f "$stash/$name"; }
-  missing+=("$name")
-done < "$stash/SHA256SUMS"
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "have $((${#listed[@]} - ${#missing[@]})) of ${#listed[@]} parts in $stash; missing: ${missing[*]}" >&2
-  exit 3
-fi
-
-marker="$site/.mmpretrain-bundle-$whole"
-if [ ! -f "$marker" ]; then
-  echo "all ${#listed[@]} parts here: joining, installing into $site" >&2
-  rm -rf "$stash/wheels"
-  mkdir -p "$stash/wheels" "$site"
-  cat "${listed[@]}" | tar -x -C "$stash/wheels"  # the listed parts, in order: no stale one
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" "$stash"/wheels/*.whl
-  # Transformer Engine's PyTorch extension is built here, against this node's torch and CUDA.
-  # The CUDA toolkit's headers leave out NCCL's and cuDNN's; the node's pip packages hold them.
-  # CUDA_HOME, where unset, is the toolkit nvcc runs from (nvcc may be a wrapper elsewhere).
-  for sdist in "$stash"/wheels/transformer_engine_torch-*.tar.gz; do
-    [ -f "$sdist" ] || continue
-    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
-      top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')
-      if [ -n "$top" ]; then CUDA_HOME=$(cd "$top" && pwd); export CUDA_HOME; fi
-    fi
-    nvidia_includes=$("$py" -c 'import glob, nvidia
-print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/include"))))')
-    built=("$stash/built/$(basename "$sdist" .tar.gz)"-*.whl)  # kept from an earlier run?
-    if [ ! -f "${built[0]}" ]; then
-      jobs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
-      echo "building $(basename "$sdist") on $jobs cores (a few minutes)" >&2
-      CPATH="$nvidia_includes${CPATH:+:$CPATH}" NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=$jobs \
-        PYTHONPATH="$site" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-index \
-        -w "$stash/built" "$sdist"
-      built=("$stash/built/$(basename "$sdist" .tar.gz)"-*.whl)
-    fi
-    # Its library goes inside transformer_engine/, which the core wheel installed: pip --target
-    # would skip that folder (or, with --upgrade, replace it), so the files are merged instead.
-    rm -rf "$stash/ext"
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$stash/ext" "${built[0]}"
-    cp -a "$stash/ext/." "$site/"
-  done
-  touch "$marker"
-fi
-
-# Import the GPU path's packages among those installed, and name the device torch sees.
-PYTHONPATH="$site:$PWD" "$py" - "$site" <<'EOF'
+# Import the GPU path's packages among those in site folder $1, and name the device torch sees.
+check() {
+  PYTHONPATH="$1:$root" "$py" - "$1" <<'EOF'
 import importlib
 import importlib.metadata as md
 import sys
@@ -104,3 +47,90 @@ from mmpretrain.model.te_specs import te_unavailable  # noqa: E402
 
 print("mmpretrain's TE spec:", te_unavailable() or "available")
 EOF
+}
+
+# Which bundle: the one whose SHA256SUMS came with these parts, else the last one seen.
+mkdir -p "$stash"
+[ -d "$parts" ] || echo "no folder $parts: looking at the parts kept in $stash" >&2
+if [ -f "$parts/SHA256SUMS" ]; then
+  bundle=$(awk '$2 == "bundle.tar" {print $1}' "$parts/SHA256SUMS")
+  [ -n "$bundle" ] || { echo "$parts/SHA256SUMS names no bundle.tar" >&2; exit 1; }
+  mkdir -p "$stash/$bundle"
+  cp "$parts/SHA256SUMS" "$stash/$bundle/SHA256SUMS"
+  echo "$bundle" > "$stash/current"
+elif [ -f "$stash/current" ]; then
+  bundle=$(cat "$stash/current")
+else
+  echo "no SHA256SUMS in $parts: copy it with the parts" >&2
+  exit 3
+fi
+keep="$stash/$bundle"
+
+# Every part it lists must be kept intact; a part comes in only if it matches its sum.
+listed=()
+missing=()
+while read -r sum name; do
+  [ "$name" = bundle.tar ] && continue
+  listed+=("$keep/$name")
+  if [ -f "$keep/$name" ] && [ "$(sha "$keep/$name")" = "$sum" ]; then continue; fi
+  if [ -f "$parts/$name" ]; then
+    if [ "$(sha "$parts/$name")" = "$sum" ]; then cp "$parts/$name" "$keep/$name"; continue; fi
+    echo "$parts/$name does not match SHA256SUMS: not taken" >&2
+  fi
+  missing+=("$name")
+done < "$keep/SHA256SUMS"
+[ ${#listed[@]} -gt 0 ] || { echo "$keep/SHA256SUMS lists no part" >&2; exit 1; }
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "have $((${#listed[@]} - ${#missing[@]})) of ${#listed[@]} parts in $keep; missing: ${missing[*]}" >&2
+  exit 3
+fi
+
+marker="$site/.mmpretrain-bundle-$bundle"
+if [ -f "$marker" ]; then
+  check "$site"
+  exit 0
+fi
+echo "all ${#listed[@]} parts here: joining, installing into $site" >&2
+new="$site.new"
+rm -rf "$new" "$keep/wheels"
+mkdir -p "$new" "$keep/wheels"
+cat "${listed[@]}" | tar -x -C "$keep/wheels"
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$new" \
+  "$keep"/wheels/*.whl
+
+# Transformer Engine's PyTorch extension is built here, against this node's torch and CUDA, once
+# per Python and torch. CUDA_HOME, where unset, is the toolkit nvcc runs from (nvcc may be a
+# wrapper elsewhere); the toolkit's headers leave out NCCL's and cuDNN's, the node's pip
+# packages (nvidia/*/include) hold them.
+key=$("$py" -c 'import sys, torch; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')
+for sdist in "$keep"/wheels/transformer_engine_torch-*.tar.gz; do
+  [ -f "$sdist" ] || continue
+  built_dir="$stash/built-$key"
+  built=("$built_dir/$(basename "$sdist" .tar.gz)"-*.whl)
+  if [ ! -f "${built[0]}" ]; then
+    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+      top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' || true)
+      if [ -n "$top" ]; then CUDA_HOME=$(cd "$top" && pwd); export CUDA_HOME; fi
+    fi
+    nvidia_includes=$("$py" -c 'import glob, nvidia
+print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/include"))))')
+    jobs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+    echo "building $(basename "$sdist") for $key on $jobs cores (a few minutes)" >&2
+    CPATH="$nvidia_includes${CPATH:+:$CPATH}" NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=$jobs \
+      PYTHONPATH="$new" "$py" -m pip wheel -q --no-deps --no-build-isolation --no-index \
+      -w "$built_dir" "$sdist"
+    built=("$built_dir/$(basename "$sdist" .tar.gz)"-*.whl)
+  fi
+  # Its library goes inside transformer_engine/, which the core wheel installed: pip --target
+  # would skip that folder (or, with --upgrade, replace it), so the files are merged instead.
+  rm -rf "$stash/ext"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$stash/ext" "${built[0]}"
+  cp -a "$stash/ext/." "$new/"
+  rm -rf "$stash/ext"
+done
+
+# Only a site that imports replaces the old one and is marked installed.
+check "$new"
+rm -rf "$site" "$keep/wheels"
+mv "$new" "$site"
+touch "$marker"
