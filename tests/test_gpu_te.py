@@ -16,7 +16,7 @@ from mmpretrain.model.build import build_model
 from mmpretrain.model.te_specs import fp8_unavailable, te_unavailable
 from mmpretrain.train.loop import setup
 from mmpretrain.train.step import train_step
-from mmpretrain.train.validate import HeldoutLoss
+from mmpretrain.train.validate import HeldoutLoss, fp8_scaling_tensors
 
 pytestmark = pytest.mark.skipif(te_unavailable() is not None,
                                 reason=f"needs Transformer Engine on CUDA: {te_unavailable()}")
@@ -85,18 +85,6 @@ def test_te_fused_mlp_matches_local_spec(megatron_world, design):
     assert err <= 2e-2, f"TE fused MLP vs local logits differ by {err:.3%} of their range"
 
 
-def fp8_scaling(ddps) -> list[torch.Tensor]:
-    """Copies of every TE module's forward amax history and scales (delayed scaling keeps them;
-    other recipes leave this empty)."""
-    out = []
-    for ddp in ddps:
-        for m in ddp.modules():
-            meta = getattr(m, "fp8_meta", None)
-            state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
-            out += [getattr(state, k).clone() for k in ("amax_history", "scale") if hasattr(state, k)]
-    return out
-
-
 def train_losses(base: list[str], steps: int, eval_every: int = 0, moved: list | None = None) -> list[float]:
     """Training losses of `steps` steps, with the held-out loss taken every `eval_every` steps
     (as the training loop does) when it is not 0; `moved` gets, per evaluation, the number of FP8
@@ -111,9 +99,9 @@ def train_losses(base: list[str], steps: int, eval_every: int = 0, moved: list |
         scheduler.step(1)
         losses.append(loss)
         if heldout is not None and step % eval_every == 0:
-            before = fp8_scaling(ddps)
+            before = [t.clone() for t in fp8_scaling_tensors(ddps)]
             heldout(ddps, cfg.data.seq_length)
-            after = fp8_scaling(ddps)
+            after = fp8_scaling_tensors(ddps)
             if moved is not None:
                 moved.append((len(before), any(not torch.equal(a, b) for a, b in zip(before, after))))
     destroy_distributed()
@@ -151,9 +139,10 @@ def test_fp8_loss_tracks_bf16(small_dataset, recipe):
 def test_evaluation_leaves_training_alone(small_dataset, recipe, monkeypatch):
     """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8, and
     under delayed scaling no amax history or scale: the evaluation's forward passes run in FP8
-    too, and activations entering the amax history would scale the next training steps
-    differently. A repeat of the run without evaluation must give the same losses first (the
-    runs are deterministic), so that a difference is the evaluation's."""
+    too and record their amax in the history, which HeldoutLoss restores (fp8_scaling_kept);
+    kept, the next training steps would be scaled differently. A repeat of the run without
+    evaluation must give the same losses first (the runs are deterministic), so that a difference
+    is the evaluation's."""
     if recipe and fp8_unavailable(recipe):
         pytest.skip(fp8_unavailable(recipe))
     monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")

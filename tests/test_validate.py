@@ -160,3 +160,34 @@ def test_no_heldout_split_is_a_clear_error_at_start(tmp_path, small_dataset):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "has no heldout/ split" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class _DelayedScaling:
+    """What a Transformer Engine module keeps per direction under delayed scaling."""
+
+    def __init__(self):
+        self.amax_history, self.scale = torch.zeros(4, 3), torch.ones(3)
+
+
+def test_evaluation_restores_fp8_scaling_in_place(megatron_world, small_dataset):
+    """An FP8 forward pass records its input's amax in the current row of the module's amax
+    history, with or without gradients. Here a forward hook on the decoder's first layer plays
+    that part, on a layer given TE's delayed-scaling state (fp8_meta); after the evaluation the
+    state holds its values again, in the same tensors (TE's casts hold them)."""
+    cfg = load(None, [f"data.path={small_dataset}", *SMALL])
+    _, tok, _, ddps, _, _ = setup(cfg)
+    layer = next(m for n, m in ddps[0].named_modules() if n.endswith("language_model.block.layers.0"))
+    layer.fp8_meta = {"scaling_fwd": _DelayedScaling(), "scaling_bwd": _DelayedScaling()}
+    fwd = layer.fp8_meta["scaling_fwd"]
+    history, scale = fwd.amax_history, fwd.scale
+    calls = []
+
+    def record_amax(module, args, output):
+        calls.append(1)
+        fwd.amax_history[0] = torch.maximum(fwd.amax_history[0], output[0].abs().max().detach())
+        fwd.scale.mul_(0.5)
+    layer.register_forward_hook(record_amax)
+    HeldoutLoss(make_loader(cfg, "heldout", tok, shuffle=False), 7, 0, 1)(ddps, cfg.data.seq_length)
+    assert calls  # the hook ran in the evaluation
+    assert fwd.amax_history is history and fwd.scale is scale
+    assert not history.any() and torch.equal(scale, torch.ones(3))

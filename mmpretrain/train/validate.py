@@ -6,6 +6,7 @@ share a row: it is that of `mmpretrain eval` on the same samples."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -117,10 +118,37 @@ class HeldoutLoss:
         for ddp in ddps:
             ddp.eval()
         try:
-            with cuda_to_cpu():
+            with cuda_to_cpu(), fp8_scaling_kept(ddps):
                 outputs = forward_backward(ddps, self._padded(), seq_len, forward_only=True)
                 total, tokens = loss_totals(outputs).tolist()
         finally:
             for ddp in ddps:
                 ddp.train()
         return total / tokens
+
+
+def fp8_scaling_tensors(modules) -> list[torch.Tensor]:
+    """Transformer Engine's delayed-scaling state of the forward pass in `modules`: each TE
+    module's amax history and scales (`fp8_meta["scaling_fwd"]`); none for other layers and
+    recipes."""
+    out = []
+    for root in modules:
+        for m in root.modules():
+            meta = getattr(m, "fp8_meta", None)
+            state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
+            out += [getattr(state, k) for k in ("amax_history", "scale") if hasattr(state, k)]
+    return out
+
+
+@contextmanager
+def fp8_scaling_kept(modules):
+    """Restores the delayed-scaling state, in place, after the block. Forward passes in FP8 record
+    their inputs' amax into the history's current row even without gradients (TE updates the
+    scales only when they are enabled), so the next training step's update would take the
+    evaluation's activations in."""
+    saved = [(t, t.clone()) for t in fp8_scaling_tensors(modules)]
+    try:
+        yield
+    finally:
+        for t, copy in saved:
+            t.copy_(copy)
