@@ -2,6 +2,7 @@
 spec from the same weights, TE's thd attention against the local dense mask, FP8 training
 against bf16 over 50 steps, and the held-out evaluation leaving bf16 and FP8 training alone."""
 import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from mmpretrain.config import load
 from mmpretrain.dataset import make_loader
 from mmpretrain.model.build import build_model
 from mmpretrain.model.te_specs import fp8_unavailable, te_unavailable
+from mmpretrain.train import validate
 from mmpretrain.train.loop import setup
 from mmpretrain.train.step import train_step
-from mmpretrain.train.validate import HeldoutLoss, fp8_scaling_tensors
+from mmpretrain.train.validate import HeldoutLoss
 
 pytestmark = pytest.mark.skipif(te_unavailable() is not None,
                                 reason=f"needs Transformer Engine on CUDA: {te_unavailable()}")
@@ -85,10 +87,9 @@ def test_te_fused_mlp_matches_local_spec(megatron_world, design):
     assert err <= 2e-2, f"TE fused MLP vs local logits differ by {err:.3%} of their range"
 
 
-def train_losses(base: list[str], steps: int, eval_every: int = 0, moved: list | None = None) -> list[float]:
+def train_losses(base: list[str], steps: int, eval_every: int = 0) -> list[float]:
     """Training losses of `steps` steps, with the held-out loss taken every `eval_every` steps
-    (as the training loop does) when it is not 0; `moved` gets, per evaluation, the number of FP8
-    scaling tensors it compared and whether the evaluation changed any of them."""
+    (as the training loop does) when it is not 0."""
     cfg = load(None, base)
     _, tok, chunks, ddps, optimizer, scheduler = setup(cfg, world_size=1)
     loader = iter(make_loader(cfg, "train", tok))
@@ -99,11 +100,7 @@ def train_losses(base: list[str], steps: int, eval_every: int = 0, moved: list |
         scheduler.step(1)
         losses.append(loss)
         if heldout is not None and step % eval_every == 0:
-            before = [t.clone() for t in fp8_scaling_tensors(ddps)]
             heldout(ddps, cfg.data.seq_length)
-            after = fp8_scaling_tensors(ddps)
-            if moved is not None:
-                moved.append((len(before), any(not torch.equal(a, b) for a, b in zip(before, after))))
     destroy_distributed()
     return losses
 
@@ -135,23 +132,35 @@ def test_fp8_loss_tracks_bf16(small_dataset, recipe):
     assert abs(late_fp8 - late_bf16) <= 0.1 * late_bf16, (bf16, fp8)
 
 
-@pytest.mark.parametrize("recipe", [None, "delayed", "tensorwise"])
-def test_evaluation_leaves_training_alone(small_dataset, recipe, monkeypatch):
-    """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8, and
-    under delayed scaling no amax history or scale: the evaluation's forward passes run in FP8
-    too and record their amax in the history, which HeldoutLoss restores (fp8_scaling_kept);
-    kept, the next training steps would be scaled differently. A repeat of the run without
-    evaluation must give the same losses first (the runs are deterministic), so that a difference
-    is the evaluation's."""
+@pytest.mark.parametrize("recipe, fused_mlp", [(None, False), ("delayed", False),
+                                               ("tensorwise", False), ("delayed", True)])
+def test_evaluation_leaves_training_alone(small_dataset, recipe, fused_mlp, monkeypatch):
+    """The held-out loss taken every 2 steps changes no training loss, in bf16 and in FP8 (with
+    TE's operation fuser for the MLP too). Under delayed scaling the evaluation's forward passes
+    record their amax in TE's amax histories (seen here before HeldoutLoss restores them), which
+    would scale the next training steps differently. A repeat of the run without evaluation must
+    give the same losses first (the runs are deterministic), so that a difference is the
+    evaluation's."""
     if recipe and fp8_unavailable(recipe):
         pytest.skip(fp8_unavailable(recipe))
     monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
-    base = small_te(small_dataset) + (["train.fp8=hybrid", f"train.fp8_recipe={recipe}"] if recipe else [])
+    base = small_te(small_dataset) + [f"model.te_fused_mlp={str(fused_mlp).lower()}"]
+    base += ["train.fp8=hybrid", f"train.fp8_recipe={recipe}"] if recipe else []
     plain = train_losses(base, 8)
     assert train_losses(base, 8) == plain, "the same run twice gave other losses"
-    moved = []
-    assert train_losses(base, 8, eval_every=2, moved=moved) == plain
-    assert len(moved) == 4
-    if recipe == "delayed":
-        assert all(n > 0 for n, _ in moved), "no FP8 scaling state found to compare"
-    assert not any(changed for _, changed in moved), "an evaluation changed FP8 scaling state"
+
+    recorded = []  # per evaluation: FP8 scaling tensors found, and whether the evaluation wrote any
+    kept = validate.fp8_scaling_kept
+
+    @contextmanager
+    def watched(modules):
+        with kept(modules):
+            before = [t.clone() for t in validate.fp8_scaling_tensors(modules)]
+            yield
+            after = validate.fp8_scaling_tensors(modules)
+            recorded.append((len(before), any(not torch.equal(a, b) for a, b in zip(before, after))))
+    monkeypatch.setattr(validate, "fp8_scaling_kept", watched)
+    assert train_losses(base, 8, eval_every=2) == plain
+    assert len(recorded) == 4
+    if recipe == "delayed":  # the state exists, and each evaluation wrote into it
+        assert all(n > 0 and wrote for n, wrote in recorded), recorded

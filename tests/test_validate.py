@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from mmpretrain.data.shards import ShardError
 from mmpretrain.config import ConfigError, load
 from mmpretrain.dataset import make_loader, open_tokenizer
 from mmpretrain.train.loop import setup
-from mmpretrain.train.validate import HeldoutLoss, pack_samples, read_samples
+from mmpretrain.train.validate import HeldoutLoss, fp8_scaling_kept, pack_samples, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -191,3 +192,26 @@ def test_evaluation_restores_fp8_scaling_in_place(megatron_world, small_dataset)
     assert calls  # the hook ran in the evaluation
     assert fwd.amax_history is history and fwd.scale is scale
     assert not history.any() and torch.equal(scale, torch.ones(3))
+
+
+def test_state_registered_with_te_but_outside_the_module_tree_is_restored(monkeypatch):
+    """TE's operation fuser (model.te_fused_mlp) keeps its ops out of the module tree; their
+    delayed-scaling state is found through TE's global amax-reduction buffers (here a stand-in
+    with TE's names), forward entries only."""
+    fwd_history, fwd_scale, bwd_history = torch.zeros(4, 2), torch.ones(2), torch.zeros(4, 2)
+
+    class Manager:
+        global_amax_history_buffer = {"forward_k": [fwd_history], "backward_k": [bwd_history]}
+        global_scale_buffer = {"forward_k": [fwd_scale]}
+
+        @staticmethod
+        def split_key_in_buffer(key):
+            direction, autocast_key = key.split("_", 1)
+            return direction == "forward", autocast_key
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.quantization",
+                        types.SimpleNamespace(FP8GlobalStateManager=Manager))
+    with fp8_scaling_kept([torch.nn.Linear(2, 2)]):
+        fwd_history[0], bwd_history[0] = 3.0, 5.0
+        fwd_scale.mul_(0.5)
+    assert not fwd_history.any() and torch.equal(fwd_scale, torch.ones(2))
+    assert bwd_history[0].eq(5.0).all()

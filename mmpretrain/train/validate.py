@@ -6,6 +6,7 @@ share a row: it is that of `mmpretrain eval` on the same samples."""
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -128,16 +129,32 @@ class HeldoutLoss:
 
 
 def fp8_scaling_tensors(modules) -> list[torch.Tensor]:
-    """Transformer Engine's delayed-scaling state of the forward pass in `modules`: each TE
-    module's amax history and scales (`fp8_meta["scaling_fwd"]`); none for other layers and
-    recipes."""
+    """Transformer Engine's delayed-scaling state of the forward pass: each TE module's amax
+    history and scales in `modules` (`fp8_meta["scaling_fwd"]`) and every forward state TE has
+    registered for its amax reduction, which also holds that of its operation fuser's ops
+    (`model.te_fused_mlp`; they are not submodules). None for other layers and recipes."""
     out = []
     for root in modules:
         for m in root.modules():
             meta = getattr(m, "fp8_meta", None)
             state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
             out += [getattr(state, k) for k in ("amax_history", "scale") if hasattr(state, k)]
-    return out
+    out += _te_registered_forward_scaling()
+    unique = {id(t): t for t in out}
+    return list(unique.values())
+
+
+def _te_registered_forward_scaling() -> list[torch.Tensor]:
+    """The forward amax histories and scales in TE's global delayed-scaling buffers, when TE is
+    in use (imported)."""
+    manager = None
+    for name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        manager = manager or getattr(sys.modules.get(name), "FP8GlobalStateManager", None)
+    if manager is None:
+        return []
+    return [t for buffer in (manager.global_amax_history_buffer, manager.global_scale_buffer)
+            for key, tensors in buffer.items() if manager.split_key_in_buffer(key)[0]
+            for t in tensors]
 
 
 @contextmanager
