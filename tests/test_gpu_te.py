@@ -15,7 +15,7 @@ from mmpretrain.config import load
 from mmpretrain.dataset import make_loader
 from mmpretrain.model.build import build_model
 from mmpretrain.model.te_specs import fp8_unavailable, te_unavailable
-from mmpretrain.train import validate
+from mmpretrain.train import fp8_state, validate
 from mmpretrain.train.loop import setup
 from mmpretrain.train.step import train_step
 from mmpretrain.train.validate import HeldoutLoss
@@ -155,9 +155,9 @@ def test_evaluation_leaves_training_alone(small_dataset, recipe, fused_mlp, monk
     @contextmanager
     def watched(modules):
         with kept(modules):
-            before = [t.clone() for t in validate.fp8_scaling_tensors(modules)]
+            before = [t.clone() for t in fp8_state.fp8_scaling_tensors(modules)]
             yield
-            after = validate.fp8_scaling_tensors(modules)
+            after = fp8_state.fp8_scaling_tensors(modules)
             recorded.append((len(before), any(not torch.equal(a, b) for a, b in zip(before, after))))
     monkeypatch.setattr(validate, "fp8_scaling_kept", watched)
     assert train_losses(base, 8, eval_every=2) == plain

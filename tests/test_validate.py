@@ -16,8 +16,9 @@ from mmpretrain.data.shards import ShardError
 
 from mmpretrain.config import ConfigError, load
 from mmpretrain.dataset import make_loader, open_tokenizer
+from mmpretrain.train.fp8_state import fp8_scaling_kept
 from mmpretrain.train.loop import setup
-from mmpretrain.train.validate import HeldoutLoss, fp8_scaling_kept, pack_samples, read_samples
+from mmpretrain.train.validate import HeldoutLoss, pack_samples, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -6,8 +6,6 @@ share a row: it is that of `mmpretrain eval` on the same samples."""
 from __future__ import annotations
 
 import logging
-import sys
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -19,6 +17,7 @@ from mmpretrain.data.packing import PackedBatch, pack_rows
 from mmpretrain.data.sequence import SampleError
 from mmpretrain.data.shards import ShardError
 from mmpretrain.parallel import cuda_to_cpu, is_rank0
+from mmpretrain.train.fp8_state import fp8_scaling_kept
 from mmpretrain.train.step import device, forward_backward, loss_totals
 
 log = logging.getLogger("mmpretrain")
@@ -126,46 +125,3 @@ class HeldoutLoss:
             for ddp in ddps:
                 ddp.train()
         return total / tokens
-
-
-def fp8_scaling_tensors(modules) -> list[torch.Tensor]:
-    """Transformer Engine's delayed-scaling state of the forward pass: each TE module's amax
-    history and scales in `modules` (`fp8_meta["scaling_fwd"]`) and every forward state TE has
-    registered for its amax reduction, which also holds that of its operation fuser's ops
-    (`model.te_fused_mlp`; they are not submodules). None for other layers and recipes."""
-    out = []
-    for root in modules:
-        for m in root.modules():
-            meta = getattr(m, "fp8_meta", None)
-            state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
-            out += [getattr(state, k) for k in ("amax_history", "scale") if hasattr(state, k)]
-    out += _te_registered_forward_scaling()
-    unique = {id(t): t for t in out}
-    return list(unique.values())
-
-
-def _te_registered_forward_scaling() -> list[torch.Tensor]:
-    """The forward amax histories and scales in TE's global delayed-scaling buffers, when TE is
-    in use (imported)."""
-    manager = None
-    for name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
-        manager = manager or getattr(sys.modules.get(name), "FP8GlobalStateManager", None)
-    if manager is None:
-        return []
-    return [t for buffer in (manager.global_amax_history_buffer, manager.global_scale_buffer)
-            for key, tensors in buffer.items() if manager.split_key_in_buffer(key)[0]
-            for t in tensors]
-
-
-@contextmanager
-def fp8_scaling_kept(modules):
-    """Restores the delayed-scaling state, in place, after the block. Forward passes in FP8 record
-    their inputs' amax into the history's current row even without gradients (TE updates the
-    scales only when they are enabled), so the next training step's update would take the
-    evaluation's activations in."""
-    saved = [(t, t.clone()) for t in fp8_scaling_tensors(modules)]
-    try:
-        yield
-    finally:
-        for t, copy in saved:
-            t.copy_(copy)
