@@ -134,6 +134,41 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
     raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
 
 
+def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler, loader
+           ) -> tuple[int, int]:
+    """The step and samples consumed the run starts from: a resumed checkpoint's, or 0 after
+    loading only weights (checkpoint.init_from) or none; `how` is train's (resume, fresh,
+    overwrite)."""
+    begin = start_point(run_dir, *how, is_rank0(), cfg.checkpoint.init_from)
+    dist.barrier()
+    if begin.weights_only:
+        start, consumed = _init_weights(begin.checkpoint, chunks, optimizer)
+    elif begin.checkpoint:
+        start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
+    else:
+        start, consumed = 0, 0
+    if start >= cfg.train.steps and is_rank0():
+        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
+                    cfg.train.steps)
+    return start, consumed
+
+
+def _save(cfg: Config, run_dir: Path, step: int, last: bool, state: tuple, samples_seen: int,
+          saves: checkpoint.AsyncSaves | None) -> None:
+    """After `step`: publish finished background saves, save a checkpoint at checkpoint.every and
+    at the `last` step, and at the last step wait for the saves in flight; `state` is (chunks,
+    optimizer, scheduler, loader)."""
+    chunks, optimizer, scheduler, loader = state
+    with cuda_to_cpu():
+        if saves:
+            saves.poll()  # publish a background save once every rank has written it
+        if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(), cfg,
+                            samples_seen, cfg.checkpoint.keep, cfg.checkpoint.keep_every, saves)
+        if saves and last:
+            saves.close()  # the last save is written and published before the exit
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bool = False,
           overwrite: bool = False) -> dict:
     """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
@@ -149,14 +184,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp,
                          slots=cfg.train.global_batch_size // cfg.data.micro_batch_size)  # the
     # global batch is the same under any dp: each of its micro-batches has a packer of its own
-    begin = start_point(run_dir, resume, fresh, overwrite, is_rank0(), cfg.checkpoint.init_from)
-    dist.barrier()
-    if begin.weights_only:
-        start, consumed = _init_weights(begin.checkpoint, chunks, optimizer)
-    elif begin.checkpoint:
-        start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
-    else:
-        start, consumed = 0, 0
+    start, consumed = _start(cfg, run_dir, (resume, fresh, overwrite), chunks, optimizer, scheduler,
+                             loader)
     heldout = _heldout(cfg, tok, layout)
     metrics = _open_run(cfg, run_dir, start, chunks, n_micro) if is_rank0() else None
     batches = CountingIterator(loader)
@@ -164,9 +193,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
     skipped = SkippedSteps(cfg.train.max_skipped_steps)
-    if start >= cfg.train.steps and is_rank0():
-        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
-                    cfg.train.steps)
     profiler = StepProfiler(cfg.logging.profile_steps, run_dir, dist.get_rank(), cfg.train.steps)
     for step in range(start + 1, cfg.train.steps + 1):
         profiler.begin(step)
@@ -198,16 +224,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         if stop and step < cfg.train.steps and is_rank0():
             log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
                         "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
-        last = stop or diverged or step == cfg.train.steps
-        with cuda_to_cpu():
-            if saves:
-                saves.poll()  # publish a background save once every rank has written it
-            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(),
-                                cfg, consumed + int(seen), cfg.checkpoint.keep,
-                                cfg.checkpoint.keep_every, saves)
-            if saves and last:
-                saves.close()  # the last save is written and published before the exit
+        _save(cfg, run_dir, step, stop or diverged or step == cfg.train.steps,
+              (chunks, optimizer, scheduler, loader), consumed + int(seen), saves)
         if diverged or (stop and step < cfg.train.steps):  # saved above
             profiler.close()
             _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)
