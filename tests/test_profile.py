@@ -33,7 +33,7 @@ def test_profiled_steps_are_traced_per_rank(tmp_path, small_dataset):
         assert any(n and n.startswith("aten::") for n in names)  # the ops inside
 
 
-@pytest.mark.parametrize("steps", ["[3]", "[0,2]", "[4,2]", "[1,2,3]"])
+@pytest.mark.parametrize("steps", ["[3]", "[0,2]", "[4,2]", "[1,2,3]", "[5,25]"])
 def test_profile_steps_are_checked(steps):
     with pytest.raises(ConfigError, match="logging.profile_steps"):
         load(None, [f"logging.profile_steps={steps}"])

@@ -8,6 +8,10 @@ FP8_MULTIPLE = 16
 """FP8 GEMMs take token (row) counts in multiples of this: the decoder's sequence, the encoder's
 patch stream and the cross-attention keys are sized or padded to it under train.fp8."""
 
+PROFILE_MAX_STEPS = 20
+"""The longest `logging.profile_steps` window: torch.profiler keeps every op (with shapes) of the
+window in host memory until it ends, and a trace of a few steps shows what a step spends."""
+
 
 def check_trainable(cfg: Config) -> None:
     """Settings a config may hold (`mmpretrain plan` models them) that cannot run here: the TE
@@ -110,6 +114,10 @@ def validate(cfg: Config) -> None:
     if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
         raise ConfigError(f"logging.profile_steps: [first, last] with 1 <= first <= last, or [], "
                           f"got {steps}")
+    if steps and steps[1] - steps[0] + 1 > PROFILE_MAX_STEPS:
+        raise ConfigError(f"logging.profile_steps {steps}: at most {PROFILE_MAX_STEPS} steps (the "
+                          f"profiler holds every op of the window in host memory until it ends; "
+                          f"{steps[1] - steps[0] + 1} asked)")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr {cfg.train.min_lr} is above train.lr {cfg.train.lr}")
     if cfg.projector.merge not in (1, 2):

@@ -238,8 +238,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under <run>/tb."""
     profile_steps: list[int] = field(default_factory=list)
-    """[first, last]: profile these steps with torch.profiler (a trace per rank under
-    <run>/profile/, the top ops logged); empty: none."""
+    """[first, last]: profile these steps (at most 20) with torch.profiler (a trace per rank
+    under <run>/profile/, the top ops logged); empty: none."""
 
 
 @dataclass
