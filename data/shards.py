@@ -211,7 +211,8 @@ class ShardReader:
             return from_row(self.shards[k].get_item(row))
         except UnicodeDecodeError as e:
             raise ShardError("bad_text", f"{self.path / name} row {row}: text is not UTF-8: {e}") from None
-        except (ValueError, struct.error) as e:
+        except (ValueError, IndexError, OverflowError, struct.error) as e:
+            # damaged offsets make streaming's reader raise IndexError ("not present in the shard")
             raise ShardError("corrupt_sample", f"{self.path / name} row {row}: {e}") from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -87,6 +87,41 @@ def test_a_row_of_another_writer_that_breaks_the_format_is_a_shard_error(tmp_pat
     assert caught.value.reason == "corrupt_sample"
 
 
+def test_damaged_row_offsets_are_shard_errors(tmp_path):
+    """A shard whose row-offset table is damaged (its size unchanged, so it opens): each row that
+    cannot be read is a ShardError (the loader's counted skip), never another exception."""
+    import random
+    import struct
+
+    from mmpretrain.data.shards import ShardError
+
+    samples = _samples(12)
+    write_shards(tmp_path / "ds", samples)
+    shard = next((tmp_path / "ds").glob("shard.*.mds"))
+    good = shard.read_bytes()
+    data = bytearray(good)  # MDS: sample count, then the rows' begin offsets (uint32 each)
+    begin, end = struct.unpack_from("<II", data, 4 * (1 + 5))
+    struct.pack_into("<I", data, 4 * (1 + 5), end)  # row 5 begins where it ends
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"row 5: ") as caught:
+        ShardReader(tmp_path / "ds")[5]
+    assert caught.value.reason == "corrupt_sample"
+
+    rng, failed = random.Random(0), 0
+    for _ in range(20):  # random bytes in the offset table and the first rows
+        data = bytearray(good)
+        for _ in range(8):
+            data[rng.randrange(4 * (len(samples) + 2))] = rng.randrange(256)
+        shard.write_bytes(bytes(data))
+        reader = ShardReader(tmp_path / "ds")
+        for i in range(len(samples)):
+            try:
+                reader[i]
+            except ShardError:
+                failed += 1
+    assert failed > 0  # the damage was seen, and only as ShardErrors
+
+
 def test_failed_write_leaves_no_index(tmp_path):
     def broken():
         yield from _samples(5)
