@@ -15,12 +15,15 @@ Inputs `mmpretrain data build` reads, one raw record at a time:
 from __future__ import annotations
 
 import json
+import lzma
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+DAMAGED = "__damaged__"  # a RawRecord's data key: where an input file stopped being readable
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 
@@ -30,7 +33,8 @@ class RecordError(ValueError):
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.reason = reason  # bad_record | missing_file | empty_text | undecodable_image | oversize_image
+        self.reason = reason  # bad_record | missing_file | empty_text | undecodable_image |
+        # oversize_image | damaged_tar
 
 
 @dataclass
@@ -59,20 +63,28 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
 
 
 def read_tar(path: Path) -> Iterator[RawRecord]:
-    """One RawRecord per key of a WebDataset tar (members of a key are consecutive)."""
+    """One RawRecord per key of a WebDataset tar (members of a key are consecutive). A tar that
+    is cut short or damaged (a partial download) gives the keys read before the damage, then one
+    record marked damaged for the rest of the file."""
     key, blobs = None, {}
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            k = member.name[: len(member.name) - len(name)] + k
-            if key is not None and k != key:
-                yield RawRecord(f"{path}:{key}", {}, "", blobs)
-                blobs = {}
-            key = k
-            blobs["." + ext.lower()] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                k, _, ext = name.partition(".")
+                k = member.name[: len(member.name) - len(name)] + k
+                if key is not None and k != key:
+                    yield RawRecord(f"{path}:{key}", {}, "", blobs)
+                    blobs = {}
+                key = k
+                blobs["." + ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        where = f"{path}:{key}" if key is not None else f"{path}"
+        yield RawRecord(where, {DAMAGED: f"the tar is damaged or cut short here ({e}); the "
+                                          f"rest of the file is skipped"})
+        return
     if key is not None:
         yield RawRecord(f"{path}:{key}", {}, "", blobs)
 
@@ -213,6 +225,8 @@ def _tar_sample(rec: RawRecord) -> tuple[str, list[dict], list[bytes]]:
 
 def to_sample(rec: RawRecord, index: int) -> dict:
     """The sample of a raw record (images not yet checked), or RecordError."""
+    if DAMAGED in rec.data:
+        raise RecordError("damaged_tar", rec.data[DAMAGED])
     kind, segments, images = _tar_sample(rec) if rec.blobs else _jsonl_sample(rec)
     if not any(seg.get("text", "").strip() for seg in segments):
         raise RecordError("empty_text", "no text")

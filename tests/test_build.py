@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mmpretrain.data.build import build
 from mmpretrain.data.formats import conversation_segments
 from mmpretrain.data.shards import ShardReader
@@ -106,6 +107,31 @@ def test_workers_give_the_same_shards_and_the_cli_prints_the_summary(tmp_path, c
     assert list(ShardReader(tmp_path / "a")) == list(ShardReader(tmp_path / "b"))
     assert main(["data", "build", "--input", str(src / "nope.jsonl"), "--out",
                  str(tmp_path / "c")]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_tar_cut_short_keeps_what_came_before_and_the_other_inputs(tmp_path, suffix):
+    """A partial download: the keys before the damage are written, the rest of that tar is one
+    counted `damaged_tar` skip naming the file, and the other inputs are built as before."""
+    src = make_inputs(tmp_path / "src")
+    whole = tmp_path / f"whole{suffix}"
+    with tarfile.open(whole, "w:gz" if suffix == ".tar.gz" else "w") as tar:
+        for key in range(6):
+            for ext, data in {"png": png(key), "txt": f"caption {key}".encode()}.items():
+                info = tarfile.TarInfo(f"k{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cut = src / "cut.tar"  # .tar: the reader opens any compression the stream has
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    summary = build([str(src / "wds.tar"), str(cut), str(src / "data.jsonl")], tmp_path / "out",
+                    max_pixels=100_000_000, progress=False)
+    assert summary["skipped"]["damaged_tar"] == 1
+    assert "cut.tar" in summary["skip_examples"]["damaged_tar"][0]
+    captions = [seg["text"] for s in ShardReader(tmp_path / "out") for seg in s["segments"]
+                if "text" in seg]
+    kept = [c for c in captions if c.startswith("caption ")]
+    assert kept and kept == [f"caption {k}" for k in range(len(kept))] and len(kept) < 6
+    assert "tar caption" in captions and "a pair" in captions  # the inputs around it
 
 
 def test_conversation_images_without_placeholders_go_first():
