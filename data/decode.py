@@ -50,14 +50,27 @@ class ImageInfo:
     has_alpha: bool  # an alpha channel or a transparent palette entry
 
 
+def _open(data: bytes, allowed: int = 0) -> Image.Image:
+    """Image.open that refuses no image of up to `allowed` pixels: Pillow's own limit (a warning
+    above Image.MAX_IMAGE_PIXELS, an error above twice it) is raised to `allowed` for this call
+    where that is higher, then restored, so a `max_pixels` above Pillow's is honoured."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and allowed > limit:
+        Image.MAX_IMAGE_PIXELS = allowed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read the header; raise ImageError for an empty, unidentifiable or over-size image."""
     if len(data) == 0:
         raise ImageError("empty_image", "zero-byte image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = _open(data, max_pixels)
     except Image.DecompressionBombError as e:
         raise ImageError("image_too_large", str(e)) from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for garbage
@@ -77,7 +90,7 @@ class PillowDecoder:
     def __call__(self, data: bytes, info: ImageInfo | None = None) -> np.ndarray:
         """Encoded bytes -> [H, W, 3] uint8; ImageError when the data cannot be decoded."""
         try:
-            img = Image.open(io.BytesIO(data))
+            img = _open(data, info.width * info.height if info else 0)  # probe checked it
             img.load()
             return pillow_rgb(img)
         except ImageError:

@@ -166,6 +166,22 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("decoder", ["pillow", pytest.param("dali", marks=needs_dali)])
+def test_a_limit_above_pillows_own_is_honoured(decoder, monkeypatch):
+    """max_pixels above Pillow's bomb limit (its error at twice Image.MAX_IMAGE_PIXELS, 179M
+    pixels by default; lowered here so a small image crosses it) lets such an image through the
+    probe and the decoder, and leaves Pillow's limit as it was for everyone else."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    rgb = np.random.default_rng(0).integers(0, 255, (2000, 1600, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(rgb), "PNG")  # 3.2M pixels: over twice Pillow's 1M
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    assert np.array_equal(decode_image(data, make_decoder(decoder), max_pixels=4_000_000), rgb)
+    with pytest.raises(ImageError, match="pixels") as e:
+        decode_image(data, make_decoder(decoder), max_pixels=3_000_000)
+    assert e.value.reason == "image_too_large" and Image.MAX_IMAGE_PIXELS == 1_000_000
+
+
+@pytest.mark.parametrize("decoder", ["pillow", pytest.param("dali", marks=needs_dali)])
 def test_bad_images_are_refused_with_a_reason(decoder):
     dec = make_decoder(decoder)
     jpeg, png = CASES["rgb_jpeg"], CASES["rgb_png"]
