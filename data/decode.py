@@ -48,6 +48,7 @@ class ImageInfo:
     width: int  # stored width, before the EXIF orientation
     height: int
     has_alpha: bool  # an alpha channel or a transparent palette entry
+    deep_color: bool = False  # 16-bit colour samples (PNG), which Pillow reads as their high byte
 
 
 def _open(data: bytes, allowed: int = 0) -> Image.Image:
@@ -79,7 +80,8 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     if w * h > max_pixels:
         raise ImageError("image_too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
     alpha = img.mode in ALPHA_MODES or "transparency" in img.info
-    return ImageInfo(img.format or "", img.mode, w, h, alpha)
+    deep = img.mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in img.tile)
+    return ImageInfo(img.format or "", img.mode, w, h, alpha, deep)
 
 
 class PillowDecoder:
@@ -131,9 +133,10 @@ class DaliDecoder:
         return self._pipes[alpha]
 
     def handles(self, info: ImageInfo) -> bool:
-        """Whether DALI decodes this image to the same pixels as Pillow."""
+        """Whether DALI decodes this image to the same pixels as Pillow (not 16-bit colour:
+        Pillow keeps each sample's high byte, DALI's samples would be scaled)."""
         modes = self.FORMATS.get(info.format, ())
-        if info.mode not in modes:
+        if info.mode not in modes or info.deep_color:
             return False
         return not info.has_alpha or info.mode == "RGBA"
 

@@ -1,7 +1,8 @@
 """Pixels as the encoder sees them: any Pillow image or array -> RGB uint8 [H, W, 3].
 
 EXIF orientation applied, grayscale and palette images expanded, CMYK converted, 16-bit samples
-scaled with round(v * 255 / 65535), alpha composited over white. Every decoder of the data path
+scaled with round(v * 255 / 65535) (Pillow itself reads 16-bit colour PNGs as each sample's high
+byte), alpha composited over white. Every decoder of the data path
 ends here, and Hugging Face exports ship this file (as `nvlm_pixels.py`, numpy and Pillow only) so
 that their processor reads an image as training does.
 """

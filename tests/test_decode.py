@@ -45,6 +45,26 @@ def with_orientation(img: Image.Image, orientation: int) -> bytes:
     return encode(img, "JPEG", quality=90, exif=exif.tobytes())
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data worth decoding)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b""))
+            + _chunk(b"IEND", b""))
+
+
+def _png16(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG of [H, W, 3] (RGB) or [H, W, 4] (RGBA) uint16 samples (Pillow writes none)."""
+    h, w, c = samples.shape
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
 def image_cases() -> dict[str, bytes]:
     """One encoded image per kind the decoders must agree on."""
     base = Image.fromarray(_pixels(72, 120))
@@ -64,6 +84,8 @@ def image_cases() -> dict[str, bytes]:
         "la_png": encode(rgba_img.convert("LA"), "PNG"),
         "gray16_png": encode(Image.fromarray(
             np.random.default_rng(1).integers(0, 65536, (40, 50)).astype(np.uint16)), "PNG"),
+        "rgb16_png": _png16(np.random.default_rng(2).integers(0, 65536, (40, 50, 3))),
+        "rgba16_png": _png16(np.random.default_rng(3).integers(0, 65536, (40, 50, 4))),
         "gif": encode(base.convert("P"), "GIF"),
         "webp": encode(base, "WEBP", lossless=True),
     }
@@ -152,17 +174,6 @@ def test_make_decoder_choices():
         assert make_decoder("dali").name == "dali" and make_decoder("dali").device_id is None
     with pytest.raises(ValueError, match="unknown decoder"):
         make_decoder("opencv")
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (no pixel data worth decoding)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b""))
-            + _chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("decoder", ["pillow", pytest.param("dali", marks=needs_dali)])
