@@ -9,17 +9,33 @@ tokenizers, torch) and was seen to deadlock. Each worker makes its own decoder o
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
+from mmpretrain.stop_signals import STOP_SIGNALS, stop_signals_held
+
 _FN: Callable | None = None
 
 
-def _init(fn: Callable) -> None:
+def _init(fn: Callable, closing) -> None:
+    """Worker start-up. The stop signals end a worker only once its pool is closing (the pool's
+    terminate sends SIGTERM): a worker, or the fork server, killed by a signal to the whole job
+    would leave the trainer waiting for a result that never comes while it should be saving its
+    checkpoint. The pool is started with the signals blocked (the fork server keeps them
+    blocked); each worker unblocks them once its handler is in place."""
     global _FN
     import torch
 
+    def on_signal(signum, frame):
+        if closing.is_set():
+            os._exit(0)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)
     _FN = fn
 
@@ -37,7 +53,9 @@ class WorkerPool:
         if workers > 0:
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(["mmpretrain.data.loader", "mmpretrain.data.build"])
-            self.pool = ctx.Pool(workers, initializer=_init, initargs=(fn,))
+            self.closing = ctx.Event()
+            with stop_signals_held():  # the fork server and the workers inherit the block
+                self.pool = ctx.Pool(workers, initializer=_init, initargs=(fn, self.closing))
         self.in_flight: set = set()  # results submitted and not yet taken, of every stream
 
     def map(self, args: Iterable, lookahead: int = 0) -> Iterator:
@@ -70,6 +88,7 @@ class WorkerPool:
             for result in list(self.in_flight):
                 result.wait(max(0.0, deadline - time.monotonic()))
             self.in_flight.clear()
+            self.closing.set()
             self.pool.terminate()
             self.pool.join()
             self.pool = None

@@ -255,3 +255,35 @@ def test_sigusr1_saves_and_exits_with_the_requeue_code(small_dataset, tmp_path, 
     assert 1 <= step < 1000 and logged_steps(run)[-1] == step
     assert (run / "checkpoints" / saved / ".metadata").is_file()  # complete before the exit
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("extra", [["checkpoint.async_save=false"], ["checkpoint.async_save=true"],
+                                   ["data.workers=2"]], ids=["sync", "async", "data-workers"])
+def test_a_signal_to_every_process_of_the_job_still_saves(small_dataset, tmp_path, extra):
+    """Slurm's preemption and scancel signal every process of the job, not only the trainer: the
+    checkpoint writer's helper processes (started by the first save) and the data workers must
+    outlive the signal, so that the trainer saves its stop checkpoint and exits to be requeued."""
+    from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE
+
+    run = tmp_path / "run"
+    sets = [a for e in ["train.steps=1000", "checkpoint.every=2", *extra] for a in ("--set", e)]
+    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain",
+                             *train_args(run, small_dataset, *sets)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoints" / "latest").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        first = int(latest(run).split("_")[1])
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    saved = latest(run)
+    assert int(saved.split("_")[1]) > first and (run / "checkpoints" / saved / ".metadata").is_file()
+    assert (run / STOPPED_FILE).is_file() and not list((run / "checkpoints").glob(".tmp-*"))

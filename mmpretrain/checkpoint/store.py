@@ -44,6 +44,7 @@ from mmpretrain.checkpoint.files import (
     write_atomic,
 )
 from mmpretrain.config import Config, dump
+from mmpretrain.stop_signals import stop_signals_held
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ class AsyncSaves:
 
     def schedule(self, request, step: int) -> None:
         self.scheduled[step] = time.time()
-        self.queue.schedule_async_request(request)
+        with stop_signals_held():  # the forked writer, and what it starts, outlive a stop signal
+            self.queue.schedule_async_request(request)
 
     def poll(self) -> None:
         """Publish the saves every rank has finished writing; never waits for a write."""
@@ -142,7 +144,9 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
     dist.barrier()
     state = model_state(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(dict(state))
-    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=async_saves is not None)
+    with stop_signals_held():  # the helper processes the save starts must outlive a stop signal
+        request = dist_checkpointing.save(state, str(tmp),
+                                          async_sharded_save=async_saves is not None)
     _write_rank_files(tmp, loader_state)
     if dist.get_rank() == 0:
         meta = {"step": step, "consumed_samples": consumed_samples,

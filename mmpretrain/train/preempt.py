@@ -14,11 +14,11 @@ import signal
 import torch
 import torch.distributed as dist
 
+from mmpretrain.stop_signals import STOP_SIGNALS
+
 REQUEUE_EXIT_CODE = 75
 """Exit status of a run that saved a checkpoint because it was asked to stop: EX_TEMPFAIL of
 sysexits.h ("temporary failure, try again"). The sbatch template requeues the job on it."""
-
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 STOPPED_FILE = "stopped.json"
 """Written to the run directory by rank 0 once the checkpoint of a requested stop is saved, before
@@ -37,7 +37,7 @@ class PreemptionHandler:
 
     def install(self) -> PreemptionHandler:
         """Start catching the signals."""
-        for sig in SIGNALS:
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
