@@ -77,6 +77,9 @@ def test_cross_field_validation(tmp_path):
     ("train.min_lr=0.5", r"train\.min_lr 0\.5 is above train\.lr"),
     ("train.warmup_steps=-5", r"train\.warmup_steps: must not be negative"),
     ("model.init_std=-1", r"model\.init_std: must not be negative"),
+    ("checkpoint.every=-1", r"checkpoint\.every: must not be negative"),
+    ("checkpoint.keep=-1", r"checkpoint\.keep: must not be negative"),
+    ("checkpoint.keep_every=-5", r"checkpoint\.keep_every: must not be negative"),
 ])
 def test_values_out_of_range_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):

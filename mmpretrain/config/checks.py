@@ -99,7 +99,9 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.train.eval_samples}")
     for key, v in {"train.warmup_steps": cfg.train.warmup_steps, "train.lr": cfg.train.lr,
                    "train.eval_every": cfg.train.eval_every,
-                   "train.min_lr": cfg.train.min_lr, "model.init_std": cfg.model.init_std}.items():
+                   "train.min_lr": cfg.train.min_lr, "model.init_std": cfg.model.init_std,
+                   "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+                   "checkpoint.keep_every": cfg.checkpoint.keep_every}.items():
         if v < 0:
             raise ConfigError(f"{key}: must not be negative, got {v}")
     if cfg.train.lr_decay == "wsd":

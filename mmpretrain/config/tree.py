@@ -222,7 +222,7 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many steps (0: only at the end)."""
     keep: int = 2
-    """Checkpoints to keep (the newest ones); the one `latest` names is never deleted."""
+    """Checkpoints to keep (the newest ones; 0: all); the one `latest` names is never deleted."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     init_from: str = ""
