@@ -266,7 +266,8 @@ def test_a_signal_to_every_process_of_the_job_still_saves(small_dataset, tmp_pat
     from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE
 
     run = tmp_path / "run"
-    sets = [a for e in ["train.steps=1000", "checkpoint.every=2", *extra] for a in ("--set", e)]
+    sets = [a for e in ["train.steps=1000", "checkpoint.every=2", "logging.every=100", *extra]
+            for a in ("--set", e)]
     proc = subprocess.Popen([sys.executable, "-m", "mmpretrain",
                              *train_args(run, small_dataset, *sets)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -286,4 +287,5 @@ def test_a_signal_to_every_process_of_the_job_still_saves(small_dataset, tmp_pat
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     saved = latest(run)
     assert int(saved.split("_")[1]) > first and (run / "checkpoints" / saved / ".metadata").is_file()
+    assert logged_steps(run)[-1] == int(saved.split("_")[1])  # the stop's record, off the cadence
     assert (run / STOPPED_FILE).is_file() and not list((run / "checkpoints").glob(".tmp-*"))

@@ -131,6 +131,8 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
         raise diverged
     if is_rank0():  # the save is published: a requeue resumes from it
         (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step}) + "\n")
+    dist.barrier()  # no rank exits before the file is there: srun's --kill-on-bad-exit ends
+    # the others on the first non-zero exit
     raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
 
 
@@ -208,8 +210,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())
         evaluate = heldout is not None and not diverged and (
             step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+        stop = preempt.stop_requested(device())  # agreed by all ranks
         if step % cfg.logging.every == 0 or step in (start + 1, cfg.train.steps) or diverged \
-                or evaluate:
+                or evaluate or stop:  # a stop's record keeps the counts since the last one
             data = data_metrics(loader)  # data/packing_efficiency, data/skipped_*, ... (all ranks)
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
@@ -220,7 +223,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
             if metrics:
                 metrics.log(record)
         profiler.end(step)
-        stop = preempt.stop_requested(device())  # agreed by all ranks
         if stop and step < cfg.train.steps and is_rank0():
             log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
                         "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
