@@ -106,6 +106,10 @@ def test_resume_from_a_named_checkpoint(trained, small_dataset, tmp_path):
                         trained / "checkpoints" / "step_00000002"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert logged_steps(tmp_path / "other") == [3, 4]
+    assert "not this run's own latest" not in r.stderr
+    r = cli(*train_args(tmp_path / "other", small_dataset, "--resume",  # as a requeue would
+                        trained / "checkpoints" / "step_00000002"))
+    assert r.returncode == 0 and "not this run's own latest checkpoint step_00000004" in r.stderr
     r = cli(*train_args(tmp_path / "x", small_dataset, "--resume", tmp_path / "nothing"))
     assert r.returncode == 2 and "neither a checkpoint nor a run" in r.stderr
 

@@ -2,12 +2,15 @@
 (`checkpoint.init_from`), or nothing."""
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
 from mmpretrain.config import ConfigError
+
+log = logging.getLogger("mmpretrain")
 
 
 def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
@@ -38,9 +41,16 @@ def start_checkpoint(run_dir: Path, resume: str | None, fresh: bool, overwrite: 
         return None
     if rank0:
         clear_stale_saves(run_dir)
-    if resume is not None:
-        return resolve_checkpoint(resume)
-    return latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
+    own = latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
+    if resume is None:
+        return own
+    named = resolve_checkpoint(resume)
+    if rank0 and own is not None and own.resolve() != named.resolve():
+        log.warning("--resume %s: starting from %s, not this run's own latest checkpoint %s; a "
+                    "restart with the same --resume (a requeued job script) starts from %s again "
+                    "(without --resume a restart takes the run's latest)", resume, named, own.name,
+                    named)
+    return named
 
 
 @dataclass(frozen=True)
