@@ -181,3 +181,10 @@ def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_da
     _, _, (fresh,), *_ = setup(cfg)
     assert changed(fresh, snapshot(models[0]))  # (the loads did load something)
 
+    # a streak across a restart counts as one: 1 skipped by step 3, then 2 more after resuming
+    bad_steps, calls[0] = set(range(3, 99)), 0
+    cfg = small_cfg(small_dataset, *sets, "train.max_skipped_steps=3", "train.steps=3")
+    train(cfg, tmp_path / "c")
+    with pytest.raises(DivergedError, match=r"3 steps in a row \(up to step 5\)"):
+        train(small_cfg(small_dataset, *sets, "train.max_skipped_steps=3"), tmp_path / "c")
+

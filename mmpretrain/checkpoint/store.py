@@ -127,12 +127,14 @@ class AsyncSaves:
 
 def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,
          cfg: Config, consumed_samples: int, keep: int = 2, keep_every: int = 0,
-         async_saves: AsyncSaves | None = None) -> Path:
+         async_saves: AsyncSaves | None = None, skipped_in_a_row: int = 0) -> Path:
     """Save on all ranks under a temporary name; rank 0 publishes it as `latest` once every rank
     has written, so a crash at any point leaves the previous checkpoint and `latest` intact.
 
     With `async_saves` the tensor files are written in the background and this returns once they
-    are staged; the checkpoint is published by a later `async_saves.poll()` or `.wait()`."""
+    are staged; the checkpoint is published by a later `async_saves.poll()` or `.wait()`.
+    `skipped_in_a_row`: the non-finite steps the run has skipped in a row up to `step`, so that a
+    resumed run stops at train.max_skipped_steps where the uninterrupted one would."""
     if async_saves is not None:
         async_saves.wait()  # one save at a time: the previous one is published first
     t0 = time.time()
@@ -150,6 +152,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
     _write_rank_files(tmp, loader_state)
     if dist.get_rank() == 0:
         meta = {"step": step, "consumed_samples": consumed_samples,
+                "skipped_in_a_row": skipped_in_a_row,
                 "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
                 "layout": _layout()}
         (tmp / "state.json").write_text(json.dumps(meta))

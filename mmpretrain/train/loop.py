@@ -61,8 +61,9 @@ def setup(cfg: Config, world_size: int | None = None, init_weights=None):
     return layout, tok, chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
 
 
-def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int]:
-    """Load a checkpoint into the training state; (step, consumed samples) it was saved at."""
+def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int, int]:
+    """Load a checkpoint into the training state; (step, consumed samples, non-finite steps
+    skipped in a row) it was saved at."""
     with cuda_to_cpu():
         meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
     if meta["loader"] is not None:
@@ -73,10 +74,10 @@ def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int]:
     elif is_rank0():
         how = "" if meta.get("same_layout", True) else " under another layout (RNG states reseeded)"
         log.info("resumed from %s at step %d%s", ckpt, meta["step"], how)
-    return meta["step"], meta["consumed_samples"]
+    return meta["step"], meta["consumed_samples"], meta.get("skipped_in_a_row", 0)
 
 
-def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int]:
+def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int, int]:
     """Only the model weights of another run's checkpoint (`checkpoint.init_from`); the optimizer,
     schedule, step and data position start fresh."""
     from mmpretrain.checkpoint.store import load_weights
@@ -89,7 +90,7 @@ def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int]:
         if fresh:
             log.info("the checkpoint has no %s: these cross-attention layers start from their "
                      "fresh initialisation", ", ".join(fresh))
-    return 0, 0
+    return 0, 0, 0
 
 
 def _open_run(cfg: Config, run_dir: Path, start: int, chunks, n_micro: int) -> MetricsLogger:
@@ -137,26 +138,27 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
 
 
 def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler, loader
-           ) -> tuple[int, int]:
-    """The step and samples consumed the run starts from: a resumed checkpoint's, or 0 after
+           ) -> tuple[int, int, int]:
+    """The step, samples consumed and steps skipped in a row the run starts from: a resumed
+    checkpoint's, or 0 after
     loading only weights (checkpoint.init_from) or none; `how` is train's (resume, fresh,
     overwrite)."""
     begin = start_point(run_dir, *how, is_rank0(), cfg.checkpoint.init_from)
     dist.barrier()
     if begin.weights_only:
-        start, consumed = _init_weights(begin.checkpoint, chunks, optimizer)
+        begun = _init_weights(begin.checkpoint, chunks, optimizer)
     elif begin.checkpoint:
-        start, consumed = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
+        begun = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
     else:
-        start, consumed = 0, 0
-    if start >= cfg.train.steps and is_rank0():
-        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", start,
+        begun = 0, 0, 0
+    if begun[0] >= cfg.train.steps and is_rank0():
+        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", begun[0],
                     cfg.train.steps)
-    return start, consumed
+    return begun
 
 
 def _save(cfg: Config, run_dir: Path, step: int, last: bool, state: tuple, samples_seen: int,
-          saves: checkpoint.AsyncSaves | None) -> None:
+          saves: checkpoint.AsyncSaves | None, skipped_in_a_row: int) -> None:
     """After `step`: publish finished background saves, save a checkpoint at checkpoint.every and
     at the `last` step, and at the last step wait for the saves in flight; `state` is (chunks,
     optimizer, scheduler, loader)."""
@@ -166,7 +168,8 @@ def _save(cfg: Config, run_dir: Path, step: int, last: bool, state: tuple, sampl
             saves.poll()  # publish a background save once every rank has written it
         if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint.save(run_dir, step, chunks, optimizer, scheduler, loader.state_dict(), cfg,
-                            samples_seen, cfg.checkpoint.keep, cfg.checkpoint.keep_every, saves)
+                            samples_seen, cfg.checkpoint.keep, cfg.checkpoint.keep_every, saves,
+                            skipped_in_a_row)
         if saves and last:
             saves.close()  # the last save is written and published before the exit
 
@@ -186,15 +189,15 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp,
                          slots=cfg.train.global_batch_size // cfg.data.micro_batch_size)  # the
     # global batch is the same under any dp: each of its micro-batches has a packer of its own
-    start, consumed = _start(cfg, run_dir, (resume, fresh, overwrite), chunks, optimizer, scheduler,
-                             loader)
+    start, consumed, in_a_row = _start(cfg, run_dir, (resume, fresh, overwrite), chunks, optimizer,
+                                       scheduler, loader)
     heldout = _heldout(cfg, tok, layout)
     metrics = _open_run(cfg, run_dir, start, chunks, n_micro) if is_rank0() else None
     batches = CountingIterator(loader)
     record: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None  # writes in flight
-    skipped = SkippedSteps(cfg.train.max_skipped_steps)
+    skipped = SkippedSteps(cfg.train.max_skipped_steps, in_a_row)
     profiler = StepProfiler(cfg.logging.profile_steps, run_dir, dist.get_rank(), cfg.train.steps)
     for step in range(start + 1, cfg.train.steps + 1):
         profiler.begin(step)
@@ -227,7 +230,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
             log.warning("step %d: asked to stop (%s): saving a checkpoint, then exit %d for a "
                         "requeue", step, preempt.reason(), REQUEUE_EXIT_CODE)
         _save(cfg, run_dir, step, stop or diverged or step == cfg.train.steps,
-              (chunks, optimizer, scheduler, loader), consumed + int(seen), saves)
+              (chunks, optimizer, scheduler, loader), consumed + int(seen), saves, skipped.in_a_row)
         if diverged or (stop and step < cfg.train.steps):  # saved above
             profiler.close()
             _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)

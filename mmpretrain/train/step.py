@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 class SkippedSteps:
     """Counts the steps whose update was skipped; `limit` of them in a row end the run."""
 
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row, self.since_record = limit, 0, 0
+    def __init__(self, limit: int, in_a_row: int = 0):
+        """`in_a_row`: skipped in a row before this attempt (a resumed checkpoint's)."""
+        self.limit, self.in_a_row, self.since_record = limit, in_a_row, 0
 
     def count(self, step: int, applied: bool, loss: float, grad_norm: float) -> bool:
         """Record one step's outcome (the same on every rank); True when the limit is reached."""
