@@ -25,6 +25,15 @@ def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
     return latest
 
 
+def _after_rank0() -> None:
+    """Wait until rank 0 has tidied the run directory (every rank calls it; none without a
+    process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def start_checkpoint(run_dir: Path, resume: str | None, fresh: bool, overwrite: bool,
                      rank0: bool) -> Path | None:
     """The checkpoint to start from. By default the run's own `latest` (half-written saves are
@@ -32,15 +41,17 @@ def start_checkpoint(run_dir: Path, resume: str | None, fresh: bool, overwrite: 
     unless `overwrite`, which empties it."""
     if fresh:
         if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not overwrite:
+            if not overwrite:  # no rank deletes anything: every rank sees it and raises
                 raise ConfigError(f"--no-resume: {run_dir} is not empty (pass --overwrite to "
                                   f"delete its contents and start afresh)")
             if rank0:
                 for child in run_dir.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+        _after_rank0()  # on every rank, whatever it saw of the directory
         return None
     if rank0:
         clear_stale_saves(run_dir)
+    _after_rank0()  # a checkpoint put back by rank 0 is in place before any rank reads `latest`
     own = latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
     if resume is None:
         return own
