@@ -4,8 +4,8 @@ warning ahead of the time limit), and keeping the job's helper processes alive t
 Slurm signals every process of the job, not only the trainer. The trainer catches them
 (`train/preempt.py`) and saves a checkpoint before it exits, and that save and the data it waits
 for need the helper processes: megatron-core's checkpoint writers and the data workers. A process
-started from Python takes the default action (exit) unless it is started with the signals
-blocked, which it inherits."""
+spawned as a new interpreter takes the default action on these signals, which is to exit; one
+started while they are blocked inherits the block."""
 from __future__ import annotations
 
 import signal
