@@ -64,6 +64,9 @@ def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
             result["text_tokens"] = count
             if unread + unfit:
                 result["skipped_samples"] = unread + unfit  # unreadable or too long (logged)
+    if not result["text_tokens"]:
+        raise ConfigError(f"eval: the {n} held-out samples of {run_dir} have no text token to "
+                          f"score ({unread + unfit} could not be used)")
     result["ratio"] = result["loss_shuffled_images"] / result["loss"]
     return result
 

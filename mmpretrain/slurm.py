@@ -90,14 +90,15 @@ def _check_text(spec: JobSpec) -> None:
         if word is not None and any(ord(c) < 32 or ord(c) == 127 for c in word):
             raise ConfigError(f"{name}: holds a line break or control character")
     workdir, run_dir = _paths(spec)
-    directives = {"--job-name": spec.job_name, "--partition": spec.partition,
+    directives = {"--job-name": job_name(spec), "--partition": spec.partition,
                   "--account": spec.account, "--time": spec.time,
                   "--run-dir (#SBATCH --output)": str(run_dir),
                   "working directory (#SBATCH --chdir)": str(workdir)}
     for name, word in directives.items():
-        if word is not None and re.search(r"[\s'\"#]", word):
-            raise ConfigError(f"{name} {word!r}: an #SBATCH line cannot hold blanks, quotes or '#'; "
-                              f"choose a value without them")
+        if word is not None and re.search(r"[\s'\"#%]", word):
+            raise ConfigError(f"{name} {word!r}: an #SBATCH line cannot hold blanks, quotes, '#' "
+                              f"or '%' (a Slurm filename pattern); choose a value without them"
+                              + (" (or a --job-name)" if name == "--job-name" else ""))
 
 
 def _paths(spec: JobSpec) -> tuple[Path, Path]:
@@ -150,7 +151,6 @@ def render(spec: JobSpec) -> str:
 
     check_spec(spec)
     workdir, run_dir = _paths(spec)
-    stem = Path(spec.config).stem
     config = (workdir / spec.config).resolve()
     python = spec.python or ("python" if spec.container else _default_python())
     values = {
@@ -158,7 +158,7 @@ def render(spec: JobSpec) -> str:
         "run_dir": str(run_dir), "nodes": str(spec.nodes), "gpus_per_node": str(spec.gpus_per_node),
         "signal_seconds": str(spec.signal_seconds), "requeue_code": str(REQUEUE_EXIT_CODE),
         "stopped_file": STOPPED_FILE,
-        "job_name": spec.job_name or f"mmp-{stem}", "time": spec.time,
+        "job_name": job_name(spec), "time": spec.time,
         "sbatch_extra": _sbatch_extra(spec, workdir), "config_q": shlex.quote(str(config)),
         "run_dir_q": shlex.quote(str(run_dir)), "python_q": shlex.quote(python),
         "overrides": " ".join(_quote(a) for o in spec.overrides for a in ("--set", o)),
@@ -166,6 +166,11 @@ def render(spec: JobSpec) -> str:
     }
     text = FIELD.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
     return text
+
+
+def job_name(spec) -> str:
+    """--job-name, or mmp-<config file stem>."""
+    return spec.job_name or f"mmp-{Path(spec.config).stem}"
 
 
 def _quote(word: str) -> str:

@@ -80,10 +80,24 @@ def test_cross_field_validation(tmp_path):
     ("checkpoint.every=-1", r"checkpoint\.every: must not be negative"),
     ("checkpoint.keep=-1", r"checkpoint\.keep: must not be negative"),
     ("checkpoint.keep_every=-5", r"checkpoint\.keep_every: must not be negative"),
+    ("train.lr=nan", r"train\.lr: must be a finite number"),
+    ("data.max_upscale=.inf", r"data\.max_upscale: must be a finite number"),
+    ("train.weight_decay=-5", r"train\.weight_decay: must not be negative"),
+    ("train.clip_grad=-1", r"train\.clip_grad: must not be negative"),
+    ("train.adam_beta2=1", r"train\.adam_beta2: must be in \[0, 1\)"),
+    ("vision.rope_theta=0", r"vision\.rope_theta: must be positive"),
+    ("projector.hidden_size=0", r"projector\.hidden_size: must be positive \(or null\)"),
+    ("decoder.vocab_size=-3", r"decoder\.vocab_size: must be positive \(or null\)"),
 ])
 def test_values_out_of_range_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):
         load(None, [setting])
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not a UTF-8 text file"):
+        load(tmp_path / "bin.yaml")
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -1,5 +1,6 @@
 """Rendered sbatch scripts: valid bash, clean under shellcheck, and, run on CPU with stand-in
 srun/scontrol, a 2-rank training job that checkpoints and requeues itself on USR1."""
+import dataclasses
 import json
 import os
 import re
@@ -226,8 +227,17 @@ def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch):
     ("job_name", "my job", "--job-name 'my job'"),
     ("partition", "a#b", "--partition"),
     ("run_dir", "runs/with space", "--run-dir"),
+    ("run_dir", "runs/p%j", "'%' (a Slurm filename pattern)"),
 ])
 def test_render_rejects_text_a_script_cannot_hold(field, value, needle):
     spec = JobSpec("jobs/nvlm-d-8b-align.yaml", 2, workdir=str(ROOT), **{field: value})
     with pytest.raises(ConfigError, match=re.escape(needle)):
         render(spec)
+
+
+def test_the_job_name_taken_from_the_config_file_is_checked_too(tmp_path):
+    shutil.copy(ROOT / "jobs/nvlm-d-8b-align.yaml", tmp_path / "my job.yaml")
+    spec = JobSpec(str(tmp_path / "my job.yaml"), 2, workdir=str(ROOT), run_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=re.escape("--job-name 'mmp-my job'")):
+        render(spec)
+    assert "--job-name=mmp-j1" in render(dataclasses.replace(spec, job_name="mmp-j1"))

@@ -2,6 +2,10 @@
 naming the setting."""
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
+
 from mmpretrain.config.tree import Config, ConfigError
 
 FP8_MULTIPLE = 16
@@ -148,6 +152,44 @@ def validate(cfg: Config) -> None:
                           "for the recomputed one, as TE's layers do)")
     _validate_data(cfg)
     _validate_cross_attention(cfg)
+    _validate_numbers(cfg)
+
+
+def _floats(node, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float setting of a config (sections, lists of sections)."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _floats(v, f"{prefix}{f.name}.")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    yield from _floats(item, f"{prefix}{f.name}[{i}].")
+        elif isinstance(v, float):
+            yield f"{prefix}{f.name}", v
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Every float finite; the optimizer's and the models' numbers in their ranges."""
+    for key, v in _floats(cfg):
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}")
+    t = cfg.train
+    for key, v in {"train.weight_decay": t.weight_decay, "train.clip_grad": t.clip_grad}.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must not be negative, got {v}")
+    for key, v in {"train.adam_beta1": t.adam_beta1, "train.adam_beta2": t.adam_beta2}.items():
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {v}")
+    for key, v in {"vision.rope_theta": cfg.vision.rope_theta,
+                   "decoder.rope_theta": cfg.decoder.rope_theta,
+                   "data.max_upscale": cfg.data.max_upscale}.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be positive, got {v}")
+    for key, v in {"decoder.vocab_size": cfg.decoder.vocab_size,
+                   "projector.hidden_size": cfg.projector.hidden_size}.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key}: must be positive (or null), got {v}")
 
 
 def cross_attention_positions(cfg: Config) -> list[int]:

@@ -130,6 +130,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a UTF-8 text file ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the config file must be a mapping of sections")
     for assignment in overrides:
