@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -80,6 +81,13 @@ def test_synth_train_eval(tmp_path, small_dataset):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["loss"] > 0 and result["loss_shuffled_images"] > 0
     assert result["checkpoint"].endswith("step_00000004")
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())  # every held-out sample too long
+    cfg["data"].update(seq_length=16, long_samples="drop")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("eval", "--run", run, "--samples", "16")
+    assert r.returncode == 2 and "have no text token to score (16 could not be used)" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_a_diverged_run_exits_1_with_its_last_finite_weights_saved(tmp_path, small_dataset):
