@@ -140,11 +140,10 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
 def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler, loader
            ) -> tuple[int, int, int]:
     """The step, samples consumed and steps skipped in a row the run starts from: a resumed
-    checkpoint's, or 0 after
-    loading only weights (checkpoint.init_from) or none; `how` is train's (resume, fresh,
-    overwrite)."""
+    checkpoint's, or 0 after loading only weights (checkpoint.init_from) or none; `how` is
+    train's (resume, fresh, overwrite). Every rank reads the run directory once rank 0 has tidied
+    it (start_point waits)."""
     begin = start_point(run_dir, *how, is_rank0(), cfg.checkpoint.init_from)
-    dist.barrier()
     if begin.weights_only:
         begun = _init_weights(begin.checkpoint, chunks, optimizer)
     elif begin.checkpoint:

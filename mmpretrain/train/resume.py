@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
 from mmpretrain.config import ConfigError
 
@@ -28,9 +30,7 @@ def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
 def _after_rank0() -> None:
     """Wait until rank 0 has tidied the run directory (every rank calls it; none without a
     process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
 
 
