@@ -194,7 +194,8 @@ class TrainConfig:
     `eval_samples` samples of <data.path>/heldout, the same at every evaluation, logged as
     `eval/loss` (loss per text token)."""
     eval_samples: int = 64
-    """Held-out samples of each evaluation (all of the split when it has fewer)."""
+    """Held-out samples of each evaluation (all of the split when it has fewer); packed once at
+    start and kept in host memory for the run, each data-parallel rank its share."""
     gradient_accumulation_fusion: bool = False
     """Transformer Engine's linear layers add their weight gradients into the fp32 gradient
     buffer inside the GEMM, instead of writing a bf16 gradient that is then added (TE spec only;
