@@ -135,6 +135,29 @@ def test_a_non_finite_gradient_skips_the_update(megatron_world, small_dataset, p
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_global_batch_with_no_text_token_leaves_the_weights_alone(megatron_world, small_dataset):
+    """Image-only samples or samples cut before their text: zero gradients, but Adam's momentum
+    and weight decay would move every weight. The update is skipped, the loss is NaN (nothing
+    scored), and the skip does not count towards train.max_skipped_steps."""
+    from mmpretrain.train.step import SkippedSteps
+
+    cfg = small_cfg(small_dataset, "train.lr=1e-3", "train.weight_decay=0.1")
+    _, tok, (model,), ddps, optimizer, scheduler = setup(cfg)
+    scheduler.step(1)  # past the lr-0 first step
+    batches = iter(make_loader(cfg, "train", tok))
+    assert train_step(ddps, optimizer, [next(batches)], 128)[3]  # momentum is now non-zero
+    before = snapshot(model)
+    batch = next(batches)
+    batch.loss_mask = torch.zeros_like(batch.loss_mask)
+    loss, tokens, _, ok = train_step(ddps, optimizer, [batch], 128)
+    assert not ok and tokens == 0 and math.isnan(loss)
+    assert not changed(model, before)
+    skipped = SkippedSteps(limit=2, in_a_row=1)
+    assert not skipped.count(5, ok, loss, 0.0, tokens) and skipped.in_a_row == 1
+    assert skipped.take() == 1
+    assert skipped.count(6, False, float("nan"), 0.0, 100.0) and skipped.in_a_row == 2
+
+
 def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_dataset, tmp_path,
                                                        monkeypatch):
     """Through the loop: skipped steps leave the LR schedule in place and show in the metrics;

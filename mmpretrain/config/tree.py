@@ -178,7 +178,8 @@ class TrainConfig:
     max_skipped_steps: int = 8
     """A step whose loss or gradient norm is not finite is skipped (weights, optimizer and LR
     schedule unchanged; counted in the metrics as skipped_updates); this many in a row stop the
-    run with exit status 1, after saving a checkpoint (the last finite update's weights)."""
+    run with exit status 1, after saving a checkpoint (the last finite update's weights). A
+    global batch with no text token to score is skipped too, but not counted towards this."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameter/compute dtype; 'auto' is bf16 on GPU and fp32 on CPU."""
     seed: int = 1234

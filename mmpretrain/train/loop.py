@@ -203,10 +203,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
         t0 = time.time()
         microbatches = [next(batches) for _ in range(n_micro)]
         lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule then moves on)
-        loss, _, grad_norm, applied = train_step(ddps, optimizer, microbatches, cfg.data.seq_length)
+        loss, tokens, grad_norm, applied = train_step(ddps, optimizer, microbatches,
+                                                      cfg.data.seq_length)
         if applied:
             scheduler.step(1)  # a skipped update leaves the schedule where it is, as megatron does
-        diverged = skipped.count(step, applied, loss, grad_norm)  # the same on every rank
+        diverged = skipped.count(step, applied, loss, grad_norm, tokens)  # the same on every rank
         dt = time.time() - t0
         seen = torch.tensor([batches.samples], dtype=torch.long, device=device())
         dist.all_reduce(seen, group=parallel_state.get_data_parallel_group())

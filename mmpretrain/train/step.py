@@ -24,13 +24,21 @@ class SkippedSteps:
         """`in_a_row`: skipped in a row before this attempt (a resumed checkpoint's)."""
         self.limit, self.in_a_row, self.since_record = limit, in_a_row, 0
 
-    def count(self, step: int, applied: bool, loss: float, grad_norm: float) -> bool:
-        """Record one step's outcome (the same on every rank); True when the limit is reached."""
+    def count(self, step: int, applied: bool, loss: float, grad_norm: float,
+              tokens: float = 1.0) -> bool:
+        """Record one step's outcome (the same on every rank); True when the limit is reached.
+        A step with no text token to score (`tokens` 0) is skipped but says nothing about
+        divergence: it leaves the count in a row as it was."""
         if applied:
             self.in_a_row = 0
             return False
-        self.in_a_row += 1
         self.since_record += 1
+        if tokens == 0:
+            if is_rank0():
+                log.warning("step %d: the global batch has no text token to score, update "
+                            "skipped", step)
+            return False
+        self.in_a_row += 1
         if is_rank0():
             log.warning("step %d: loss %s, gradient norm %s: not finite, update skipped (%d in a "
                         "row)", step, loss, grad_norm, self.in_a_row)
@@ -98,13 +106,15 @@ def update(optimizer, totals: torch.Tensor) -> tuple[bool, float, float, float]:
     loss or the gradient norm is not finite: with bf16 and fp32 there is no loss scaler to catch
     it, and one NaN step would poison every weight. `totals` (loss_totals) is read after the
     gradient norm, so the host waits for the GPU once, with the main-grad copies already queued.
+    Skipped too when the global batch has no text token: its gradients are zero, yet Adam's
+    momentum and weight decay would still move the weights (its loss is NaN: nothing was scored).
 
     Returns (update applied, grad norm before clipping, mean loss per text token, text tokens)."""
     found_inf = optimizer.prepare_grads()
     norm = float(optimizer.get_grad_norm() or 0.0)  # the same on every rank
     total, tokens = totals.tolist()
-    loss = total / max(tokens, 1.0)
-    if found_inf or not (math.isfinite(norm) and math.isfinite(loss)):
+    loss = total / tokens if tokens else float("nan")
+    if found_inf or not tokens or not (math.isfinite(norm) and math.isfinite(loss)):
         return False, norm, loss, tokens
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
