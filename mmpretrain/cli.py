@@ -170,12 +170,13 @@ def _add_slurm(sub) -> None:
                    help="write the script to this file instead of stdout")
 
 
-def _train(args) -> None:
+def _train_inputs(args):
+    """(config, run directory) of `train`, checked before the slow imports."""
     from pathlib import Path
 
     from mmpretrain.config import check_trainable, load
 
-    cfg = load(args.config, args.set)  # config errors surface before the slow imports
+    cfg = load(args.config, args.set)
     if args.init_from is not None:
         cfg.checkpoint.init_from = args.init_from
     check_trainable(cfg)
@@ -185,9 +186,21 @@ def _train(args) -> None:
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ValueError(f"--run-dir {run_dir}: is a file, not a directory")
-    from mmpretrain.train.loop import train
+    return cfg, run_dir
 
-    train(cfg, run_dir, resume=args.resume, fresh=args.no_resume, overwrite=args.overwrite)
+
+def _train(args) -> None:
+    from mmpretrain.train.preempt import PreemptionHandler
+
+    preempt = PreemptionHandler().install()  # a stop asked during start-up is kept for the loop
+    try:
+        cfg, run_dir = _train_inputs(args)
+        from mmpretrain.train.loop import train
+
+        train(cfg, run_dir, resume=args.resume, fresh=args.no_resume, overwrite=args.overwrite,
+              preempt=preempt)
+    finally:
+        preempt.uninstall()
 
 
 def _eval(args) -> None:
@@ -321,4 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"mmpretrain: training stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: a run resumes from its latest checkpoint
+        print(f"mmpretrain: {args.command} interrupted", file=sys.stderr)
+        return 130
     return status or 0

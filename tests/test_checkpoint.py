@@ -293,3 +293,28 @@ def test_a_signal_to_every_process_of_the_job_still_saves(small_dataset, tmp_pat
     assert int(saved.split("_")[1]) > first and (run / "checkpoints" / saved / ".metadata").is_file()
     assert logged_steps(run)[-1] == int(saved.split("_")[1])  # the stop's record, off the cadence
     assert (run / STOPPED_FILE).is_file() and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_stop_asked_during_start_up_exits_for_a_requeue(small_dataset, tmp_path):
+    """SIGTERM while the trainer is still starting (here: as it reads its config, before the
+    slow imports), when Python's default action would end it with 143 and no requeue: it exits
+    75 before the first step, with stopped.json naming step 0, and the requeued run trains."""
+    from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE
+
+    run = tmp_path / "run"
+    code = ("import os, signal, sys; import mmpretrain.config as c; from mmpretrain.cli import main\n"
+            "load = c.load\n"
+            "def signalled(*a):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return load(*a)\n"
+            "c.load = signalled\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, *train_args(run, small_dataset)], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    assert "asked to stop (SIGTERM) before the first step" in r.stderr
+    assert json.loads((run / STOPPED_FILE).read_text()) == {"step": 0}
+    assert not (run / "checkpoints" / "latest").exists()
+    r = cli(*train_args(run, small_dataset))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert latest(run) == "step_00000004"

@@ -131,6 +131,7 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
     if diverged:
         raise diverged
     if is_rank0():  # the save is published: a requeue resumes from it
+        run_dir.mkdir(parents=True, exist_ok=True)  # a stop before a fresh run's first step
         (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step}) + "\n")
     dist.barrier()  # no rank exits before the file is there: srun's --kill-on-bad-exit ends
     # the others on the first non-zero exit
@@ -174,12 +175,13 @@ def _save(cfg: Config, run_dir: Path, step: int, last: bool, state: tuple, sampl
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, preempt: PreemptionHandler | None = None) -> dict:
     """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
     `start_checkpoint` for `resume`, `fresh` and `overwrite`, `start_point` for
-    checkpoint.init_from); return the last logged record."""
+    checkpoint.init_from); return the last logged record. `preempt`: a handler the caller
+    installed earlier (the CLI does, before its slow imports), else one is installed now."""
     check_trainable(cfg)
-    preempt = PreemptionHandler().install()  # SIGTERM/SIGUSR1, from now: save after a step, exit
+    preempt = (preempt or PreemptionHandler()).install()  # SIGTERM/SIGUSR1: save after a step, exit
     run_dir = Path(run_dir)
     layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
     for line in advisories(cfg) if is_rank0() else ():
@@ -190,6 +192,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     # global batch is the same under any dp: each of its micro-batches has a packer of its own
     start, consumed, in_a_row = _start(cfg, run_dir, (resume, fresh, overwrite), chunks, optimizer,
                                        scheduler, loader)
+    if start < cfg.train.steps and preempt.stop_requested(device()):  # during start-up: nothing
+        if is_rank0():  # trained since the start point, nothing to save
+            log.warning("asked to stop (%s) before the first step: exit %d for a requeue, which "
+                        "starts from step %d again", preempt.reason(), REQUEUE_EXIT_CODE, start)
+        _end_early(run_dir, start, None, None)
     heldout = _heldout(cfg, tok, layout)
     metrics = _open_run(cfg, run_dir, start, chunks, n_micro) if is_rank0() else None
     batches = CountingIterator(loader)

@@ -10,11 +10,12 @@ all of them save the same step together.
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from mmpretrain.stop_signals import STOP_SIGNALS
+
+if TYPE_CHECKING:
+    import torch
 
 REQUEUE_EXIT_CODE = 75
 """Exit status of a run that saved a checkpoint because it was asked to stop: EX_TEMPFAIL of
@@ -29,14 +30,17 @@ before each start)."""
 
 class PreemptionHandler:
     """Installs handlers for SIGTERM and SIGUSR1 that record the signal; `uninstall` restores the
-    previous handlers. Use in the main thread (Python delivers signals there)."""
+    previous handlers. Use in the main thread (Python delivers signals there). Import-light (no
+    torch), so that `mmpretrain train` installs it before its slow imports."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionHandler:
-        """Start catching the signals."""
+        """Start catching the signals (again: no change)."""
+        if self._previous:
+            return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -63,6 +67,9 @@ class PreemptionHandler:
 
     def stop_requested(self, device: torch.device | str = "cpu") -> bool:
         """Whether any rank has received a signal; a collective: every rank must call it."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
