@@ -104,3 +104,14 @@ def test_a_diverged_run_exits_1_with_its_last_finite_weights_saved(tmp_path, sma
     saved = (run / "checkpoints" / "latest").read_text().strip()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert saved == f"step_{records[-1]['step']:08d}" and records[-1]["skipped_updates"] >= 1
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import mmpretrain.cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_plan", interrupted)
+    assert cli_module.main(["plan", "jobs/tiny-d.yaml"]) == 130
+    assert capsys.readouterr().err == "mmpretrain: plan interrupted\n"
