@@ -113,5 +113,5 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "_plan", interrupted)
-    assert cli_module.main(["plan", "jobs/tiny-d.yaml"]) == 130
+    assert cli_module.main(["plan", "jobs/tiny-d.yaml", "--nodes", "1"]) == 130
     assert capsys.readouterr().err == "mmpretrain: plan interrupted\n"
