@@ -95,6 +95,7 @@ class PackedLoader:
         readers = reader.readers if isinstance(reader, SampleSource) else (
             list(reader) if isinstance(reader, (list, tuple)) else [reader])
         self.reader = SampleSource(readers, weights, seed, shuffle)
+        self.sizes = [len(r) for r in readers]  # samples per dataset: the order depends on them
         self.tok, self.seq_len, self.micro_batch = tokenizer, seq_len, micro_batch
         self.seed, self.shuffle, self.dp_rank, self.dp_size = seed, shuffle, dp_rank, dp_size
         self.n_slots = slots or dp_size
@@ -109,6 +110,7 @@ class PackedLoader:
         self.slots = [Slot(Position(0, j, self.n_slots))
                       for j in range(dp_rank, self.n_slots, dp_size)]  # this rank's
         self.last_keys: list[int] = []  # global positions of the samples in the last batch
+        self.saved_sizes: list[int] | None = None  # dataset sizes of a loaded state
         self._logged: set[tuple[int, int]] = set()
         self._state = self._snapshot()
 
@@ -121,7 +123,8 @@ class PackedLoader:
                 counts[k] = counts.get(k, 0) + v
         return {"version": STATE_VERSION, "n_slots": self.n_slots, "dp_rank": self.dp_rank,
                 "dp_size": self.dp_size, "slots": [s.to_dict() for s in self.slots],
-                "counts": counts}  # the counts of all this rank's slots, for reading only
+                "counts": counts,  # the counts of all this rank's slots, for reading only
+                "sizes": self.sizes}  # the order's datasets, to tell a resume that they changed
 
     def state_dict(self) -> dict:
         """Where the next batch starts (JSON): per slot, the read position and the packer's buffer."""
@@ -129,9 +132,12 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Continue from a saved state, or from the states of all old data-parallel ranks (a
-        list): under any data-parallel size, the slots continue exactly where they stood."""
+        list): under any data-parallel size, the slots continue exactly where they stood.
+        `saved_sizes` is then the saved state's dataset sizes (None from older loaders)."""
         by_slot: dict[int, dict] = {}
-        for st in state if isinstance(state, list) else [state]:
+        states = state if isinstance(state, list) else [state]
+        self.saved_sizes = next((st["sizes"] for st in states if "sizes" in st), None)
+        for st in states:
             for s in self._upgrade(st)["slots"]:
                 by_slot[s["slot"]] = s
         sizes = {s["n_slots"] for s in by_slot.values()}

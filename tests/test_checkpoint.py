@@ -318,3 +318,25 @@ def test_a_stop_asked_during_start_up_exits_for_a_requeue(small_dataset, tmp_pat
     r = cli(*train_args(run, small_dataset))
     assert r.returncode == 0, r.stderr[-3000:]
     assert latest(run) == "step_00000004"
+
+
+def test_a_resume_on_changed_data_says_what_changed(small_dataset, tmp_path):
+    """Exact resume needs the same sample stream: a resume whose data settings or dataset sizes
+    differ from the checkpoint's names them; one that changes only how data are read does not."""
+    from mmpretrain.config import load
+    from mmpretrain.train.resume import data_changes
+
+    run = tmp_path / "run"
+    assert cli(*train_args(run, small_dataset, "--set", "train.steps=2")).returncode == 0
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=3", "--set", "data.workers=1"))
+    assert r.returncode == 0 and "the data differ" not in r.stderr, r.stderr[-3000:]
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=4", "--set", "data.shuffle_seed=5"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the data differ from the checkpoint's (data.shuffle_seed 0 -> 5)" in r.stderr
+    ckpt = run / "checkpoints" / latest(run)
+    saved = json.loads(next(ckpt.glob("loader_dp0.json")).read_text())["sizes"]
+    cfg = load(ckpt / "config.yaml", [])
+    assert data_changes(ckpt, cfg, saved, saved) == []
+    assert data_changes(ckpt, cfg, saved, [saved[0] + 1]) == [
+        f"dataset sizes {saved} -> {[saved[0] + 1]}"]
+    assert data_changes(ckpt, cfg, None, [1]) == []  # a state saved before sizes were recorded

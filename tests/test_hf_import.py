@@ -173,7 +173,7 @@ def test_training_starts_from_the_import(env, caplog):
     for name, value in model_tensors(chunks[0].state_dict()).items():
         assert torch.equal(value, want[name]), name
     with caplog.at_level(logging.INFO, logger="mmpretrain"):
-        begun = _resume(checkpoint.latest_checkpoint(run), chunks, optimizer, scheduler, None)
+        begun = _resume(cfg, checkpoint.latest_checkpoint(run), chunks, optimizer, scheduler, None)
     assert begun == (0, 0, 0)  # step, samples consumed, skipped in a row
     assert "started from the weights of" in caplog.text and "resumed" not in caplog.text
 

@@ -23,7 +23,7 @@ from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
 from mmpretrain.train.profile import StepProfiler
-from mmpretrain.train.resume import start_point
+from mmpretrain.train.resume import data_changes, start_point
 from mmpretrain.train.step import SkippedSteps, device, train_step
 from mmpretrain.train.validate import HeldoutLoss
 
@@ -61,13 +61,18 @@ def setup(cfg: Config, world_size: int | None = None, init_weights=None):
     return layout, tok, chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
 
 
-def _resume(ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int, int]:
+def _resume(cfg: Config, ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int, int]:
     """Load a checkpoint into the training state; (step, consumed samples, non-finite steps
-    skipped in a row) it was saved at."""
+    skipped in a row) it was saved at. A warning names the data settings that changed."""
     with cuda_to_cpu():
         meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
     if meta["loader"] is not None:
         loader.load_state_dict(meta["loader"])
+        changes = data_changes(ckpt, cfg, loader.saved_sizes, loader.sizes)
+        if changes and is_rank0():
+            log.warning("the data differ from the checkpoint's (%s): the loader goes on from the "
+                        "saved positions of another sample stream, not the one the run trained "
+                        "on (docs/data.md, resuming)", ", ".join(changes))
     if is_rank0() and meta.get("weights_only"):
         log.info("started from the weights of %s (%s); optimizer and data order start fresh", ckpt,
                  meta.get("source", "a weights-only checkpoint"))
@@ -148,7 +153,7 @@ def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler,
     if begin.weights_only:
         begun = _init_weights(begin.checkpoint, chunks, optimizer)
     elif begin.checkpoint:
-        begun = _resume(begin.checkpoint, chunks, optimizer, scheduler, loader)
+        begun = _resume(cfg, begin.checkpoint, chunks, optimizer, scheduler, loader)
     else:
         begun = 0, 0, 0
     if begun[0] >= cfg.train.steps and is_rank0():

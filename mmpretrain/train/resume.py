@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 
 from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
-from mmpretrain.config import ConfigError
+from mmpretrain.config import Config, ConfigError, to_dict
 
 log = logging.getLogger("mmpretrain")
 
@@ -83,3 +84,24 @@ def start_point(run_dir: Path, resume: str | None, fresh: bool, overwrite: bool,
     if own is not None or not init_from:
         return Start(own)
     return Start(resolve_checkpoint(init_from, "checkpoint.init_from"), weights_only=True)
+
+
+DATA_SETTINGS_KEPT = ("cache_dir", "cache_limit", "workers", "decoder", "micro_batch_size")
+"""data.* settings a resume may change and still train on the batches of an uninterrupted run:
+where and how samples are read, and the micro-batch size (the loader re-splits its positions)."""
+
+
+def data_changes(ckpt: Path, cfg: Config, saved_sizes: list[int] | None, sizes: list[int]
+                 ) -> list[str]:
+    """What changed since checkpoint `ckpt` was saved in what the loader reads: the data.*
+    settings of its config.yaml (but DATA_SETTINGS_KEPT), and the datasets' sizes (`saved_sizes`
+    from the saved loader state, None when it has none)."""
+    try:
+        saved = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("data", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        saved = {}
+    changes = [f"data.{k} {saved[k]!r} -> {v!r}" for k, v in to_dict(cfg)["data"].items()
+               if k in saved and k not in DATA_SETTINGS_KEPT and saved[k] != v]
+    if saved_sizes is not None and list(saved_sizes) != list(sizes):
+        changes.append(f"dataset sizes {list(saved_sizes)} -> {list(sizes)}")
+    return changes
