@@ -79,3 +79,16 @@ def test_wsd_decay_must_fit_after_the_warmup(steps):
 def test_unknown_decay_is_a_config_error():
     with pytest.raises(ConfigError, match="train.lr_decay"):
         load(None, ["train.lr_decay=step"])
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
+    cfg = load(None, ["train.steps=6", "train.warmup_steps=10", f"train.lr={LR}"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    with caplog.at_level("WARNING", logger="mmpretrain"):
+        sched = build_scheduler(opt, cfg)
+    assert "train.warmup_steps 10: a run of 6 steps warms up over 4" in caplog.text
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        sched.step(1)
+    assert seen[:5] == pytest.approx([LR * i / 4 for i in range(5)])

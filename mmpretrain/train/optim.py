@@ -1,6 +1,8 @@
 """DDP wrapping, the megatron optimizer (Adam) and the LR schedule (warmup, then a decay)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -9,6 +11,9 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mmpretrain.config import Config
+from mmpretrain.parallel import is_rank0
+
+log = logging.getLogger("mmpretrain")
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
@@ -64,6 +69,9 @@ def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
     t = cfg.train
     decay = max(t.steps - 1, 1)
     warmup = min(t.warmup_steps, decay - 1)
+    if warmup < t.warmup_steps and is_rank0():
+        log.warning("train.warmup_steps %d: a run of %d steps warms up over %d (the schedule "
+                    "needs a step after the warmup)", t.warmup_steps, t.steps, warmup)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=DECAY_STYLES[t.lr_decay],
