@@ -156,3 +156,8 @@ def test_an_x_model_starts_from_a_d_run_with_fresh_cross_attention(megatron_worl
     assert set(x) - set(cross) == set(d)
     for k in d:
         assert torch.equal(x[k], d[k]), k
+    back = command(1, tmp_path / "d2", small_dataset, [*STAGE2, "train.steps=1",
+                                                       f"checkpoint.init_from={tmp_path / 'x'}"])
+    back[back.index("jobs/tiny-x.yaml")] = "jobs/tiny-d.yaml"
+    r = run(back)  # and back: D from the X run names the cross-attention layers it leaves out
+    assert "the model has no cross_attention_" in r.stderr and "are left out" in r.stderr

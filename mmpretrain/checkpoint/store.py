@@ -271,18 +271,22 @@ def _load_weights_only(path: Path, chunks, optimizer, meta: dict) -> dict:
     return {**meta, "loader": None}
 
 
-def load_weights(path: Path, chunks, optimizer) -> list[str]:
+def load_weights(path: Path, chunks, optimizer) -> tuple[list[str], list[str]]:
     """Only the model weights of any checkpoint (full or weights-only, saved under any layout)
     into the chunks and the optimizer's main copies; the optimizer states, schedule, step, RNG and
     data position stay as built (fresh). The weights-only start of `checkpoint.init_from`.
 
     Cross-attention layers the checkpoint has none of (an NVLM-X or -H model started from a D
-    run) keep their fresh initialisation; returns their names. Any other missing tensor is an
-    error naming it."""
+    run) keep their fresh initialisation, and those the model has none of (D from an X or H run)
+    are left out; returns both lists of names. Any other missing tensor is an error naming it."""
     check_files(path)
+    requested = {t.key for d in model_state(chunks).values() for t in d.values()
+                 if isinstance(t, ShardedTensor)}
+    left_out = sorted({_cross_layer(k) for k in dist_checkpointing.load_tensors_metadata(str(path))
+                       if k not in requested} - {None})
     fresh = _load_checked_model(path, chunks, fresh_cross_attention=True)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
-    return fresh
+    return fresh, left_out
 
 
 def _drop_absent_cross_attention(path: Path, request: dict) -> list[str]:

@@ -88,13 +88,16 @@ def _init_weights(ckpt, chunks, optimizer) -> tuple[int, int, int]:
     from mmpretrain.checkpoint.store import load_weights
 
     with cuda_to_cpu():
-        fresh = load_weights(ckpt, chunks, optimizer)
+        fresh, left_out = load_weights(ckpt, chunks, optimizer)
     if is_rank0():
         log.info("initialised the model weights from %s (checkpoint.init_from); optimizer, "
                  "schedule, step and data order start fresh", ckpt)
         if fresh:
             log.info("the checkpoint has no %s: these cross-attention layers start from their "
                      "fresh initialisation", ", ".join(fresh))
+        if left_out:
+            log.info("the model has no %s: the checkpoint's cross-attention layers are left out",
+                     ", ".join(left_out))
     return 0, 0, 0
 
 
