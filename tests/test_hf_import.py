@@ -236,3 +236,17 @@ def test_import_pads_the_vocabulary_for_the_jobs_tensor_parallel_size(tmp_path):
     ckpt = import_hf(tmp_path / "lm", tmp_path / "run", cfg)
     assert local.checkpoint_vocab(ckpt) == 768
     assert max_diff(imported(ckpt, cfg, tok), hf, tok, cfg, with_images=False) < 1e-4
+
+
+def test_an_hf_vocabulary_larger_than_the_jobs_model_is_one_clear_error(tmp_path):
+    from mmpretrain.hf import ConversionError
+
+    tok = write_dataset_tokenizer(tmp_path / "data", vocab_size=420)
+    cfg = tiny_config(tmp_path / "data")
+    save_causal_lm(tmp_path / "lm", cfg, "llama", vocab=1000)
+    with pytest.raises(ConversionError, match="the HF embedding has 1000 rows, more than the job's "
+                       r"model's 512 \(tokenizer 420 ids\): set decoder.vocab_size to 1000"):
+        import_hf(tmp_path / "lm", tmp_path / "run", cfg)
+    assert tok.vocab_size == 420 and not (tmp_path / "run" / "checkpoints").exists()
+    cfg.decoder.vocab_size = 1000  # as the error says
+    assert local.checkpoint_vocab(import_hf(tmp_path / "lm", tmp_path / "run", cfg)) == 1024

@@ -213,11 +213,16 @@ def fill(model, sources: list[Source], cfg: Config) -> dict[str, str]:
 
 
 def warn_vocab(src: Source, tok, model_vocab: int) -> None:
-    """Say when the HF vocabulary and the dataset's tokenizer disagree."""
+    """Say when the HF vocabulary and the dataset's tokenizer disagree; a ConversionError when
+    the HF embedding has more rows than the job's model can take."""
     if DECODER not in src.parts:
         return
     rows = src.shape(EMBED)[0]
-    if rows != model_vocab:
+    if rows > model_vocab:
+        raise ConversionError(f"from-hf: the HF embedding has {rows} rows, more than the job's "
+                              f"model's {model_vocab} (tokenizer {tok.vocab_size} ids): set "
+                              f"decoder.vocab_size to {rows} or train with the HF model's tokenizer")
+    if rows < model_vocab:
         log.warning("from-hf: the HF embedding has %d rows, the job's model %d (tokenizer %d ids); "
                     "rows %d.. keep their initialisation", rows, model_vocab, tok.vocab_size, rows)
     image_id = src.config.get("image_token_index")
