@@ -101,8 +101,11 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
     `out`/train (the layout `data.path` reads), else all of them to `out`."""
     out = Path(out)
     _check_out(out)
-    if heldout_every < 0:
-        raise ValueError(f"--heldout-every {heldout_every}: must be 0 (none) or positive")
+    if heldout_every < 0 or heldout_every == 1:
+        raise ValueError(f"--heldout-every {heldout_every}: must be 0 (no held-out split) or at "
+                         f"least 2 (1 would leave train/ empty)")
+    if workers < 0:
+        raise ValueError(f"--workers {workers}: must be 0 (inline) or positive")
     existed = out.exists()
     for spec in inputs:
         input_files(spec)  # every input readable before the output directory is made

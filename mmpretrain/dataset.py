@@ -53,13 +53,21 @@ def packing_settings(cfg: Config) -> PackingSettings:
 def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
     """The shard readers of `split` and their mixture weights (None: one dataset)."""
     if split == "train" and cfg.data.datasets:
-        return ([open_dataset(ds.path, split, cfg.data.cache_dir, cfg.data.cache_limit)
-                 for ds in cfg.data.datasets],
+        return ([_nonempty(open_dataset(ds.path, split, cfg.data.cache_dir, cfg.data.cache_limit),
+                           f"data.datasets[{i}].path {ds.path!r}")
+                 for i, ds in enumerate(cfg.data.datasets)],
                 [ds.weight for ds in cfg.data.datasets])
     path = Path(cfg.data.path) / split
     if not path.is_dir():
         raise ConfigError(f"data.path: {cfg.data.path!r} has no {split}/ split")
-    return [open_dataset(path, split)], None
+    return [_nonempty(open_dataset(path, split), f"data.path {cfg.data.path!r}")], None
+
+
+def _nonempty(reader, where: str):
+    """`reader`, unless it has no sample: a ConfigError naming `where`."""
+    if len(reader) == 0:
+        raise ConfigError(f"{where}: {reader.path} has no samples")
+    return reader
 
 
 def make_loader(cfg: Config, split: str, tok: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,

@@ -170,6 +170,11 @@ def test_refused_inputs_leave_no_output_and_shard_size_is_honoured(tmp_path, cap
     assert main(["data", "build", "--input", str(src / "data.jsonl"), "--out", str(tmp_path / "s"),
                  "--shard-size", "0"]) == 2
     assert "--shard-size" in capsys.readouterr().err
+    for flag, value, needle in [("--heldout-every", "1", "1 would leave train/ empty"),
+                                ("--workers", "-1", "--workers -1: must be 0")]:
+        assert main(["data", "build", "--input", str(src / "data.jsonl"), "--out",
+                     str(tmp_path / "s"), flag, value]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert main(["data", "build", "--input", str(src / "data.jsonl"), "--out", str(tmp_path / "s"),
                  "--shard-size", "2KB"]) == 0
     assert len(list((tmp_path / "s").glob("shard.*.mds"))) >= 5  # one or two images a shard
@@ -211,3 +216,21 @@ def test_users_data_with_its_own_tokenizer_and_heldout_split_trains_and_evaluate
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["samples"] == 2
+
+
+def test_a_split_without_samples_is_named(tmp_path):
+    """A data.path whose train/ has an index but no sample (a build that wrote none) is a
+    ConfigError naming it, not an error about the sample order's sizes."""
+    from mmpretrain.data.build import COLUMNS
+    from streaming import MDSWriter
+
+    from mmpretrain.config import ConfigError, load
+    from mmpretrain.dataset import _readers
+
+    with MDSWriter(out=str(tmp_path / "d" / "train"), columns=COLUMNS):
+        pass
+    with pytest.raises(ConfigError, match=f"data.path '{tmp_path / 'd'}': {tmp_path / 'd' / 'train'} "
+                       "has no samples"):
+        _readers(load(None, [f"data.path={tmp_path / 'd'}"]), "train")
+    with pytest.raises(ConfigError, match=r"data.datasets\[0\].path .* has no samples"):
+        _readers(load(None, [f"data.datasets=[{{path: {tmp_path / 'd'}}}]"]), "train")
