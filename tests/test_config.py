@@ -88,6 +88,8 @@ def test_cross_field_validation(tmp_path):
     ("vision.rope_theta=0", r"vision\.rope_theta: must be positive"),
     ("projector.hidden_size=0", r"projector\.hidden_size: must be positive \(or null\)"),
     ("decoder.vocab_size=-3", r"decoder\.vocab_size: must be positive \(or null\)"),
+    ("data.cache_limit=abc", r"data\.cache_limit: 'abc' is not a size"),
+    ("data.cache_limit=-1", r"data\.cache_limit: -1 is negative"),
 ])
 def test_values_out_of_range_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):

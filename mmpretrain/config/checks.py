@@ -236,3 +236,10 @@ def _validate_data(cfg: Config) -> None:
     if d.workers < 0 or d.max_patches < 0 or d.pack_buffer < 1 or d.max_image_pixels <= 0:
         raise ConfigError("data.workers/max_patches must be >= 0, data.pack_buffer >= 1, "
                           "data.max_image_pixels > 0")
+    if d.cache_limit not in ("", 0):  # checked at load, not only once remote data are opened
+        from mmpretrain.data.cache import parse_size
+
+        try:
+            parse_size(d.cache_limit)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
