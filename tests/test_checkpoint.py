@@ -134,6 +134,9 @@ def test_damaged_checkpoint_names_the_file(trained, small_dataset, tmp_path, dam
         r = cli(*every[command])
         assert r.returncode == 2, r.stderr[-3000:]
         assert message in r.stderr and "Traceback" not in r.stderr
+        if command == "train":  # the way forward: the previous checkpoint is complete
+            older = run / "checkpoints" / "step_00000002"
+            assert f"; {older} is complete: --resume {older} starts from it" in r.stderr
 
 
 def test_mismatching_model_names_the_tensor(trained, small_dataset, tmp_path):

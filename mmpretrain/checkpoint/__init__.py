@@ -3,8 +3,10 @@ what one holds and files.py for the directory layout)."""
 from mmpretrain.checkpoint.files import (
     LATEST,
     CheckpointError,
+    DamagedCheckpointError,
     checkpoint_root,
     clear_stale_saves,
+    complete_before,
     latest_checkpoint,
     stale_saves,
 )
@@ -17,6 +19,6 @@ from mmpretrain.checkpoint.store import (
     save_weights,
 )
 
-__all__ = ["LATEST", "AsyncSaves", "CheckpointError", "checkpoint_root", "clear_stale_saves",
-           "latest_checkpoint", "load_model", "load_training", "model_state", "save", "save_weights",
-           "stale_saves"]
+__all__ = ["LATEST", "AsyncSaves", "CheckpointError", "DamagedCheckpointError", "checkpoint_root",
+           "clear_stale_saves", "complete_before", "latest_checkpoint", "load_model",
+           "load_training", "model_state", "save", "save_weights", "stale_saves"]

@@ -23,6 +23,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, damaged, or not matching the model."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file of the checkpoint is missing, truncated or unreadable."""
+
+
 def checkpoint_root(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
@@ -90,7 +94,7 @@ def read_file(path: Path, name: str):
     or cannot be read."""
     f = path / name
     if not f.is_file():
-        raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {name} is missing")
     try:
         if f.suffix == ".json":
             return json.loads(f.read_text())
@@ -98,7 +102,7 @@ def read_file(path: Path, name: str):
 
         return torch.load(f, weights_only=False)
     except Exception as e:  # noqa: BLE001 - json, pickle and zip readers raise their own types
-        raise CheckpointError(f"checkpoint {path} is damaged: {name} cannot be read "
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {name} cannot be read "
                               f"({type(e).__name__}: {e})") from None
 
 
@@ -109,7 +113,7 @@ def check_files(path: Path) -> dict:
 
     for name in ("state.json", ".metadata", "common.pt"):
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {name} is missing")
     meta = read_file(path, "state.json")
     for name in ("metadata.json", "common.pt"):
         if (path / name).is_file():
@@ -117,16 +121,16 @@ def check_files(path: Path) -> dict:
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is damaged: cannot read .metadata ({e})") from None
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: cannot read .metadata ({e})") from None
     need: dict[str, int] = {}
     for info in metadata.storage_data.values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(need.items()):
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {name} is missing")
         if f.stat().st_size < size:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is truncated "
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {name} is truncated "
                                   f"({f.stat().st_size} of at least {size} bytes)")
     return meta
 
@@ -154,3 +158,19 @@ def check_shapes(path: Path, sharded_state: dict) -> None:
                 "lcm(128, parallel.tp): decoder.vocab_size, the tokenizer or a tp that does not "
                 "divide 128 changes its rows)" if vocab and have[1:] == tuple(t.global_shape)[1:]
                                               else ""))
+
+
+def complete_before(path: Path) -> Path | None:
+    """The newest checkpoint of an earlier step than `path`, beside it, whose files check; None
+    when there is none (or `path` is not a step directory)."""
+    m = re.fullmatch(r"step_(\d+)", path.name)
+    steps = {p: re.fullmatch(r"step_(\d+)", p.name) for p in path.parent.glob("step_*") if p.is_dir()}
+    older = sorted((int(n.group(1)), p) for p, n in steps.items()
+                   if m and n and int(n.group(1)) < int(m.group(1)))
+    for _, p in reversed(older):
+        try:
+            check_files(p)
+        except CheckpointError:
+            continue
+        return p
+    return None

@@ -156,7 +156,14 @@ def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler,
     if begin.weights_only:
         begun = _init_weights(begin.checkpoint, chunks, optimizer)
     elif begin.checkpoint:
-        begun = _resume(cfg, begin.checkpoint, chunks, optimizer, scheduler, loader)
+        try:
+            begun = _resume(cfg, begin.checkpoint, chunks, optimizer, scheduler, loader)
+        except checkpoint.DamagedCheckpointError as e:
+            older = checkpoint.complete_before(begin.checkpoint)
+            if older is None:
+                raise
+            raise checkpoint.CheckpointError(f"{e}; {older} is complete: --resume {older} starts "
+                                             f"from it") from None
     else:
         begun = 0, 0, 0
     if begun[0] >= cfg.train.steps and is_rank0():
