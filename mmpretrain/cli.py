@@ -277,19 +277,47 @@ def _plan(args) -> int:
     spec = args.spec or ("local" if cfg.model.spec == "local" else "te")
     kw = dict(gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
               image_fraction=args.image_fraction, spec=spec)
-    plan = planner.plan_job(cfg, args.nodes, **kw)
+    vocab = planner.vocab_size_of(cfg)
+    plan_of = lambda c: planner.plan_job(c, args.nodes, vocab_size=vocab,  # noqa: E731
+                                         validate=False, **kw)
+    try:
+        plan = planner.plan_job(cfg, args.nodes, vocab_size=vocab, **kw)
+    except ConfigError as e:  # the config's layout may not run on this many GPUs
+        if args.json or not args.suggest or not _layout_refuses(cfg, args):
+            raise
+        print(f"the config's layout does not run on {args.nodes * args.gpus_per_node} GPUs: {e}")
+        _suggest(cfg, args, plan_of)
+        return 1
     if args.json:
         print(json.dumps(report.as_dict(plan)))
         return 0 if plan.fits else 1
     print(report.text(plan, cfg, args.config, args.nodes, args.gpus_per_node))
-    plan_of = lambda c: planner.plan_job(c, args.nodes, vocab_size=plan.vocab,  # noqa: E731
-                                         validate=False, **kw)
     if hint := suggest.balance_hint(cfg, plan, plan_of):
         print(hint)
     if not plan.fits and args.suggest:
-        print(report.suggestions(suggest.suggest(cfg, plan.world, args.gpus_per_node, plan_of,
-                                                 args.suggest)))
+        _suggest(cfg, args, plan_of)
     return 0 if plan.fits else 1
+
+
+def _suggest(cfg, args, plan_of) -> None:
+    """Print the fastest `--suggest` layouts of the command line's GPUs that fit."""
+    from mmpretrain.planner import report, suggest
+
+    world = args.nodes * args.gpus_per_node
+    found = suggest.suggest(cfg, world, args.gpus_per_node, plan_of, args.suggest)
+    print(report.suggestions(found, world, bool(found) or suggest.runnable(cfg, world,
+                                                                        args.gpus_per_node)))
+
+
+def _layout_refuses(cfg, args) -> bool:
+    """Whether the layout checks refuse `cfg` on the command line's GPUs (not another error)."""
+    from mmpretrain.planner.layout import check
+
+    try:
+        check(cfg, args.nodes * args.gpus_per_node)
+    except ConfigError:
+        return args.nodes >= 1 and args.gpus_per_node >= 1
+    return False
 
 
 def _slurm(args) -> None:

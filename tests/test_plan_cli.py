@@ -19,7 +19,14 @@ def test_plan_command(capsys):
                  "--set", "parallel.sequence_parallel=false"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "layouts that fit" in out and "--set parallel.tp=" in out
-    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3"]) == 2
+    # a layout that cannot run on the GPUs asked about: the reason, then the layouts that can
+    assert main(["plan", "jobs/nvlm-d-72b-pretrain.yaml", "--nodes", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "the config's layout does not run on 16 GPUs: world size 16 is not divisible" in out
+    assert "layouts that fit" in out or "no tp/pp/vpp/recompute layout fits" in out
+    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3"]) == 1  # 32 layers, gbs 256
+    assert "no tp/pp/vpp layout of 24 GPUs passes the layout checks" in capsys.readouterr().out
+    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3", "--json"]) == 2
     assert "not divisible" in capsys.readouterr().err
     assert main(["plan", "jobs/nvlm-d-72b-pretrain.yaml", "--nodes", "32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -75,8 +75,13 @@ def text(plan: Plan, cfg, name: str, nodes: int, gpus_per_node: int) -> str:
     return "\n".join(lines)
 
 
-def suggestions(found: list) -> str:
-    """Layouts that fit (from `suggest.suggest`), as lines with the overrides that select them."""
+def suggestions(found: list, world: int, runnable: bool = True) -> str:
+    """Layouts that fit (from `suggest.suggest`), as lines with the overrides that select them;
+    `runnable`: whether any layout of `world` GPUs passed the layout checks."""
+    if not found and not runnable:
+        return (f"no tp/pp/vpp layout of {world} GPUs passes the layout checks (attention heads "
+                f"and query groups divisible by tp, decoder layers by pp, train.global_batch_size "
+                f"by data.micro_batch_size x dp): try another --nodes")
     if not found:
         return ("no tp/pp/vpp/recompute layout fits: add nodes, freeze parts of the model, or "
                 "lower data.micro_batch_size / data.seq_length")

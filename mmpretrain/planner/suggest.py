@@ -77,16 +77,28 @@ def balance_hint(cfg: Config, plan: Plan, plan_of: Callable[[Config], Plan]) -> 
             f"{better.step_seconds:.2f} s/step instead of {plan.step_seconds:.2f}")
 
 
+def _passes_checks(cand: Config, world: int) -> bool:
+    try:
+        validate(cand)  # the config checks that depend on the layout (recompute with FP8, ...)
+        check(cand, world)
+    except ConfigError:
+        return False
+    return True
+
+
+def runnable(cfg: Config, world: int, gpus_per_node: int) -> bool:
+    """Whether any candidate layout of `world` GPUs passes the layout checks (heads and query
+    groups by tp, layers by pp, the global batch by micro-batch x dp, ...), fitting or not."""
+    return any(_passes_checks(cand, world) for cand in candidates(cfg, world, gpus_per_node))
+
+
 def suggest(cfg: Config, world: int, gpus_per_node: int, plan_of: Callable[[Config], Plan],
             top: int = 3) -> list[tuple[Config, Plan]]:
     """The `top` fastest layouts of `world` GPUs that fit, fastest first; a pipelined layout
     with the first stage balanced (`balanced`) where that fits and is faster than an even split."""
     found = []
     for cand in candidates(cfg, world, gpus_per_node):
-        try:
-            validate(cand)  # the config checks that depend on the layout (recompute with FP8, ...)
-            check(cand, world)
-        except ConfigError:
+        if not _passes_checks(cand, world):
             continue
         plan = plan_of(cand)
         alt = balanced(cand, plan, plan_of) if cand.parallel.pp > 1 else None
