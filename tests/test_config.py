@@ -53,6 +53,19 @@ def test_set_overrides_with_the_same_checks(tmp_path):
         load(p, ["train.steps"])
     with pytest.raises(ConfigError, match=r"train\.steps\.x"):
         load(p, ["train.steps.x=1"])
+    # the override at fault is named, not the one after it
+    with pytest.raises(ConfigError, match=r"--set train: 'train' is a section: expected a mapping"):
+        load(p, ["train=5", "train.steps=1"])
+    with pytest.raises(ConfigError, match=r"--set train.steps: 'train' holds 5 \(from the config"):
+        load(write(tmp_path, "train: 5\n"), ["train.steps=1"])
+    assert load(p, ["train={steps: 9}"]).train.steps == 9
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    p = write(tmp_path, "train:\n  steps: 3\n   lr: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert str(e.value) == f"{p}: not valid YAML at line 3, column 6: mapping values are not allowed here"
 
 
 def test_cross_field_validation(tmp_path):

@@ -108,15 +108,27 @@ def apply_override(data: dict, assignment: str) -> None:
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
             raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in --set")
+        hint = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint) and not isinstance(value, dict):
+                raise ConfigError(f"--set {key}: {key!r} is a section: expected a mapping of its "
+                                  f"settings, got {value!r}")
             node[part] = value
             return
-        cls = typing.get_type_hints(cls)[part]
+        cls = hint
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a section")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a section")
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])!r} holds {node!r} (from "
+                              f"the config file), not a mapping of its settings")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, on one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {problem or str(e).splitlines()[0]}"
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -129,7 +141,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML{_yaml_problem(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not a UTF-8 text file ({e})") from None
         if not isinstance(data, dict):
