@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule and data order; overrides checkpoint.init_from")
 
     e = sub.add_parser("eval", help="held-out loss of a run's latest checkpoint")
-    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--run", required=True,
+                   help="run directory (its latest checkpoint) or a checkpoint directory")
     e.add_argument("--samples", type=int, default=256, help="held-out samples to evaluate")
 
     d = sub.add_parser("data", help="datasets")

@@ -50,6 +50,13 @@ def packing_settings(cfg: Config) -> PackingSettings:
     return PackingSettings(d.pack_buffer, d.max_patches, d.long_samples)
 
 
+MISSING = {"train": " (or list data.datasets; `mmpretrain data build --heldout-every K` writes "
+                    "train/ and heldout/)",
+           "heldout": " (train.eval_every: 0 trains without it; `mmpretrain data build "
+                      "--heldout-every K` writes one)"}
+"""What to do about a split that is not there."""
+
+
 def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
     """The shard readers of `split` and their mixture weights (None: one dataset)."""
     if split == "train" and cfg.data.datasets:
@@ -59,7 +66,7 @@ def _readers(cfg: Config, split: str) -> tuple[list, list[float] | None]:
                 [ds.weight for ds in cfg.data.datasets])
     path = Path(cfg.data.path) / split
     if not path.is_dir():
-        raise ConfigError(f"data.path: {cfg.data.path!r} has no {split}/ split")
+        raise ConfigError(f"data.path: {cfg.data.path!r} has no {split}/ split{MISSING[split]}")
     return [_nonempty(open_dataset(path, split), f"data.path {cfg.data.path!r}")], None
 
 

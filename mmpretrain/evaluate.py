@@ -34,12 +34,15 @@ def shuffle_images(samples: list[dict]) -> list[dict]:
 
 
 def evaluate(run_dir: str | Path, samples: int = 256) -> dict:
-    """Held-out loss per text token with true and with shuffled images."""
+    """Held-out loss per text token with true and with shuffled images, of a run's latest
+    checkpoint or of the checkpoint `run_dir` is (its own config.yaml)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run: {run_dir} has no config.yaml (is it a run directory?)")
-    ckpt = checkpoint.latest_checkpoint(run_dir)
-    if ckpt is None:
+    if (run_dir / "state.json").is_file() and (run_dir / "config.yaml").is_file():
+        ckpt = run_dir  # a checkpoint directory: that step
+    elif not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run: {run_dir} has no config.yaml (is it a run or checkpoint "
+                          f"directory?)")
+    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is None:
         raise ConfigError(f"--run: {run_dir} has no checkpoint")
     cfg: Config = load(run_dir / "config.yaml")
     cfg.parallel = ParallelConfig()  # one process, whatever layout trained the run

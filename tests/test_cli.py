@@ -81,6 +81,11 @@ def test_synth_train_eval(tmp_path, small_dataset):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["loss"] > 0 and result["loss_shuffled_images"] > 0
     assert result["checkpoint"].endswith("step_00000004")
+    r = cli("eval", "--run", ckpts / "step_00000002", "--samples", "16")  # a checkpoint: that step
+    assert r.returncode == 0, r.stderr[-3000:]
+    earlier = json.loads(r.stdout.strip().splitlines()[-1])
+    assert earlier["checkpoint"] == str(ckpts / "step_00000002")
+    assert earlier["samples"] == 16 and earlier["loss"] != result["loss"]
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())  # every held-out sample too long
     cfg["data"].update(seq_length=16, long_samples="drop")
