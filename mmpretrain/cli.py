@@ -330,10 +330,13 @@ def _slurm(args) -> None:
                    args.partition, args.account, args.container, args.mounts, args.python,
                    args.job_name, args.set, args.signal_seconds, output=args.output)
     text = render(spec)
-    log_dir(text).mkdir(parents=True, exist_ok=True)  # Slurm opens the log before the script runs
     if args.output:
-        Path(args.output).write_text(text)
-    else:
+        try:
+            Path(args.output).write_text(text)
+        except OSError as e:
+            raise ValueError(f"-o {args.output}: cannot write it ({e.strerror})") from None
+    log_dir(text).mkdir(parents=True, exist_ok=True)  # Slurm opens the log before the script runs
+    if not args.output:
         sys.stdout.write(text)
 
 

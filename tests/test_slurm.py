@@ -204,7 +204,7 @@ def test_a_failed_job_is_not_requeued_for_an_old_stop(tmp_path, small_dataset):
     assert "requeue" not in log.read_text() and not (run / "stopped.json").exists()
 
 
-def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch):
+def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch, capsys):
     from mmpretrain.cli import main
 
     monkeypatch.chdir(ROOT)
@@ -219,6 +219,12 @@ def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch):
     out.unlink()
     assert main(command[1:]) == 0
     assert out.read_text() == text
+    shutil.rmtree(tmp_path / "run")
+    bad = tmp_path / "missing" / "a.sbatch"
+    assert main(["slurm", "render", "jobs/nvlm-d-8b-align.yaml", "--nodes", "2", "--run-dir",
+                 str(tmp_path / "run"), "-o", str(bad)]) == 2
+    assert f"-o {bad}: cannot write it (No such file or directory)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing made for a script that was not written
 
 
 @pytest.mark.parametrize("field, value, needle", [
