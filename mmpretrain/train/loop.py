@@ -112,8 +112,8 @@ def _open_run(cfg: Config, run_dir: Path, start: int, chunks, n_micro: int) -> M
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a new start; a stop writes it again
     metrics = MetricsLogger(run_dir, cfg.train.steps, cfg.logging.tensorboard, start)
     if metrics.dropped:
-        log.info("metrics.jsonl: dropped %d record(s) after step %d, logged by the attempt "
-                 "that stopped before its next checkpoint", metrics.dropped, start)
+        log.info("metrics.jsonl: dropped %d record(s) after step %d, where this attempt starts "
+                 "(they were logged after that checkpoint)", metrics.dropped, start)
     return metrics
 
 
