@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     s = dsub.add_parser("synth", help="write the synthetic default dataset")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--samples", type=int, default=4000, help="training samples")
+    s.add_argument("--samples", type=int, default=4000,
+                   help="training samples (default 4000; held-out: 5%% of them, at least 64)")
     s.add_argument("--seed", type=int, default=0, help="seed (same seed, same dataset)")
     b = dsub.add_parser("build", help="convert JSONL / LLaVA / WebDataset / interleaved data to MDS shards")
     b.add_argument("--input", required=True, action="append", metavar="SPEC",

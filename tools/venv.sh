@@ -9,7 +9,7 @@ key=$(sha256sum requirements.lock | cut -c1-16)
 store="${MMPRETRAIN_VENV_STORE:-$HOME/.cache/mmpretrain}"
 shared="$store/venv-$key"
 if [ ! -f "$shared/.complete" ]; then
-  echo "building $shared from requirements.lock (a few minutes, ~6.5 GB)" >&2
+  echo "building $shared from requirements.lock (a few minutes, ~7 GB)" >&2
   rm -rf "$shared"; mkdir -p "$store"
   python3 -m venv "$shared"
   "$shared/bin/pip" install -q --upgrade pip
@@ -27,6 +27,7 @@ if [ "$(cat .venv/.layered-on 2>/dev/null)" != "$shared" ]; then
   ln -s "$shared/bin/ruff" .venv/bin/ruff  # a native binary
   echo "$shared" > .venv/.layered-on
 fi
+[ -e .venv/bin/tensorboard ] || ln -s "$shared/bin/tensorboard" .venv/bin/tensorboard  # README's viewer
 stamp=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >&2
