@@ -11,9 +11,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import util as mp_util
 
 from mmpretrain.stop_signals import STOP_SIGNALS, stop_signals_held
 
@@ -44,6 +46,28 @@ def _run(arg):
     return _FN(arg)
 
 
+KILL_AFTER_S = 2.0
+"""How long a closing pool's workers have to exit on the pool's SIGTERM before they are killed."""
+
+
+def _closing(workers: list, closing) -> threading.Timer:
+    """Mark a pool as closing (its `workers` then exit on the SIGTERM of `Pool.terminate`), and
+    kill those still alive KILL_AFTER_S later: a SIGTERM that lands just before a worker blocks
+    on the task queue's lock (held by the terminating pool) runs its Python handler only once that
+    wait returns, which it never does. Their results are discarded anyway."""
+    closing.set()
+
+    def kill_the_rest():
+        for p in list(workers):  # the pool's own list: replacements it started meanwhile too
+            if p.exitcode is None:
+                p.kill()
+
+    killer = threading.Timer(KILL_AFTER_S, kill_the_rest)
+    killer.daemon = True
+    killer.start()
+    return killer
+
+
 class WorkerPool:
     """`workers` processes running `fn`; `map` gives ordered results of any number of streams
     over the same processes (the loader's slots). workers=0: everything runs inline."""
@@ -56,6 +80,12 @@ class WorkerPool:
             self.closing = ctx.Event()
             with stop_signals_held():  # the fork server and the workers inherit the block
                 self.pool = ctx.Pool(workers, initializer=_init, initargs=(fn, self.closing))
+            # A pool still open at interpreter exit (a loader's generator finalised after the
+            # exit handlers: SystemExit(75) after a stop) is terminated by multiprocessing's exit
+            # finalizer (priority 15), whose SIGTERM the workers ignore until `closing` is set:
+            # set it first (priority 16), with the same fallback as `close`.
+            self._at_exit = mp_util.Finalize(self.pool, _closing, args=(self.pool._pool, self.closing),
+                                             exitpriority=16)
         self.in_flight: set = set()  # results submitted and not yet taken, of every stream
 
     def map(self, args: Iterable, lookahead: int = 0) -> Iterator:
@@ -88,9 +118,11 @@ class WorkerPool:
             for result in list(self.in_flight):
                 result.wait(max(0.0, deadline - time.monotonic()))
             self.in_flight.clear()
-            self.closing.set()
+            self._at_exit.cancel()
+            killer = _closing(self.pool._pool, self.closing)
             self.pool.terminate()
             self.pool.join()
+            killer.cancel()
             self.pool = None
 
 

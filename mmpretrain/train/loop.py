@@ -44,6 +44,10 @@ class CountingIterator:
         self.samples += int((batch.sample_ids.max(dim=1).values + 1).sum())
         return batch
 
+    def close(self) -> None:
+        """Stop the loader's iteration now (its data workers), not when it is collected."""
+        getattr(self.batches, "close", lambda: None)()
+
 
 def setup(cfg: Config, world_size: int | None = None, init_weights=None):
     """Layout (validated before any process group), process groups, tokenizer, model chunks,
@@ -255,8 +259,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
               (chunks, optimizer, scheduler, loader), consumed + int(seen), saves, skipped.in_a_row)
         if diverged or (stop and step < cfg.train.steps):  # saved above
             profiler.close()
+            batches.close()
             _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)
     profiler.close()
+    batches.close()
     preempt.uninstall()
     if metrics:
         metrics.close()
