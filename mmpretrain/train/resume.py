@@ -87,8 +87,10 @@ def start_point(run_dir: Path, resume: str | None, fresh: bool, overwrite: bool,
 
 
 DATA_SETTINGS_KEPT = ("cache_dir", "cache_limit", "workers", "decoder", "micro_batch_size")
-"""data.* settings a resume may change and still train on the batches of an uninterrupted run:
-where and how samples are read, and the micro-batch size (the loader re-splits its positions)."""
+"""data.* settings a resume may change without a warning: where and how samples are read (the
+batches stay those of an uninterrupted run), and the micro-batch size (like train.global_batch_size,
+a change of the number of slots, which the loader re-splits exactly: every sample once, in other
+batches; docs/data.md)."""
 
 
 def data_changes(ckpt: Path, cfg: Config, saved_sizes: list[int] | None, sizes: list[int]
