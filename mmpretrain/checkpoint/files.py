@@ -77,13 +77,18 @@ def clear_stale_saves(run_dir: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the checkpoints in `root`, oldest first (not a copy the user made,
+    step_N.bak)."""
+    found = ((re.fullmatch(r"step_(\d+)", p.name), p) for p in root.glob("step_*") if p.is_dir())
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
 def prune(root: Path, keep: int, keep_every: int, protect: str) -> None:
     """Keep the newest `keep` checkpoints and every step divisible by `keep_every`; never the one
     named `protect` (latest)."""
-    steps = {p: re.fullmatch(r"step_(\d+)", p.name) for p in root.glob("step_*") if p.is_dir()}
-    done = sorted(p for p, m in steps.items() if m)  # not a copy the user made (step_N.bak)
-    for p in done[:-keep] if keep > 0 else []:
-        step = int(steps[p].group(1))
+    done = step_dirs(root)
+    for step, p in done[:-keep] if keep > 0 else []:
         if p.name == protect or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(p, ignore_errors=True)
@@ -164,10 +169,8 @@ def complete_before(path: Path) -> Path | None:
     """The newest checkpoint of an earlier step than `path`, beside it, whose files check; None
     when there is none (or `path` is not a step directory)."""
     m = re.fullmatch(r"step_(\d+)", path.name)
-    steps = {p: re.fullmatch(r"step_(\d+)", p.name) for p in path.parent.glob("step_*") if p.is_dir()}
-    older = sorted((int(n.group(1)), p) for p, n in steps.items()
-                   if m and n and int(n.group(1)) < int(m.group(1)))
-    for _, p in reversed(older):
+    older = [p for step, p in step_dirs(path.parent) if m and step < int(m.group(1))]
+    for p in reversed(older):
         try:
             check_files(p)
         except CheckpointError:

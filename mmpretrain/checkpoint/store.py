@@ -198,19 +198,20 @@ def load_model(path: Path, chunks) -> None:
     _load_checked_model(path, chunks)
 
 
-def _load_checked_model(path: Path, chunks, fresh_cross_attention: bool = False) -> list[str]:
+def _load_checked_model(path: Path, chunks, fresh_cross_attention: bool = False
+                        ) -> tuple[list[str], list[str]]:
     """The model's weights from a checkpoint whose files check_files has checked. With
     `fresh_cross_attention`, cross-attention layers the checkpoint has none of keep their
-    initialisation; returns their names."""
+    initialisation, and those the model has none of are left out; returns both lists of names."""
     request = model_state(chunks)
-    fresh = _drop_absent_cross_attention(path, request) if fresh_cross_attention else []
+    fresh, left_out = _match_cross_attention(path, request) if fresh_cross_attention else ([], [])
     check_shapes(path, request)
     state = dist_checkpointing.load(request, str(path))
     for i, c in enumerate(chunks if isinstance(chunks, (list, tuple)) else [chunks]):
         missing, unexpected = c.load_state_dict(state[f"model{i}"], strict=not fresh)
         if unexpected or any(not any(f"{f}." in m for f in fresh) for m in missing):
             raise CheckpointError(f"checkpoint {path}: could not load {unexpected or missing}")
-    return fresh
+    return fresh, left_out
 
 
 def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
@@ -280,25 +281,23 @@ def load_weights(path: Path, chunks, optimizer) -> tuple[list[str], list[str]]:
     run) keep their fresh initialisation, and those the model has none of (D from an X or H run)
     are left out; returns both lists of names. Any other missing tensor is an error naming it."""
     check_files(path)
-    requested = {t.key for d in model_state(chunks).values() for t in d.values()
-                 if isinstance(t, ShardedTensor)}
-    left_out = sorted({_cross_layer(k) for k in dist_checkpointing.load_tensors_metadata(str(path))
-                       if k not in requested} - {None})
-    fresh = _load_checked_model(path, chunks, fresh_cross_attention=True)
+    names = _load_checked_model(path, chunks, fresh_cross_attention=True)
     optimizer.reload_model_params()  # mixed precision keeps fp32 main params copied at build
-    return fresh, left_out
+    return names
 
 
-def _drop_absent_cross_attention(path: Path, request: dict) -> list[str]:
+def _match_cross_attention(path: Path, request: dict) -> tuple[list[str], list[str]]:
     """Remove from `request` every entry of the cross-attention layers that the checkpoint has no
-    tensor of; their layer names (e.g. 'cross_attention_1'), sorted."""
+    tensor of; (their layer names, e.g. 'cross_attention_1', and those of the checkpoint's
+    cross-attention layers that `request` has no tensor of), each sorted."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
-    absent = {_cross_layer(t.key) for d in request.values() for t in d.values()
-              if isinstance(t, ShardedTensor) and t.key not in saved} - {None}
+    requested = {t.key for d in request.values() for t in d.values() if isinstance(t, ShardedTensor)}
+    absent = {_cross_layer(k) for k in requested if k not in saved} - {None}
+    left_out = {_cross_layer(k) for k in saved if k not in requested} - {None}
     for d in request.values():
         for name in [n for n, t in d.items() if _cross_layer(getattr(t, "key", "")) in absent]:
             del d[name]
-    return sorted(absent)
+    return sorted(absent), sorted(left_out)
 
 
 def _cross_layer(key: str) -> str | None:
