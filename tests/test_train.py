@@ -211,3 +211,24 @@ def test_non_finite_steps_are_counted_then_stop_the_run(megatron_world, small_da
     with pytest.raises(DivergedError, match=r"3 steps in a row \(up to step 5\)"):
         train(small_cfg(small_dataset, *sets, "train.max_skipped_steps=3"), tmp_path / "c")
 
+
+
+def test_a_finished_run_restarts_without_building_the_model(megatron_world, small_dataset,
+                                                             tmp_path, monkeypatch, caplog):
+    """A requeue of a run whose latest checkpoint is at train.steps builds and loads nothing (at
+    scale that is minutes of loading for no step) and leaves the run directory as it was."""
+    import mmpretrain.train.loop as loop
+
+    sets = ("train.steps=2", "logging.tensorboard=false")
+    loop.train(small_cfg(small_dataset, *sets), tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loop, "build_state", refuse)
+    assert loop.train(small_cfg(small_dataset, *sets), tmp_path) == {}
+    assert "step_00000002 is at step 2 and train.steps is 2: nothing to train" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    with pytest.raises(AssertionError, match="the model was built"):  # one more step: it builds
+        loop.train(small_cfg(small_dataset, "train.steps=3", "logging.tensorboard=false"), tmp_path)

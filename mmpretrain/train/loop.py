@@ -23,7 +23,7 @@ from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
 from mmpretrain.train.profile import StepProfiler
-from mmpretrain.train.resume import data_changes, start_point
+from mmpretrain.train.resume import Start, data_changes, start_point
 from mmpretrain.train.step import SkippedSteps, device, train_step
 from mmpretrain.train.validate import HeldoutLoss
 
@@ -49,20 +49,30 @@ class CountingIterator:
         getattr(self.batches, "close", lambda: None)()
 
 
-def setup(cfg: Config, world_size: int | None = None, init_weights=None):
-    """Layout (validated before any process group), process groups, tokenizer, model chunks,
-    DDP, optimizer and schedule. `init_weights(chunks)`, if given, sets the weights before the
-    optimizer copies them."""
+def start_processes(cfg: Config, world_size: int | None = None):
+    """(layout, tokenizer): the layout validated before any process group, then the groups."""
     layout = ParallelLayout.from_config(cfg, world_size)
     tok = open_tokenizer(cfg)
     init_distributed(layout.tp, layout.pp, layout.vpp, seed=cfg.train.seed)
+    return layout, tok
+
+
+def build_state(cfg: Config, tok, init_weights=None):
+    """(model chunks, DDP wrappers, optimizer, schedule). `init_weights(chunks)`, if given, sets
+    the weights before the optimizer copies them."""
     with cuda_to_cpu():
         chunks = build_model_chunks(cfg, model_vocab_size(cfg, tok), tok.img_id)
         if init_weights is not None:
             init_weights(chunks)
         ddps = wrap_ddp(chunks, cfg)
         optimizer = build_optimizer(ddps, cfg)
-    return layout, tok, chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
+    return chunks, ddps, optimizer, build_scheduler(optimizer, cfg)
+
+
+def setup(cfg: Config, world_size: int | None = None, init_weights=None):
+    """`start_processes` and `build_state`: (layout, tokenizer, chunks, DDPs, optimizer, schedule)."""
+    layout, tok = start_processes(cfg, world_size)
+    return layout, tok, *build_state(cfg, tok, init_weights)
 
 
 def _resume(cfg: Config, ckpt, chunks, optimizer, scheduler, loader) -> tuple[int, int, int]:
@@ -150,13 +160,26 @@ def _end_early(run_dir: Path, step: int, metrics: MetricsLogger | None,
     raise SystemExit(REQUEUE_EXIT_CODE)  # saved at `step`; the job script requeues
 
 
-def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler, loader
+def _finished(cfg: Config, begin: Start) -> bool:
+    """Whether the checkpoint the run starts from is at or past train.steps (read from its
+    state.json, before the model is built; a state.json that does not read is left to the load)."""
+    if begin.checkpoint is None or begin.weights_only:
+        return False
+    try:
+        step = json.loads((begin.checkpoint / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if step >= cfg.train.steps and is_rank0():
+        log.warning("%s is at step %d and train.steps is %d: nothing to train", begin.checkpoint,
+                    step, cfg.train.steps)
+    return step >= cfg.train.steps
+
+
+def _start(cfg: Config, begin: Start, chunks, optimizer, scheduler, loader
            ) -> tuple[int, int, int]:
-    """The step, samples consumed and steps skipped in a row the run starts from: a resumed
-    checkpoint's, or 0 after loading only weights (checkpoint.init_from) or none; `how` is
-    train's (resume, fresh, overwrite). Every rank reads the run directory once rank 0 has tidied
-    it (start_point waits)."""
-    begin = start_point(run_dir, *how, is_rank0(), cfg.checkpoint.init_from)
+    """The step, samples consumed and steps skipped in a row the run starts from (`begin`, of
+    `start_point`): a resumed checkpoint's, or 0 after loading only weights
+    (checkpoint.init_from) or none."""
     if begin.weights_only:
         begun = _init_weights(begin.checkpoint, chunks, optimizer)
     elif begin.checkpoint:
@@ -170,9 +193,6 @@ def _start(cfg: Config, run_dir: Path, how: tuple, chunks, optimizer, scheduler,
                                              f"from it") from None
     else:
         begun = 0, 0, 0
-    if begun[0] >= cfg.train.steps and is_rank0():
-        log.warning("the checkpoint is at step %d, train.steps is %d: nothing to train", begun[0],
-                    cfg.train.steps)
     return begun
 
 
@@ -202,15 +222,19 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     check_trainable(cfg)
     preempt = (preempt or PreemptionHandler()).install()  # SIGTERM/SIGUSR1: save after a step, exit
     run_dir = Path(run_dir)
-    layout, tok, chunks, ddps, optimizer, scheduler = setup(cfg)
+    layout, tok = start_processes(cfg)
+    begin = start_point(run_dir, resume, fresh, overwrite, is_rank0(), cfg.checkpoint.init_from)
+    if _finished(cfg, begin):  # a requeue of a finished run: nothing built, nothing loaded
+        preempt.uninstall()
+        return {}
+    chunks, ddps, optimizer, scheduler = build_state(cfg, tok)
     for line in advisories(cfg) if is_rank0() else ():
         log.warning("%s", line)
     n_micro = cfg.train.global_batch_size // (cfg.data.micro_batch_size * layout.dp)
     loader = make_loader(cfg, "train", tok, parallel_state.get_data_parallel_rank(), layout.dp,
                          slots=cfg.train.global_batch_size // cfg.data.micro_batch_size)  # the
     # global batch is the same under any dp: each of its micro-batches has a packer of its own
-    start, consumed, in_a_row = _start(cfg, run_dir, (resume, fresh, overwrite), chunks, optimizer,
-                                       scheduler, loader)
+    start, consumed, in_a_row = _start(cfg, begin, chunks, optimizer, scheduler, loader)
     if start < cfg.train.steps and preempt.stop_requested(device()):  # during start-up: nothing
         if is_rank0():  # trained since the start point, nothing to save
             log.warning("asked to stop (%s) before the first step: exit %d for a requeue, which "
