@@ -111,6 +111,7 @@ class PackedLoader:
                       for j in range(dp_rank, self.n_slots, dp_size)]  # this rank's
         self.last_keys: list[int] = []  # global positions of the samples in the last batch
         self.saved_sizes: list[int] | None = None  # dataset sizes of a loaded state
+        self.saved_slots: int | None = None  # micro-batch slots of a loaded state
         self._logged: set[tuple[int, int]] = set()
         self._state = self._snapshot()
 
@@ -133,7 +134,8 @@ class PackedLoader:
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Continue from a saved state, or from the states of all old data-parallel ranks (a
         list): under any data-parallel size, the slots continue exactly where they stood.
-        `saved_sizes` is then the saved state's dataset sizes (None from older loaders)."""
+        `saved_sizes` is then the saved state's dataset sizes (None from older loaders) and
+        `saved_slots` its number of micro-batch slots."""
         by_slot: dict[int, dict] = {}
         states = state if isinstance(state, list) else [state]
         self.saved_sizes = next((st["sizes"] for st in states if "sizes" in st), None)
@@ -143,7 +145,8 @@ class PackedLoader:
         sizes = {s["n_slots"] for s in by_slot.values()}
         if len(sizes) != 1:
             raise ValueError(f"loader states of different numbers of slots: {sorted(sizes)}")
-        if sizes.pop() == self.n_slots and all(s.index in by_slot for s in self.slots):
+        self.saved_slots = sizes.pop()
+        if self.saved_slots == self.n_slots and all(s.index in by_slot for s in self.slots):
             chosen = [by_slot[s.index] for s in self.slots]
         else:
             chosen = [reshard(list(by_slot.values()), s.index, self.n_slots) for s in self.slots]

@@ -336,6 +336,11 @@ def test_a_resume_on_changed_data_says_what_changed(small_dataset, tmp_path):
     r = cli(*train_args(run, small_dataset, "--set", "train.steps=4", "--set", "data.shuffle_seed=5"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the data differ from the checkpoint's (data.shuffle_seed 0 -> 5)" in r.stderr
+    assert "micro-batches per global batch" not in r.stderr
+    r = cli(*train_args(run, small_dataset, "--set", "train.steps=5", "--set", "data.shuffle_seed=5",
+                        "--set", "data.micro_batch_size=1"))  # a global batch of twice the slots
+    assert r.returncode == 0 and "the data differ" not in r.stderr, r.stderr[-3000:]
+    assert "micro-batches per global batch 1 -> 4" in r.stderr
     ckpt = run / "checkpoints" / latest(run)
     saved = json.loads(next(ckpt.glob("loader_dp0.json")).read_text())["sizes"]
     cfg = load(ckpt / "config.yaml", [])

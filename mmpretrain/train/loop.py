@@ -87,6 +87,11 @@ def _resume(cfg: Config, ckpt, chunks, optimizer, scheduler, loader) -> tuple[in
             log.warning("the data differ from the checkpoint's (%s): the loader goes on from the "
                         "saved positions of another sample stream, not the one the run trained "
                         "on (docs/data.md, resuming)", ", ".join(changes))
+        if loader.saved_slots != loader.n_slots and is_rank0():
+            log.info("micro-batches per global batch %d -> %d (train.global_batch_size / "
+                     "data.micro_batch_size): the saved read positions are re-split over them "
+                     "(every sample once, in other batches than an uninterrupted run's)",
+                     loader.saved_slots, loader.n_slots)
     if is_rank0() and meta.get("weights_only"):
         log.info("started from the weights of %s (%s); optimizer and data order start fresh", ckpt,
                  meta.get("source", "a weights-only checkpoint"))
