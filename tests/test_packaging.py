@@ -94,3 +94,12 @@ for m in {modules!r}:
         ["slurm", "render", str(job), "--nodes", "1", "--gpus-per-node", "1"]))
     assert render.returncode == 0, render.stderr
     assert "#SBATCH --nodes=1" in render.stdout and "srun" in render.stdout
+    # `python -m mmpretrain` in the source tree's root (a container's --container-workdir, with the
+    # wheel installed into its Python): the working directory comes first on sys.path, so the
+    # source tree's mmpretrain/ hides the install and has to find parallel/, data/, slurm/ itself
+    shadowed = "sys.path.insert(0, ''); import mmpretrain; assert mmpretrain.__file__.startswith(" \
+               f"{str(ROOT)!r}), mmpretrain.__file__; " + cli
+    for command in (args, ["slurm", "render", str(job), "--nodes", "1", "--gpus-per-node", "1"]):
+        r = run_installed(target, ROOT, shadowed.format(command))
+        assert r.returncode == 0, r.stderr
+    assert run_installed(target, ROOT, shadowed.format(args)).stdout == plan.stdout
