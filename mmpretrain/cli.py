@@ -156,7 +156,8 @@ def _add_slurm(sub) -> None:
     r.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node (default 8)")
     r.add_argument("--partition", default=None, help="Slurm partition")
     r.add_argument("--account", default=None, help="Slurm account")
-    r.add_argument("--time", default="04:00:00", help="time limit (default 04:00:00)")
+    r.add_argument("--time", default="04:00:00",
+                   help="time limit, as sbatch takes it (UNLIMITED: none; default 04:00:00)")
     r.add_argument("--signal-seconds", type=int, default=600,
                    help="send USR1 (checkpoint, stop, requeue) this long before the limit (default 600)")
     r.add_argument("--container", default=None, help="container image (pyxis/enroot srun flags)")

@@ -45,20 +45,26 @@ class JobSpec:
         return self.output or "job.sbatch"
 
 
-def time_seconds(limit: str) -> int:
-    """Seconds of a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+def time_seconds(limit: str) -> int | None:
+    """Seconds of a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S; None for none (0,
+    UNLIMITED, INFINITE)."""
+    if limit.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
     if not m:
-        raise ConfigError(f"--time {limit!r}: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+        raise ConfigError(f"--time {limit!r}: expected minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]] "
+                          "or UNLIMITED")
     days, a, b, c = m.groups()
     if days is not None:  # D-H, D-H:M, D-H:M:S
         parts = [int(a), int(b or 0), int(c or 0)]
-        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-    if b is None:
-        return int(a) * 60
-    if c is None:
-        return int(a) * 60 + int(b)
-    return int(a) * 3600 + int(b) * 60 + int(c)
+        seconds = int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    elif b is None:
+        seconds = int(a) * 60
+    elif c is None:
+        seconds = int(a) * 60 + int(b)
+    else:
+        seconds = int(a) * 3600 + int(b) * 60 + int(c)
+    return seconds or None
 
 
 def check_spec(spec: JobSpec):
@@ -68,8 +74,11 @@ def check_spec(spec: JobSpec):
     if spec.nodes < 1 or spec.gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be positive, got {spec.nodes}, "
                           f"{spec.gpus_per_node}")
+    if spec.signal_seconds <= 0:
+        raise ConfigError(f"--signal-seconds {spec.signal_seconds}: must be positive (how long "
+                          "before the time limit the run is asked to save and stop)")
     limit = time_seconds(spec.time)
-    if not 0 < spec.signal_seconds < limit:
+    if limit is not None and spec.signal_seconds >= limit:
         raise ConfigError(f"--signal-seconds {spec.signal_seconds} must be below the time limit "
                           f"({limit} s)")
     _check_text(spec)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted(ROOT.glob("jobs/nvlm-*.yaml"))  # every design, both scales and stages
 
 # srun: start SLURM_NTASKS copies of the command (everything from the first non-option word), each
-# with its SLURM_PROCID/SLURM_LOCALID, forward TERM/USR1 to them. --kill-on-bad-exit, at its worst:
+# with its SLURM_PROCID/SLURM_LOCALID; forward USR1 to them, and answer TERM by killing them, as
+# srun does ("forcing job termination": SIGKILL to every task). --kill-on-bad-exit, at its worst:
 # the first failure kills the other tasks, and srun exits with 128 + SIGKILL as though one of them
 # had still been tearing down (srun returns the highest exit code, a signal counting as 128 + it).
 FAKE_SRUN = r'''#!PYTHON
@@ -38,7 +39,7 @@ procs = [subprocess.Popen(args, env={**os.environ, "SLURM_PROCID": str(i), "SLUR
                                      "SLURM_NODEID": "0"}) for i in range(n)]
 def forward(sig, frame):
     for p in procs:
-        p.send_signal(sig)
+        p.send_signal(signal.SIGKILL if sig == signal.SIGTERM else sig)
 signal.signal(signal.SIGUSR1, forward)
 signal.signal(signal.SIGTERM, forward)
 import time
@@ -52,7 +53,10 @@ sys.exit(0 if all(c == 0 for c in codes) else 128 + signal.SIGKILL)
 '''
 FAKE_SCONTROL = r'''#!/bin/bash
 case "$1" in
-  show) echo 127.0.0.1 ;;
+  show) if [[ -n "${FAKE_SCONTROL_DELAY:-}" ]]; then
+          echo "show hostnames" >> "$FAKE_SLURM_LOG"; sleep "$FAKE_SCONTROL_DELAY"
+        fi
+        echo 127.0.0.1 ;;
   requeue) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;
   *) exit 1 ;;
 esac
@@ -115,10 +119,16 @@ def test_time_limits():
     assert time_seconds("30") == 1800 and time_seconds("10:30") == 630
     assert time_seconds("04:00:00") == 14400 and time_seconds("1-12") == 129600
     assert time_seconds("2-00:30:00") == 174600
+    assert time_seconds("0") is time_seconds("UNLIMITED") is time_seconds("infinite") is None
     with pytest.raises(ConfigError, match="--time"):
         time_seconds("four hours")
-    with pytest.raises(ConfigError, match="signal-seconds"):
+    with pytest.raises(ConfigError, match="signal-seconds 600 must be below the time limit"):
         render(JobSpec("jobs/nvlm-d-8b-align.yaml", 2, time="5", workdir=str(ROOT)))
+    with pytest.raises(ConfigError, match="signal-seconds 0: must be positive"):
+        render(JobSpec("jobs/nvlm-d-8b-align.yaml", 2, signal_seconds=0, workdir=str(ROOT)))
+    for limit in ("UNLIMITED", "0"):  # no time limit: the signal only comes with a preemption
+        text = render(JobSpec("jobs/nvlm-d-8b-align.yaml", 2, time=limit, workdir=str(ROOT)))
+        assert f"#SBATCH --time={limit}\n" in text and "#SBATCH --signal=B:USR1@600\n" in text
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:
@@ -202,6 +212,72 @@ def test_a_failed_job_is_not_requeued_for_an_old_stop(tmp_path, small_dataset):
                        timeout=240)
     assert r.returncode == 128 + signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
     assert "requeue" not in log.read_text() and not (run / "stopped.json").exists()
+
+
+# The trainer as far as the script sees it (MMPRETRAIN_PYTHON): STUB_START_S of start-up, in which a
+# USR1 kills it (the default action), then a USR1 makes it write the stop file and exit 75.
+STUB_TASK = r"""#!/bin/bash
+while [[ $# -gt 0 && "$1" != --run-dir ]]; do shift; done
+run=$2
+sleep "${STUB_START_S:-0}"
+trap 'echo "{\"step\": 7}" > "$run/stopped.json"; exit 75' USR1
+echo "task $SLURM_PROCID ready" >> "$FAKE_SLURM_LOG"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("when,sig", [("running", "USR1"), ("running", "TERM"),
+                                      ("before srun", "USR1"), ("starting", "USR1")])
+def test_a_stop_for_the_batch_shell_requeues_the_job(tmp_path, when, sig):
+    """USR1 or TERM for the batch shell alone (--signal=B:USR1, `scancel --batch`): the tasks are
+    asked to stop with USR1 (srun kills them on TERM), and the job requeues; a stop before srun
+    starts requeues it without starting srun, one while the tasks start (and die of it) too."""
+    run = tmp_path / "run"
+    spec = JobSpec("jobs/tiny-d.yaml", nodes=1, gpus_per_node=2, run_dir=str(run), workdir=str(ROOT))
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(spec))
+    stub = tmp_path / "stub-python"
+    stub.write_text(STUB_TASK)
+    stub.chmod(0o755)
+    log = tmp_path / "slurm.log"
+    log.touch()
+    env = {**os.environ, "PATH": f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4300", "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1",
+           "SLURM_NTASKS": "2", "FAKE_SLURM_LOG": str(log), "MMPRETRAIN_PYTHON": str(stub),
+           "STUB_START_S": "5" if when == "starting" else "0",
+           **({"FAKE_SCONTROL_DELAY": "3"} if when == "before srun" else {})}
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        ready = {"before srun": "show hostnames", "starting": "srun 2 tasks"}.get(when,
+                                                                                "task 1 ready")
+        wait_for(lambda: ready in log.read_text(), 30, job)
+        job.send_signal(getattr(signal, f"SIG{sig}"))
+        out, _ = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    assert f"received SIG{sig}" in out and "requeueing job 4300" in out, out[-3000:]
+    assert log.read_text().splitlines()[-1] == "requeue 4300"
+    assert ("srun 2 tasks" in log.read_text()) == (when != "before srun")
+    assert (run / "stopped.json").exists() == (when == "running")
+
+
+def test_the_rendezvous_host_of_a_long_node_list(tmp_path):
+    """The first of 200,000 host names under pipefail: a reader that stops after one line would
+    leave scontrol to die of SIGPIPE, and the script with it."""
+    text = render(JobSpec("jobs/tiny-d.yaml", nodes=1, gpus_per_node=1, workdir=str(ROOT)))
+    line = next(x for x in text.splitlines() if x.startswith("MASTER_ADDR="))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nseq -f "node%06g" 1 200000\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    r = subprocess.run(["bash", "-c", f'set -euo pipefail; {line}; echo "$MASTER_ADDR"'],
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                            "SLURM_JOB_NODELIST": "node[000001-200000]"},
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "node000001\n"), r.stderr
 
 
 def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch, capsys):
