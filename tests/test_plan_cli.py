@@ -1,6 +1,7 @@
 """`mmpretrain plan` from the command line: the report, its exit status, the layouts it suggests
 when one does not fit (each loads and fits as printed), and the kernels it plans for."""
 import json
+import re
 from pathlib import Path
 
 from mmpretrain import planner
@@ -24,8 +25,17 @@ def test_plan_command(capsys):
     out = capsys.readouterr().out
     assert "the config's layout does not run on 16 GPUs: world size 16 is not divisible" in out
     assert "layouts that fit" in out or "no tp/pp/vpp/recompute layout fits" in out
-    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3"]) == 1  # 32 layers, gbs 256
-    assert "no tp/pp/vpp layout of 24 GPUs passes the layout checks" in capsys.readouterr().out
+    # 32 layers and a global batch of 256 on 3 nodes: pipelines of 3 stages, the first shorter
+    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "layouts that fit" in out and "--set parallel.pp=3" in out, out
+    first = int(re.search(r"parallel.first_stage_decoder_layers=(\d+)", out).group(1))
+    assert (32 - first) % 2 == 0 and 1 <= first < 32
+    line = next(ln for ln in out.splitlines() if "--set parallel.pp=3" in ln)
+    cfg = load(ROOT / "jobs/nvlm-d-8b-pretrain.yaml", line.split("s/step: --set ", 1)[1].split(" --set "))
+    assert planner.plan_job(cfg, 24).fits  # loads, passes the layout checks and fits as printed
+    assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "37", "--gpus-per-node", "1"]) == 1
+    assert "no tp/pp/vpp layout of 37 GPUs passes the layout checks" in capsys.readouterr().out
     assert main(["plan", "jobs/nvlm-d-8b-pretrain.yaml", "--nodes", "3", "--json"]) == 2
     assert "not divisible" in capsys.readouterr().err
     assert main(["plan", "jobs/nvlm-d-72b-pretrain.yaml", "--nodes", "32", "--json"]) == 0

@@ -15,24 +15,42 @@ from mmpretrain.planner.layout import check
 from mmpretrain.planner.plan import Plan
 
 TP = (1, 2, 4, 8)
-PP = (1, 2, 4, 5, 8, 10, 16)
 VPP = (None, 2, 4, 5)
 RECOMPUTE = ("none", "selective", "full")
 
 
+def first_stage_splits(layers: int, pp: int, chunks: int) -> list[int]:
+    """Decoder layers the first of `pp` stages may take when the others take equal shares, each
+    stage's divisible by its `chunks` virtual stages (parallel/layout.py's rule)."""
+    if pp == 1:
+        return []
+    return [f for f in range(chunks, layers + 1, chunks) if layers - f >= pp - 1
+            and (layers - f) % (pp - 1) == 0 and ((layers - f) // (pp - 1)) % chunks == 0]
+
+
+def stage_layouts(layers: int, n: int):
+    """(pp, vpp, first_stage_decoder_layers) to try with `n` GPUs per tensor-parallel rank: every
+    pipeline size that divides n, up to one layer per stage; an even split where the layers
+    allow one, else the uneven split nearest to it (pp = 3 or 6 of 80 layers)."""
+    for pp in (p for p in range(1, min(n, layers) + 1) if n % p == 0):
+        for vpp in (v for v in VPP if v is None or pp > 1):
+            chunks = vpp or 1
+            if layers % (pp * chunks) == 0:
+                yield pp, vpp, None
+            elif splits := first_stage_splits(layers, pp, chunks):
+                yield pp, vpp, min(splits, key=lambda f: abs(f - layers / pp))
+
+
 def candidates(cfg: Config, world: int, gpus_per_node: int):
     """Configs of the other layouts to try (tensor parallelism stays inside a node)."""
-    layers = cfg.decoder.num_layers
-    for tp in (t for t in TP if t <= gpus_per_node):
-        for pp in (p for p in PP if layers % p == 0 and world % (tp * p) == 0):
-            for vpp in (v for v in VPP if v is None or (pp > 1 and (layers // pp) % v == 0)):
-                for recompute in RECOMPUTE:
-                    par = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp,
-                                              sequence_parallel=tp > 1, distributed_optimizer=True)
-                    if hasattr(par, "first_stage_decoder_layers"):
-                        par = dataclasses.replace(par, first_stage_decoder_layers=None)
-                    train = dataclasses.replace(cfg.train, recompute=recompute)
-                    yield dataclasses.replace(cfg, parallel=par, train=train)
+    for tp in (t for t in TP if t <= gpus_per_node and world % t == 0):
+        for pp, vpp, first in stage_layouts(cfg.decoder.num_layers, world // tp):
+            for recompute in RECOMPUTE:
+                par = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp,
+                                          sequence_parallel=tp > 1, distributed_optimizer=True,
+                                          first_stage_decoder_layers=first)
+                train = dataclasses.replace(cfg.train, recompute=recompute)
+                yield dataclasses.replace(cfg, parallel=par, train=train)
 
 
 def balanced_first_stage(cfg: Config, plan: Plan) -> int | None:
@@ -46,8 +64,7 @@ def balanced_first_stage(cfg: Config, plan: Plan) -> int | None:
     tau = other.seconds / other.layers
     encoder = first.seconds - first.layers * tau
     best = (layers * tau - (p - 1) * encoder) / (p * tau)
-    valid = [f for f in range(v, layers + 1, v) if layers - f >= p - 1
-             and (layers - f) % (p - 1) == 0 and ((layers - f) // (p - 1)) % v == 0]
+    valid = first_stage_splits(layers, p, v)
     return min(valid, key=lambda f: abs(f - best)) if valid else None
 
 
