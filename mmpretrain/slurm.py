@@ -7,6 +7,7 @@ submitted. Paths are made absolute: the job runs from the directory rendering ra
 """
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from mmpretrain.config import ConfigError, load
 
+log = logging.getLogger("mmpretrain")
 TEMPLATE = Path(str(resources.files("mmpretrain.sbatch") / "train.sbatch.in"))
 FIELD = re.compile(r"\{\{(\w+)\}\}")
 
@@ -158,8 +160,9 @@ def render(spec: JobSpec) -> str:
     """The sbatch script for `spec` (the layout is checked first; ConfigError if it is bad)."""
     from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE
 
-    check_spec(spec)
+    cfg = check_spec(spec)
     workdir, run_dir = _paths(spec)
+    _check_init_from(cfg.checkpoint.init_from, workdir, run_dir)
     config = (workdir / spec.config).resolve()
     python = spec.python or ("python" if spec.container else _default_python())
     values = {
@@ -175,6 +178,22 @@ def render(spec: JobSpec) -> str:
     }
     text = FIELD.sub(lambda m: values[m.group(1)], TEMPLATE.read_text())
     return text
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """A checkpoint directory, or a run directory with a latest checkpoint."""
+    return (path / "state.json").is_file() or (path / "checkpoints" / "latest").is_file()
+
+
+def _check_init_from(init_from: str, workdir: Path, run_dir: Path) -> None:
+    """Warn when the job would start from checkpoint.init_from (its run has no checkpoint of its
+    own) and that names no checkpoint yet: stage 1 may still be running, so it is not an error."""
+    if not init_from or _has_checkpoint(run_dir):
+        return
+    source = workdir / init_from  # the job runs in workdir; an absolute init_from stays as it is
+    if not _has_checkpoint(source):
+        log.warning("checkpoint.init_from %s: no checkpoint there yet (seen from %s); the job "
+                    "fails at start unless one is saved before it starts", init_from, workdir)
 
 
 def job_name(spec) -> str:

@@ -280,6 +280,21 @@ def test_the_rendezvous_host_of_a_long_node_list(tmp_path):
     assert (r.returncode, r.stdout) == (0, "node000001\n"), r.stderr
 
 
+def test_a_stage_two_job_warns_when_its_init_from_has_no_checkpoint(tmp_path, caplog):
+    """Rendering stage 2 before stage 1 has saved: a warning, not an error (stage 1 may still be
+    running); none once it has a checkpoint, or once the run has one of its own."""
+    spec = JobSpec(str(ROOT / "jobs/nvlm-d-8b-pretrain.yaml"), 4, workdir=str(tmp_path))
+    render(spec)
+    assert "checkpoint.init_from runs/nvlm-d-8b-align: no checkpoint there yet" in caplog.text
+    for run in ("runs/nvlm-d-8b-align", "runs/nvlm-d-8b-pretrain"):  # stage 1's, or its own
+        caplog.clear()
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "latest").write_text("step_00000010\n")
+        render(spec)
+        assert "init_from" not in caplog.text
+        shutil.rmtree(tmp_path / run)
+
+
 def test_the_rendered_by_line_renders_the_same_script(tmp_path, monkeypatch, capsys):
     from mmpretrain.cli import main
 
