@@ -210,6 +210,34 @@ def test_a_batch_of_rows_equals_each_row_alone(exported):
             torch.testing.assert_close(both[row, :len(c.ids)], alone, atol=1e-5, rtol=0)
 
 
+@each_variant
+def test_sequences_generated_per_prompt_keep_their_rows_images(exported):
+    """generate(num_return_sequences=k) repeats each row k times: its images go with it (as a
+    group, where transformers would repeat image by image and shift them across rows)."""
+    _, cfg, tok, _, out = exported
+    hf, p = load_hf(out), cfg.vision.patch_size
+    cases = design_cases(cfg, tok, hf.config.vision_config.image_size // p)[1:]
+    assert max(len(c.images) for c in cases) > 1  # a row with several images (or tiles)
+    width = max(len(c.ids) for c in cases)
+    ids = torch.tensor([c.ids + [tok.pad_id] * (width - len(c.ids)) for c in cases])
+    images = [i for c in cases for i in c.images]
+    pixels, sizes = pixel_batch(images, p)
+    inputs = dict(pixel_values=pixels, image_sizes=sizes, image_tiles=torch.tensor([i.tile for i in images]))
+    expanded_ids, expanded = hf._expand_inputs_for_generation(expand_size=3, input_ids=ids, **inputs)
+    assert expanded_ids.shape[0] == 3 * len(cases)
+    with torch.no_grad():
+        logits = hf(input_ids=expanded_ids, **expanded).logits
+        for row, c in enumerate(cases):
+            one = pixel_batch(c.images, p)
+            alone = hf(input_ids=torch.tensor([c.ids]), pixel_values=one[0], image_sizes=one[1],
+                       image_tiles=torch.tensor([i.tile for i in c.images])).logits[0]
+            for copy in range(3):
+                torch.testing.assert_close(logits[3 * row + copy, :len(c.ids)], alone, atol=1e-5, rtol=0)
+    sampled = hf.generate(input_ids=ids, attention_mask=(ids != tok.pad_id).long(), **inputs,
+                          do_sample=True, num_return_sequences=2, max_new_tokens=2)
+    assert sampled.shape == (2 * len(cases), width + 2)
+
+
 def raw_sample():
     """Two images between three texts, as a shard sample (encoded bytes) and as processor inputs
     (text, the same files opened by Pillow): a JPEG turned by its EXIF orientation and a PNG with

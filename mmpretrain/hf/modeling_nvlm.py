@@ -129,6 +129,38 @@ class NVLMForConditionalGeneration(NVLMPreTrainedModel, GenerationMixin):
         counts = torch.tensor([(r // m) * (c // m) for r, c in grids], device=features.device)
         return self.multi_modal_projector(features, grids), counts
 
+    def image_rows(self, input_ids, pixel_values, image_sizes, image_tiles) -> torch.Tensor:
+        """The batch row of each image [n]: X and H's by their markers and tags, D's by the
+        `[IMG]` tokens its image tokens fill, row after row."""
+        n = len(pixel_values)
+        if self.config.design != "d":
+            return route_images(self.config, input_ids, n, image_tiles)[1].cpu()
+        p, m = self.config.vision_config.patch_size, self.config.merge
+        sizes = image_sizes.tolist() if image_sizes is not None else [pixel_values.shape[-2:]] * n
+        counts = torch.tensor([(h // p // m) * (w // p // m) for h, w in sizes])  # [n]
+        first = counts.cumsum(0) - counts  # [n] the index of each image's first [IMG] token
+        ends = (input_ids == self.config.image_token_index).sum(1).cumsum(0).cpu()  # [b]
+        return torch.searchsorted(ends, first, right=True)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """GenerationMixin's (num_return_sequences > 1), with each row's images repeated as a
+        group (a, b, a, b) where it would repeat each image (a, a, b, b) and so hand row 0's
+        second image to row 1's copy."""
+        names = ("pixel_values", "image_sizes", "image_tiles")
+        images = {k: model_kwargs.pop(k) for k in names if k in model_kwargs}
+        pixels = images.get("pixel_values")
+        if expand_size > 1 and input_ids is not None and pixels is not None and len(pixels):
+            rows = self.image_rows(input_ids, pixels, images.get("image_sizes"),
+                                   images.get("image_tiles"))
+            order = torch.cat([(rows == r).nonzero()[:, 0] for r in range(len(input_ids))
+                               for _ in range(expand_size)])
+            images = {k: v if v is None else v[order.to(v.device)] for k, v in images.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+            **model_kwargs)
+        return input_ids, {**model_kwargs, **images}
+
     def embed_images(self, input_ids, inputs_embeds, pixel_values, image_sizes, image_tiles):
         """(embeddings with in-stream images placed, the image context of cross-attended ones)."""
         if input_ids is None:
