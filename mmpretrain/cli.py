@@ -251,11 +251,9 @@ def _synth(args) -> None:
 def _convert(args) -> None:
     if args.convert_command == "to-hf":
         from mmpretrain.hf.export import export
-        from mmpretrain.hf.verify import verify
 
-        ckpt = export(args.ckpt, args.out, args.shard_size, args.dtype, args.tokenizer)
-        if not args.no_verify:
-            verify(ckpt, args.out, args.tol, args.tokenizer)
+        export(args.ckpt, args.out, args.shard_size, args.dtype, args.tokenizer,
+               None if args.no_verify else args.tol)
     elif args.convert_command == "from-hf":
         from mmpretrain.config import load
 

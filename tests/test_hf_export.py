@@ -3,6 +3,7 @@ with logits equal to ours (text only, one image, several images), and `generate`
 exported processor."""
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,36 @@ def test_a_failed_export_leaves_the_previous_one_intact(tiny, tmp_path, monkeypa
     assert [f.name for f in tmp_path.iterdir()] == ["hf"]
 
 
+def test_an_export_that_fails_verification_leaves_the_previous_one(tiny, tmp_path, monkeypatch,
+                                                                    capsys):
+    """to-hf verifies the new export before it replaces OUT: one that fails (here: a weight the
+    writer got wrong) is never put in place, and no temporary is left."""
+    import shutil
+
+    import mmpretrain.hf.export as export_module
+    from mmpretrain.cli import main
+
+    _, _, ckpt, d_export = tiny
+    shutil.copytree(d_export, tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+    save = export_module.save_shard
+
+    def wrong(path, tensors):
+        tensors = dict(tensors)
+        if "vision_tower.ln_pre.weight" in tensors:
+            tensors["vision_tower.ln_pre.weight"] = tensors["vision_tower.ln_pre.weight"] + 0.5
+        save(path, tensors)
+
+    monkeypatch.setattr(export_module, "save_shard", wrong)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf"), "--tol", "1e-4"]) == 1
+    assert "verification failed" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["hf"]
+    monkeypatch.setattr(export_module, "save_shard", save)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "new"), "--tol", "1e-4"]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+
+
 def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monkeypatch, capsys):
     from mmpretrain.cli import main
     from mmpretrain.hf.export import check_out
@@ -252,13 +283,41 @@ def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monk
     monkeypatch.setattr(local, "load_cpu_model", no_load)
     for out, match in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "hf", "is a file"),
                        (tmp_path / "other", "holds other files"),
-                       (tmp_path / "hub", "holds other files")):
+                       (tmp_path / "hub", "holds other files"),
+                       (Path("/proc/mmpretrain-out"), "cannot write there")):
         with pytest.raises(ConversionError, match=match):
             export(ckpt, out)
         assert main(["convert", "to-hf", str(ckpt), str(out)]) == 2
         assert match in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "hub" / "config.json").read_text() == "{}"
+
+
+def test_an_export_cleans_up_after_one_that_was_killed(tiny, tmp_path):
+    """A killed export leaves `.OUT.tmp-PID` (half written: deleted by the next export) and, killed
+    between its two renames, the previous export as `.OUT.old-PID` with OUT missing (put back);
+    what a running process has there is left alone."""
+    import shutil
+    import subprocess
+
+    from mmpretrain.hf.export import clear_stale
+
+    _, _, ckpt, d_export = tiny
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "hf"
+    shutil.copytree(d_export, tmp_path / f".hf.old-{dead.pid}")
+    (tmp_path / f".hf.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".hf.tmp-{os.getpid()}-x").mkdir()  # not an export's name
+    (tmp_path / f".hf.tmp-{os.getppid()}").mkdir()  # a running process's
+    clear_stale(out)
+    assert (out / "mmpretrain.json").is_file()  # the previous export, back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["hf", f".hf.tmp-{os.getpid()}-x", f".hf.tmp-{os.getppid()}"])
+    (tmp_path / f".hf.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".hf.tmp-{dead.pid}" / "model-00001-of-00002.safetensors").write_bytes(b"x" * 99)
+    export(ckpt, out)
+    assert not (tmp_path / f".hf.tmp-{dead.pid}").exists() and (out / "mmpretrain.json").is_file()
 
 
 def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,33 @@ def check_out(out: Path) -> None:
                               f"; to-hf replaces an export whole: pick an empty or new directory")
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale(out: Path) -> None:
+    """What an export killed on this machine left beside OUT: its half-written `.OUT.tmp-PID`
+    (deleted) and, if it died between the two renames of `replace_dir`, the previous export moved
+    aside as `.OUT.old-PID` (put back when OUT is missing, else deleted)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    for path in sorted(out.parent.glob(f".{out.name}.*-*")):
+        m = pattern.fullmatch(path.name)
+        if not m or _running(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            log.warning("to-hf: restoring %s from %s (an export died replacing it)", out, path)
+            os.replace(path, out)
+            continue
+        log.warning("to-hf: deleting %s, left by an export that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the complete directory `tmp` at `out`, removing what `out` held."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -128,8 +156,10 @@ def write_export(out: Path, cfg: Config, fmt: Format, sources: dict[str, torch.T
 
 
 def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: str | None = None,
-           tokenizer: str | Path | None = None) -> Path:
-    """Write the checkpoint as a transformers model directory; return the checkpoint used."""
+           tokenizer: str | Path | None = None, tol: float | None = None) -> Path:
+    """Write the checkpoint as a transformers model directory; return the checkpoint used. With
+    `tol`, the new export is verified (`verify.verify_model`) before it replaces what OUT held:
+    one that fails leaves OUT as it was."""
     path = local.resolve_checkpoint(ckpt)
     out = Path(out).resolve()
     check_out(out)
@@ -138,14 +168,24 @@ def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: st
     shard_bytes = parse_size(shard_size)
     tok = local.open_tokenizer(cfg, tokenizer)
     out_dtype = DTYPES[dtype] if dtype else local.checkpoint_dtype(path)
-    log.info("to-hf: loading %s on CPU", path)
-    sources = model_tensors(local.load_cpu_model(path, cfg, tok).state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:  # before the checkpoint loads: a place that cannot be written fails now
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale(out)
+        shutil.rmtree(tmp, ignore_errors=True)  # this PID's own, from an earlier process
+        tmp.mkdir()
+    except OSError as e:
+        raise ConversionError(f"{out}: cannot write there ({e.strerror})") from None
     try:
+        log.info("to-hf: loading %s on CPU", path)
+        model = local.load_cpu_model(path, cfg, tok)
+        sources = model_tensors(model.state_dict())
         n = write_export(tmp, cfg, fmt, sources, tok, out_dtype, shard_bytes, path)
+        if tol is not None:
+            from mmpretrain.hf.verify import verify_model
+
+            del sources
+            verify_model(model, cfg, tok, tmp, tol)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -145,7 +145,11 @@ def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
     cfg = local.checkpoint_config(path)
     tok = local.open_tokenizer(cfg, tokenizer)
     check_export_of(path, cfg, tok, Path(hf_dir))
-    ours = local.load_cpu_model(path, cfg, tok)
+    return verify_model(local.load_cpu_model(path, cfg, tok), cfg, tok, hf_dir, tol)
+
+
+def verify_model(ours, cfg, tok, hf_dir: str | Path, tol: float = 1e-3) -> dict[str, float]:
+    """`verify` with our model already loaded (its weights are rounded to the export's dtype)."""
     round_like_export(ours, Path(hf_dir))
     diffs = compare(ours, load_hf(hf_dir), tok, cfg.vision.patch_size, cfg)
     for name, d in diffs.items():
