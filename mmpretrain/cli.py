@@ -93,7 +93,8 @@ def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="Hugging Face export, import and verification")
     csub = c.add_subparsers(dest="convert_command", required=True, parser_class=_Parser)
     tol = dict(type=float, default=1e-3, help="largest allowed max abs logit difference (default 1e-3)")
-    tok = dict(default=None, help="tokenizer.json to use instead of the one under data.path")
+    tok = dict(default=None, help="tokenizer.json to use instead of the checkpoint's copy (older "
+                                  "checkpoints: the one under data.path); same token ids only")
     t = csub.add_parser("to-hf", help="a checkpoint -> transformers LlavaForConditionalGeneration "
                                       "(D, native) or remote-code NVLM (X, H, tiles, merge=2)")
     t.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_N) or run dir (its latest)")

@@ -320,6 +320,33 @@ def test_an_export_cleans_up_after_one_that_was_killed(tiny, tmp_path):
     assert not (tmp_path / f".hf.tmp-{dead.pid}").exists() and (out / "mmpretrain.json").is_file()
 
 
+def test_the_checkpoint_keeps_its_tokenizer_for_the_export(tiny, tmp_path, capsys):
+    """A checkpoint holds a copy of its tokenizer: the export uses it when data.path's is gone,
+    and refuses a --tokenizer that gives its tokens other ids (the weights would read them as
+    other tokens)."""
+    import shutil
+
+    from hf_helpers import design_config
+
+    from mmpretrain.cli import main
+
+    cfg, tok, _, _ = tiny
+    data = tmp_path / "data"
+    shutil.copytree(Path(cfg.data.path), data)
+    ckpt = random_checkpoint(tmp_path / "run", design_config(data, "d"), tok, seed=5)
+    assert (ckpt / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    other = write_dataset_tokenizer(tmp_path / "other", vocab_size=320)
+    assert local.id_changes(tok, other) > 0
+    with pytest.raises(ConversionError, match=r"of the tokens of .*tokenizer.json \(the tokenizer "
+                                              r"the checkpoint trained with\) have other ids"):
+        export(ckpt, tmp_path / "hf", tokenizer=tmp_path / "other")
+    shutil.rmtree(data)  # the dataset moved on: the checkpoint's copy is what the export reads
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert exported == json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+
+
 def test_export_of_a_checkpoint_trained_at_tp3(tmp_path):
     """TP=3 pads 420 ids to 768 rows (a multiple of lcm(128, 3)), not 512: the export keeps the
     checkpoint's rows and its logits equal ours. The checkpoint holds the global tensors a TP=3

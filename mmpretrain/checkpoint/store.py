@@ -6,6 +6,7 @@ layout loads what another saved), plus files next to them:
     loader_dp{r}.json   the data loader's state of data-parallel rank r (its micro-batch slots)
     rng/rank{r}.pt      the RNG states of global rank r (restored when the layout is unchanged)
     config.yaml         the resolved config
+    tokenizer.json      a copy of the tokenizer its token ids come from (data.path's), for exports
 
 Saving is synchronous, or asynchronous with megatron-core's own machinery (`AsyncSaves`,
 `checkpoint.async_save`): the tensors are planned and staged on the host while training waits,
@@ -125,6 +126,15 @@ class AsyncSaves:
         self.queue.close()
 
 
+def _describe(tmp: Path, cfg: Config) -> None:
+    """config.yaml, and a copy of the tokenizer the run's token ids come from: an export takes it
+    from the checkpoint, whatever became of data.path since."""
+    dump(cfg, tmp / "config.yaml")
+    tokenizer = Path(cfg.data.path) / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+
+
 def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,
          cfg: Config, consumed_samples: int, keep: int = 2, keep_every: int = 0,
          async_saves: AsyncSaves | None = None, skipped_in_a_row: int = 0) -> Path:
@@ -156,7 +166,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
                 "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
                 "layout": _layout()}
         (tmp / "state.json").write_text(json.dumps(meta))
-        dump(cfg, tmp / "config.yaml")
+        _describe(tmp, cfg)
 
     def publish() -> None:  # after every rank has written its files
         dist.barrier()
@@ -317,6 +327,6 @@ def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: st
     dist_checkpointing.save(model_state(chunks), str(tmp))
     meta = {"step": step, "consumed_samples": 0, "weights_only": True, "source": source}
     (tmp / "state.json").write_text(json.dumps(meta))
-    dump(cfg, tmp / "config.yaml")
+    _describe(tmp, cfg)
     _publish(tmp, final)
     return final

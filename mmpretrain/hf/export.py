@@ -166,7 +166,7 @@ def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: st
     cfg = local.checkpoint_config(path)
     fmt = FORMATS[check_exportable(cfg)]
     shard_bytes = parse_size(shard_size)
-    tok = local.open_tokenizer(cfg, tokenizer)
+    tok = local.open_tokenizer(cfg, tokenizer, path)
     out_dtype = DTYPES[dtype] if dtype else local.checkpoint_dtype(path)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:  # before the checkpoint loads: a place that cannot be written fails now

@@ -49,15 +49,34 @@ def checkpoint_config(ckpt: Path) -> Config:
     return single_process(load(path))
 
 
-def open_tokenizer(cfg: Config, override: str | Path | None = None) -> TextTokenizer:
-    """The dataset's tokenizer (`data.path`/tokenizer.json) or the file `override` names."""
+def open_tokenizer(cfg: Config, override: str | Path | None = None,
+                   ckpt: Path | None = None) -> TextTokenizer:
+    """Checkpoint `ckpt`'s copy of the tokenizer it was trained with, else the dataset's
+    (`data.path`/tokenizer.json: a checkpoint saved before the copies); or the file `override`
+    names, which must give every token the id the checkpoint's copy gives it."""
+    own = ckpt / "tokenizer.json" if ckpt is not None else None
+    if own is not None and own.is_file() and not override:
+        return TextTokenizer.load(own)
     path = Path(override) if override else Path(cfg.data.path) / "tokenizer.json"
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"no tokenizer at {path} (data.path is {cfg.data.path!r}; "
                           f"pass --tokenizer PATH to name tokenizer.json)")
-    return TextTokenizer.load(path)
+    tok = TextTokenizer.load(path)
+    if own is not None and own.is_file():
+        moved = id_changes(TextTokenizer.load(own), tok)
+        if moved:
+            raise ConversionError(f"--tokenizer {override}: {moved} of the tokens of {own} (the "
+                                  f"tokenizer the checkpoint trained with) have other ids there; "
+                                  f"leave --tokenizer out to use the checkpoint's")
+    return tok
+
+
+def id_changes(ours: TextTokenizer, other: TextTokenizer) -> int:
+    """How many of `ours`'s tokens `other` lacks or gives another id."""
+    theirs = other.tokenizer.get_vocab(with_added_tokens=True)
+    return sum(theirs.get(t) != i for t, i in ours.tokenizer.get_vocab(with_added_tokens=True).items())
 
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None):

@@ -143,7 +143,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
     """Compare a checkpoint with its export; VerificationError above `tol`."""
     path = local.resolve_checkpoint(ckpt)
     cfg = local.checkpoint_config(path)
-    tok = local.open_tokenizer(cfg, tokenizer)
+    tok = local.open_tokenizer(cfg, tokenizer, path)
     check_export_of(path, cfg, tok, Path(hf_dir))
     return verify_model(local.load_cpu_model(path, cfg, tok), cfg, tok, hf_dir, tol)
 
