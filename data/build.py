@@ -143,6 +143,36 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
     return summary
 
 
+def adopt(pretrained: str | Path, out: str | Path) -> dict:
+    """`out`/tokenizer.json: a pretrained model's tokenizer.json (`pretrained`, or the one in that
+    directory) with the project's special tokens (`tokenizer.adopt_tokenizer`). Returns a summary."""
+    from mmpretrain.data.tokenizer import adopt_tokenizer
+    from tokenizers import Tokenizer
+
+    source, out = Path(pretrained), Path(out)
+    if source.is_dir():
+        source = source / "tokenizer.json"
+    if not source.is_file():
+        raise ValueError(f"--from {pretrained}: no tokenizer.json there (a model with only a "
+                         "SentencePiece .model: save it once with transformers' AutoTokenizer"
+                         ".from_pretrained(dir).save_pretrained(dir))")
+    if (out / "tokenizer.json").exists():
+        raise ValueError(f"--out {out}: already holds a tokenizer.json")
+    try:
+        pretrained_tok = Tokenizer.from_file(str(source))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception
+        raise ValueError(f"--from {source}: not a tokenizer.json the tokenizers library reads "
+                         f"({e})") from None
+    size = pretrained_tok.get_vocab_size(with_added_tokens=True)
+    tok, added = adopt_tokenizer(pretrained_tok)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(out / "tokenizer.json")
+    return {"tokenizer": str(out / "tokenizer.json"), "from": str(source), "kept_ids": size,
+            "added": added, "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
+
+
 def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> dict:
     """Train the byte-level BPE tokenizer (data/tokenizer.py: the project's special tokens at
     their fixed ids) on the text of built datasets (`data build` outputs, or their train/ split)

@@ -1,7 +1,10 @@
-"""Text tokenizer: byte-level BPE (Hugging Face `tokenizers`) with a fixed block of special tokens.
+"""Text tokenizer (Hugging Face `tokenizers`) with the project's special tokens.
 
-The special tokens always take ids 0..len(SPECIAL_TOKENS)-1 in the order below, are never split by
-the BPE model, and are never inserted automatically: `encode` returns exactly the ids of the text.
+A tokenizer trained here (`train_tokenizer`: byte-level BPE) gives the special tokens ids
+0..len(SPECIAL_TOKENS)-1 in the order below. One adopted from a pretrained model
+(`adopt_tokenizer`, `data tokenizer --from`) keeps every id it had, its own `<s>` or `[IMG]`
+included, and takes the special tokens it lacks after its last id. Either way they are never split
+and never inserted automatically: `encode` returns exactly the ids of the text.
 """
 
 from __future__ import annotations
@@ -44,16 +47,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    _check_specials(tok)
+    for want, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != want:
+            raise ValueError(f"special token {name!r} has id {tok.token_to_id(name)}, expected {want}")
     return tok
 
 
+def adopt_tokenizer(pretrained: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    """`pretrained` (a model's tokenizer.json) with the project's special tokens: every id it
+    has stays, so a pretrained embedding reads the data's ids as the tokens it learned; the
+    special tokens it lacks are added after its last id. Returns (tokenizer, the added ones)."""
+    added = [t for t in SPECIAL_TOKENS if pretrained.token_to_id(t) is None]
+    pretrained.add_special_tokens(list(SPECIAL_TOKENS))  # present ones keep their ids, never split
+    return pretrained, added
+
+
 def _check_specials(tok: Tokenizer) -> None:
-    """Raise ValueError unless every special token has its fixed id."""
-    for want, name in enumerate(SPECIAL_TOKENS):
-        got = tok.token_to_id(name)
-        if got != want:
-            raise ValueError(f"special token {name!r} has id {got}, expected {want}")
+    """Raise ValueError unless every special token is in the tokenizer."""
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the special tokens {', '.join(missing)} (a pretrained "
+                         f"model's tokenizer gets them with `mmpretrain data tokenizer --from`)")
 
 
 class TextTokenizer:

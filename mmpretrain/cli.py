@@ -77,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every K-th sample to OUT/heldout, the rest to OUT/train (default 0: all to OUT)")
     b.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
                    help="skip images with more pixels (default 64 Mi)")
-    k = dsub.add_parser("tokenizer", help="train a tokenizer on built datasets (data.path: OUT)")
-    k.add_argument("--input", required=True, action="append", metavar="DIR",
-                   help="a `data build` output or its train/ split (repeatable)")
+    k = dsub.add_parser("tokenizer", help="train a tokenizer on built datasets, or adopt a "
+                                          "pretrained model's (data.path: OUT)")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", action="append", metavar="DIR",
+                     help="a `data build` output or its train/ split (repeatable)")
+    src.add_argument("--from", dest="pretrained", metavar="PATH",
+                     help="a pretrained model's tokenizer.json (or its directory): its ids kept, "
+                          "the special tokens it lacks added after them")
     k.add_argument("--out", required=True, help="directory for tokenizer.json")
     k.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary (default 32000)")
     _add_convert(sub)
@@ -233,9 +238,12 @@ def _data(args) -> None:
     elif args.data_command == "tokenizer":
         import json
 
-        from mmpretrain.data.build import build_tokenizer
+        from mmpretrain.data.build import adopt, build_tokenizer
 
-        print(json.dumps(build_tokenizer(args.input, args.out, args.vocab_size)))
+        if args.pretrained:
+            print(json.dumps(adopt(args.pretrained, args.out)))
+        else:
+            print(json.dumps(build_tokenizer(args.input, args.out, args.vocab_size)))
     else:
         _synth(args)
 

@@ -1,0 +1,107 @@
+"""A pretrained model's tokenizer adopted for the data (`data tokenizer --from`): its ids kept, the
+project's special tokens it lacks added after them, and everything downstream (packing, training,
+export with its processor) working with special tokens at ids other than 0..20."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hf_helpers import TEXTS, random_checkpoint, tiny_config
+from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pretrained_tokenizer(path: Path) -> Tokenizer:
+    """A Llama-like tokenizer: <unk> <s> </s> at 0 1 2, a Metaspace pre-tokenizer, [IMG] at the
+    end as Mistral's has it, none of the project's other special tokens."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(TEXTS * 3, trainer=trainer)
+    tok.add_special_tokens(["[IMG]"])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+def adopt_cli(source: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmpretrain", "data", "tokenizer", "--from",
+                           str(source), "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_adopting_keeps_every_id_and_adds_the_missing_special_tokens(tmp_path):
+    pre = pretrained_tokenizer(tmp_path / "llm")
+    r = adopt_cli(tmp_path / "llm", tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert summary["added"] == [t for t in SPECIAL_TOKENS if t not in ("<unk>", "<s>", "</s>", "[IMG]")]
+    tok = TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
+    before = pre.get_vocab(with_added_tokens=True)
+    after = tok.tokenizer.get_vocab(with_added_tokens=True)
+    assert {t: after[t] for t in before} == before  # every pretrained id kept
+    assert sorted(after.values()) == list(range(len(after)))
+    assert (tok.bos_id, tok.eos_id, tok.img_id) == (1, 2, before["[IMG]"])
+    assert tok.pad_id == len(before) and summary["vocab_size"] == len(after) == tok.vocab_size
+    text = "a small red circle at the center. question: what color is it?"
+    assert tok.encode(text) == pre.encode(text, add_special_tokens=False).ids
+    assert tok.encode("[IMG]<tile_3>", specials=True) == [tok.img_id, tok.tile_id(3)]
+    assert adopt_cli(tmp_path / "llm", tmp_path / "data").returncode == 2  # not over a tokenizer
+    r = adopt_cli(tmp_path / "nothing", tmp_path / "elsewhere")
+    assert r.returncode == 2 and "no tokenizer.json there" in r.stderr
+    with pytest.raises(ValueError, match="lacks the special tokens <pad>"):
+        TextTokenizer.load(tmp_path / "llm" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("design", ["d", "h"])
+def test_training_and_export_with_an_adopted_tokenizer(small_dataset, tmp_path, design, capsys):
+    """The synthetic dataset tokenized by an adopted tokenizer: training steps run with finite
+    losses, and an export verifies (logits, and the processor giving the training path's ids and
+    pixels)."""
+    from hf_helpers import design_config
+
+    from mmpretrain.cli import main
+    from mmpretrain.config import load
+    from mmpretrain.train.loop import train
+
+    pretrained_tokenizer(tmp_path / "llm")
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    (data / "tokenizer.json").unlink()
+    assert adopt_cli(tmp_path / "llm", data).returncode == 0
+    cfg = load(f"jobs/tiny-{design}.yaml", [f"data.path={data}", "data.seq_length=128",
+                                             "data.micro_batch_size=2", "data.image_token_budget=16",
+                                             "train.global_batch_size=2", "train.steps=2",
+                                             "logging.tensorboard=false"])
+    record = train(cfg, tmp_path / "run")
+    assert record["step"] == 2 and record["loss"] == record["loss"]  # ran, finite
+    tok = TextTokenizer.load(data / "tokenizer.json")
+    ckpt = random_checkpoint(tmp_path / "rand", design_config(data, design, tiles=design == "h"),
+                             tok, seed=2)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+
+
+def test_from_hf_warns_when_the_data_tokenizer_moves_the_models_ids(tmp_path, caplog):
+    """A causal LM whose tokenizer.json the job's tokenizer does not keep: the import says how
+    many of its tokens the data's ids would read as others, and how to adopt it."""
+    from hf_helpers import save_causal_lm, write_dataset_tokenizer
+
+    from mmpretrain.hf.import_ import import_hf
+
+    cfg = tiny_config(tmp_path / "data")
+    write_dataset_tokenizer(tmp_path / "data")
+    save_causal_lm(tmp_path / "llm", cfg)
+    pretrained_tokenizer(tmp_path / "llm")
+    import_hf(tmp_path / "llm", tmp_path / "run", cfg)
+    assert "have other ids in the job's tokenizer" in caplog.text
+    assert f"data tokenizer --from {tmp_path / 'llm'}" in caplog.text
