@@ -154,6 +154,16 @@ def test_cli_to_hf_verifies_and_fails_on_a_wrong_weight(tiny, tmp_path, capsys):
     assert "verification failed" in capsys.readouterr().err
 
 
+def test_verify_against_another_checkpoints_export_names_its_source(tiny, tmp_path, capsys):
+    from mmpretrain.cli import main
+
+    cfg, tok, ckpt, d_export = tiny
+    other = random_checkpoint(tmp_path / "other", cfg, tok, seed=9)
+    assert main(["convert", "verify", str(other), str(d_export)]) == 1
+    err = capsys.readouterr().err
+    assert f"{d_export} was exported from {ckpt.resolve()}, not {other}" in err, err
+
+
 def _llama_config(cfg, tok, out):
     from mmpretrain.hf.configs import llama_config
 

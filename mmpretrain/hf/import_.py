@@ -293,5 +293,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     with cuda_to_cpu():
         ckpt = checkpoint.save_weights(out, 0, model, cfg, source=str(Path(hf_dir).resolve()))
     dump(cfg, out / "config.yaml")
-    log.info("from-hf: wrote %s; `mmpretrain train JOB.yaml --run-dir %s` starts from it", ckpt, out)
+    log.info("from-hf: wrote %s; `mmpretrain train %s --run-dir %s` (or the job config, with "
+             "the same --set) starts from it", ckpt, Path(out) / "config.yaml", out)
     return ckpt

@@ -145,7 +145,21 @@ def verify(ckpt: str | Path, hf_dir: str | Path, tol: float = 1e-3,
     cfg = local.checkpoint_config(path)
     tok = local.open_tokenizer(cfg, tokenizer, path)
     check_export_of(path, cfg, tok, Path(hf_dir))
-    return verify_model(local.load_cpu_model(path, cfg, tok), cfg, tok, hf_dir, tol)
+    try:
+        return verify_model(local.load_cpu_model(path, cfg, tok), cfg, tok, hf_dir, tol)
+    except VerificationError as e:
+        source = exported_from(Path(hf_dir))
+        if source is None or source == path.resolve():
+            raise
+        raise VerificationError(f"{e}; {hf_dir} was exported from {source}, not {path}") from None
+
+
+def exported_from(hf_dir: Path) -> Path | None:
+    """The checkpoint an export of this project was written from (its mmpretrain.json)."""
+    try:
+        return Path(json.loads((hf_dir / "mmpretrain.json").read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def verify_model(ours, cfg, tok, hf_dir: str | Path, tol: float = 1e-3) -> dict[str, float]:
