@@ -9,6 +9,7 @@ of workers. A bad record is skipped and counted by reason, never aborts the buil
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -18,12 +19,13 @@ from itertools import chain
 from pathlib import Path
 
 from mmpretrain.data.decode import DEFAULT_MAX_PIXELS, ImageError, PillowDecoder, decode_image
-from mmpretrain.data.formats import RawRecord, RecordError, input_files, read_input, to_sample
+from mmpretrain.data.formats import RawRecord, RecordError, check_input, input_files, read_input, to_sample
 from mmpretrain.data.sequence import SampleError, check_text
 from mmpretrain.data.shards import COLUMNS, DEFAULT_SIZE_LIMIT, to_row
 from mmpretrain.data.workers import ordered_map
 from streaming import MDSWriter
 
+log = logging.getLogger("mmpretrain")
 SUMMARY = "build_summary.json"
 IMAGE_REASONS = {"image_too_large": "oversize_image", "empty_image": "undecodable_image",
                  "corrupt_image": "undecodable_image"}
@@ -106,9 +108,12 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
                          f"least 2 (1 would leave train/ empty)")
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be 0 (inline) or positive")
+    if max_pixels <= 0:
+        raise ValueError(f"--max-pixels {max_pixels}: must be positive")
     existed = out.exists()
-    for spec in inputs:
-        input_files(spec)  # every input readable before the output directory is made
+    for spec in inputs:  # every input readable before the output directory is made
+        for path in input_files(spec):
+            check_input(path)
     records = enumerate(chain.from_iterable(read_input(s) for s in inputs))
     prog = Progress(progress)
     splits = ("train", "heldout") if heldout_every else ("",)
@@ -125,6 +130,10 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
             else:
                 prog.skip(result[1], result[2])
             prog.tick()
+        if not prog.written:
+            raise ValueError(f"--input {', '.join(inputs)}: no sample written, every record "
+                             f"skipped ({dict(sorted(prog.skipped.items())) or 'no records'}; "
+                             f"examples: {prog.examples})")
     except BaseException:
         for writer in writers.values():
             writer.cancel_future_jobs()  # no index.json: a failed build is not a dataset
@@ -140,6 +149,9 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
                "shards": len(list(out.rglob("shard.*.mds"))), "seconds": round(time.time() - prog.t0, 2),
                "inputs": [str(s) for s in inputs], "workers": workers}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if heldout_every and not counts["heldout"]:
+        log.warning("--heldout-every %d: %d samples written, none held out (heldout/ is empty; "
+                    "training with train.eval_every needs some)", heldout_every, prog.written)
     return summary
 
 

@@ -15,6 +15,7 @@ Inputs `mmpretrain data build` reads, one raw record at a time:
 from __future__ import annotations
 
 import json
+import logging
 import lzma
 import tarfile
 import zlib
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+log = logging.getLogger("mmpretrain")
 DAMAGED = "__damaged__"  # a RawRecord's data key: where an input file stopped being readable
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
@@ -62,13 +64,21 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
             yield RawRecord(f"{path}:{n}", data, str(path.parent))
 
 
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether the end-of-archive (zero) block is where tarfile stopped reading: past the first
+    member it takes a damaged or cut header for the end of the archive, and says nothing."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
 def read_tar(path: Path) -> Iterator[RawRecord]:
     """One RawRecord per key of a WebDataset tar (members of a key are consecutive). A tar that
     is cut short or damaged (a partial download) gives the keys read before the damage, then one
     record marked damaged for the rest of the file."""
     key, blobs = None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -80,6 +90,9 @@ def read_tar(path: Path) -> Iterator[RawRecord]:
                     blobs = {}
                 key = k
                 blobs["." + ext.lower()] = tar.extractfile(member).read()
+            if not _ends_cleanly(tar):
+                raise tarfile.ReadError("a damaged header, or the file ends without the "
+                                        "end-of-archive block")
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         where = f"{path}:{key}" if key is not None else f"{path}"
         yield RawRecord(where, {DAMAGED: f"the tar is damaged or cut short here ({e}); the "
@@ -106,16 +119,31 @@ def read_json(path: Path) -> Iterator[RawRecord]:
 READERS = {".jsonl": read_jsonl, ".json": read_json, ".tar": read_tar}
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def reader_of(path: Path):
+    """The reader of a file by its name (any case; compressed tars too), or None."""
+    name = path.name.lower()
+    return read_tar if name.endswith(TAR_SUFFIXES) else READERS.get(Path(name).suffix)
+
+
 def input_files(spec: str) -> list[Path]:
-    """The files of one --input: a .jsonl, .json or .tar file, or a directory of them; else a
-    FileNotFoundError naming it (before anything is written)."""
+    """The files of one --input: a .jsonl, .json or .tar (.tar.gz, ...) file, or a directory of
+    them (other files there are named in a warning); else a FileNotFoundError naming it (before
+    anything is written)."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in READERS and p.is_file())
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        files = [p for p in entries if reader_of(p)]
         if not files:
             raise FileNotFoundError(f"--input {spec}: no .jsonl, .json or .tar files")
+        others = [p.name for p in entries if not reader_of(p)]
+        if others:
+            log.warning("--input %s: %d file(s) not read (not .jsonl, .json or .tar): %s", spec,
+                        len(others), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
         return files
-    if path.suffix in READERS and path.is_file():
+    if reader_of(path) and path.is_file():
         return [path]
     if not path.exists():
         raise FileNotFoundError(f"--input {spec}: no such file or directory")
@@ -123,10 +151,21 @@ def input_files(spec: str) -> list[Path]:
                             "of them")
 
 
+def check_input(path: Path) -> None:
+    """What can be told of an input file before the build reads it: a .json holds an array (its
+    first character), else a ValueError naming it."""
+    if reader_of(path) is read_json:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if not head.startswith(b"["):
+            raise ValueError(f"--input {path}: a .json input holds an array of records (one "
+                             f"record a line: .jsonl); this one does not start with '['")
+
+
 def read_input(spec: str) -> Iterator[RawRecord]:
     """Records of a .jsonl, .json or .tar file, or of a directory of them."""
     for path in input_files(spec):
-        yield from READERS[path.suffix](path)
+        yield from reader_of(path)(path)
 
 
 def _load(base: str, rel) -> bytes:

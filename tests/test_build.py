@@ -134,6 +134,69 @@ def test_a_tar_cut_short_keeps_what_came_before_and_the_other_inputs(tmp_path, s
     assert "tar caption" in captions and "a pair" in captions  # the inputs around it
 
 
+def six_key_tar(path: Path, compression: str = "") -> list[int]:
+    """A tar of keys k0..k5 (png + txt); the byte offsets of the members' headers."""
+    with tarfile.open(path, f"w:{compression}" if compression else "w") as tar:
+        for key in range(6):
+            for ext, data in {"png": png(key), "txt": f"caption {key}".encode()}.items():
+                info = tarfile.TarInfo(f"k{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def flip_header(data: bytes, at: int) -> bytes:
+    return data[:at + 5] + bytes([data[at + 5] ^ 0xFF]) + data[at + 6:]
+
+
+@pytest.mark.parametrize("damage", ["header", "cut in a header", "cut between members"])
+def test_a_tar_damaged_at_a_header_is_counted_not_taken_for_its_end(tmp_path, damage):
+    """tarfile takes a bad or cut header after the first member for the end of the archive and
+    says nothing: the keys before it are written, but the one read last (its members could go on
+    past the damage), and the rest is one `damaged_tar` skip."""
+    whole = tmp_path / "whole.tar"
+    offsets = six_key_tar(whole)
+    at, data = offsets[6], whole.read_bytes()  # k3's first member
+    broken = {"header": flip_header(data, at), "cut in a header": data[:at + 100],
+              "cut between members": data[:at]}[damage]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "b.tar").write_bytes(broken)
+    summary = build([str(tmp_path / "src" / "b.tar")], tmp_path / "out", progress=False)
+    assert summary["written"] == 2 and summary["skipped"] == {"damaged_tar": 1}, summary
+    summary = build([str(whole)], tmp_path / "whole-out", progress=False)  # intact: no skip
+    assert summary["written"] == 6 and summary["skipped"] == {}
+
+
+def test_a_directory_input_reads_compressed_tars_and_names_what_it_leaves(tmp_path, caplog):
+    src = make_inputs(tmp_path / "src")
+    (src / "img").rename(tmp_path / "img")  # the directory input holds its inputs only
+    for line in ("data.jsonl",):
+        text = (src / line).read_text().replace('"img/', '"../img/')
+        (src / line).write_text(text)
+    six_key_tar(src / "more.tar.gz", "gz")
+    six_key_tar(src / "UPPER.TAR")
+    (src / "README.txt").write_text("about this data")
+    summary = build([str(src)], tmp_path / "out", max_pixels=100_000_000, progress=False)
+    captions = [seg["text"] for s in ShardReader(tmp_path / "out") for seg in s["segments"]
+                if "text" in seg]
+    assert captions.count("caption 0") == 2 and summary["written"] == 5 + 2 + 12
+    assert "1 file(s) not read (not .jsonl, .json or .tar): README.txt" in caplog.text
+
+
+def test_a_build_that_writes_nothing_fails_and_leaves_nothing(tmp_path, capsys):
+    src = make_inputs(tmp_path / "src")
+    (src / "info.json").write_text('  {"name": "a stray dataset_info.json"}')
+    for args, needle in [(["--input", str(src / "data.jsonl"), "--max-pixels", "0"],
+                          "--max-pixels 0: must be positive"),
+                         (["--input", str(src / "data.jsonl"), "--input", str(src / "info.json")],
+                          "info.json: a .json input holds an array"),
+                         (["--input", str(src / "data.jsonl"), "--max-pixels", "10"],
+                          "no sample written, every record skipped")]:
+        assert main(["data", "build", *args, "--out", str(tmp_path / "out")]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_conversation_images_without_placeholders_go_first():
     segs = conversation_segments([{"from": "human", "value": "describe"},
                                   {"from": "gpt", "value": "a dog"}], 1)
