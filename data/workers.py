@@ -46,6 +46,9 @@ def _run(arg):
     return _FN(arg)
 
 
+POLL_S = 5.0
+"""How often a wait for a result checks that no worker has died."""
+
 KILL_AFTER_S = 2.0
 """How long a closing pool's workers have to exit on the pool's SIGTERM before they are killed."""
 
@@ -86,6 +89,7 @@ class WorkerPool:
             # set it first (priority 16), with the same fallback as `close`.
             self._at_exit = mp_util.Finalize(self.pool, _closing, args=(self.pool._pool, self.closing),
                                              exitpriority=16)
+            self.started = list(self.pool._pool)  # workers never exit on their own but by dying
         self.in_flight: set = set()  # results submitted and not yet taken, of every stream
 
     def map(self, args: Iterable, lookahead: int = 0) -> Iterator:
@@ -106,7 +110,25 @@ class WorkerPool:
 
     def _take(self, result):
         self.in_flight.discard(result)
-        return result.get()
+        while True:
+            try:
+                return result.get(timeout=POLL_S)
+            except mp.TimeoutError:
+                self._check_workers()
+
+    def _check_workers(self) -> None:
+        """ChildProcessError when a worker has died (killed for memory, a crash in a decoder):
+        the pool starts another, but the task the dead one held is lost and its result would be
+        awaited forever."""
+        for p in self.started:
+            if p.exitcode is not None:
+                how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}"
+                raise ChildProcessError(f"a data worker process died ({how}; SIGKILL is often the "
+                                        f"kernel's out-of-memory killer): its sample is lost, so "
+                                        f"the order cannot go on")
+            if p not in self.pool._pool:  # replaced already, its exit code collected
+                raise ChildProcessError("a data worker process died: its sample is lost, so the "
+                                        "order cannot go on")
 
     def close(self, drain_s: float = 30.0) -> None:
         """Stop the worker processes. Results still in flight are awaited first (up to

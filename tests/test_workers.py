@@ -22,3 +22,13 @@ def test_a_worker_that_misses_the_pools_sigterm_is_killed(how, status):
     assert r.returncode == status, r.stderr[-3000:]
     if how == "close":  # "closed in S s"
         assert 1.9 <= float(r.stdout.split()[2]) < 60, r.stdout
+
+
+def test_a_worker_that_dies_ends_the_wait_with_an_error():
+    """A worker killed while it holds a task (out of memory, a crashing decoder): the pool starts
+    another, but that task's result never comes; the wait used to last forever."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "dying_worker.py")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    assert "a data worker process died (signal 9" in r.stdout or \
+        "a data worker process died: its sample is lost" in r.stdout, r.stdout
