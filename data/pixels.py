@@ -55,10 +55,10 @@ def pillow_array(img: Image.Image) -> np.ndarray:
     """A loaded Pillow image -> array with the channels to_rgb expects."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(img).astype(np.uint16)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:  # a colour key (tRNS) too
+        return np.asarray(img.convert("RGBA"))
     if img.mode in ("RGB", "L"):
         return np.asarray(img)
-    if img.mode in ALPHA_MODES or "transparency" in img.info:
-        return np.asarray(img.convert("RGBA"))
     return np.asarray(img.convert("RGB"))
 
 

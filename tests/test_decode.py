@@ -120,6 +120,14 @@ def test_alpha_is_composited_over_white():
     assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [200, 0, 0]
     png = encode(Image.fromarray(rgba, "RGBA"), "PNG")
     assert decode_image(png, PillowDecoder())[0, 0].tolist() == [255, 255, 255]
+    for mode, key in (("RGB", (200, 0, 0)), ("L", 200)):  # a colour key (tRNS), no alpha channel
+        img = Image.fromarray(rgba[..., :3] if mode == "RGB" else rgba[..., 0], mode)
+        img.putpixel((3, 3), (10, 20, 30) if mode == "RGB" else 10)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=key)
+        out = decode_image(buf.getvalue(), PillowDecoder())
+        assert out[0, 0].tolist() == [255, 255, 255]  # the key colour is transparent
+        assert out[3, 3].tolist() == ([10, 20, 30] if mode == "RGB" else [10, 10, 10])
 
 
 @needs_dali
