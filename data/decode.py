@@ -75,7 +75,9 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     except Image.DecompressionBombError as e:
         raise ImageError("image_too_large", str(e)) from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for garbage
-        raise ImageError("corrupt_image", f"unreadable image header: {e}") from None
+        reason = "not a recognised image format" if isinstance(e, Image.UnidentifiedImageError) \
+            else str(e)  # Pillow's text for that one names an in-memory object's address
+        raise ImageError("corrupt_image", f"unreadable image header: {reason}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError("image_too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
