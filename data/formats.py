@@ -190,8 +190,11 @@ def conversation_segments(turns, n_images: int) -> list[dict]:
     'assistant: ...' on its own line."""
     if not isinstance(turns, list) or not turns:
         raise RecordError("bad_record", "conversations must be a non-empty list")
-    text = "\n".join(f"{ROLES.get(t.get('from'), t.get('from'))}: {_text(t.get('value'))}"
-                     for t in turns if isinstance(t, dict))
+    for n, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not t["from"]:
+            raise RecordError("bad_record", f"conversation turn {n} is not an object with a "
+                              f"\"from\" role: {str(t)[:80]!r}")
+    text = "\n".join(f"{ROLES.get(t['from'], t['from'])}: {_text(t.get('value'))}" for t in turns)
     pieces = text.split("<image>")
     if len(pieces) - 1 > n_images:  # a placeholder with no image: the record is broken
         raise RecordError("bad_record", f"{len(pieces) - 1} <image> placeholders for {n_images} "

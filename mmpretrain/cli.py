@@ -221,6 +221,17 @@ def _eval(args) -> None:
     eval_main(args.run, args.samples)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_term() -> None:
+    """SIGTERM (a time limit, `timeout`, `docker stop`) ends this command as Ctrl-C does."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _data(args) -> None:
     if args.data_command == "build":
         import json
@@ -229,6 +240,7 @@ def _data(args) -> None:
         from mmpretrain.data.cache import parse_size
 
         size = parse_size(args.shard_size, "--shard-size")
+        _stop_on_term()  # a time limit's SIGTERM cleans up as Ctrl-C does: no partial output
         if not 0 < size < 1 << 32:
             raise ValueError(f"--shard-size {args.shard_size}: between 1 byte and 4 GiB (MDS "
                              "offsets are 32-bit)")

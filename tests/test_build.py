@@ -87,12 +87,14 @@ def test_records_of_the_wrong_shape_are_skipped_not_fatal(tmp_path):
     lines = [{"image": "a.png", "text": "kept"}, {"segments": []}, {"segments": 5},
              {"segments": {"text": "x"}}, {"texts": ["a", None], "images": 5},
              {"texts": ["a", None, "b"], "images": [None, "a.png"]},
-             {"image": "a.png", "conversations": [{"from": "human", "value": ["x"]}]}]
+             {"image": "a.png", "conversations": [{"from": "human", "value": ["x"]}]},
+             {"image": "a.png", "conversations": [{"value": "<image> no role"}]},
+             {"image": "a.png", "conversations": ["<image> not an object", {"from": "gpt", "value": "a"}]}]
     lines.insert(1, {"image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"}]})
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     summary = build([str(tmp_path / "in.jsonl")], tmp_path / "out", workers=0, progress=False)
     assert summary["written"] == 1
-    assert summary["skipped"] == {"empty_text": 1, "bad_record": 6}
+    assert summary["skipped"] == {"empty_text": 1, "bad_record": 8}
     assert any("2 <image> placeholders for 1 image" in m for m in summary["skip_examples"]["bad_record"])
     assert all("in.jsonl" in m for m in summary["skip_examples"]["bad_record"])
 
@@ -297,3 +299,27 @@ def test_a_split_without_samples_is_named(tmp_path):
         _readers(load(None, [f"data.path={tmp_path / 'd'}"]), "train")
     with pytest.raises(ConfigError, match=r"data.datasets\[0\].path .* has no samples"):
         _readers(load(None, [f"data.datasets=[{{path: {tmp_path / 'd'}}}]"]), "train")
+
+
+def test_a_build_stopped_by_sigterm_leaves_no_output(tmp_path):
+    """SIGTERM (a time limit, `timeout`, `docker stop`) cleans up as Ctrl-C does: exit 130, no
+    partial output that a rerun would refuse as not empty."""
+    import signal
+    import time
+
+    src = make_inputs(tmp_path / "src")
+    code = ("import sys, time\nimport mmpretrain.data.build as b\nconvert = b.convert\n"
+            "def slow(*a, **k):\n    time.sleep(0.3)\n    return convert(*a, **k)\n"
+            "b.convert = slow\nfrom mmpretrain.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-c", code, "data", "build", "--input",
+                            str(src / "data.jsonl"), "--out", str(out)], cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the build loop
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err[-2000:]
+    assert "data interrupted" in err and not out.exists()
