@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("mmpretrain")
 DAMAGED = "__damaged__"  # a RawRecord's data key: where an input file stopped being readable
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -179,10 +179,18 @@ def test_a_directory_input_reads_compressed_tars_and_names_what_it_leaves(tmp_pa
     six_key_tar(src / "more.tar.gz", "gz")
     six_key_tar(src / "UPPER.TAR")
     (src / "README.txt").write_text("about this data")
+    gif = io.BytesIO()
+    Image.open(io.BytesIO(png(7))).save(gif, "GIF")
+    with tarfile.open(src / "gif.tar", "w") as tar:  # a GIF member, as the JSONL path takes them
+        for name, data in (("g.gif", gif.getvalue()), ("g.txt", b"a gif")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     summary = build([str(src)], tmp_path / "out", max_pixels=100_000_000, progress=False)
     captions = [seg["text"] for s in ShardReader(tmp_path / "out") for seg in s["segments"]
                 if "text" in seg]
-    assert captions.count("caption 0") == 2 and summary["written"] == 5 + 2 + 12
+    assert captions.count("caption 0") == 2 and "a gif" in captions
+    assert summary["written"] == 5 + 2 + 12 + 1
     assert "1 file(s) not read (not .jsonl, .json or .tar): README.txt" in caplog.text
 
 
