@@ -27,6 +27,7 @@ from streaming import MDSWriter
 
 log = logging.getLogger("mmpretrain")
 SUMMARY = "build_summary.json"
+SKIPS = "skipped.jsonl"  # every skipped record: reason and message
 IMAGE_REASONS = {"image_too_large": "oversize_image", "empty_image": "undecodable_image",
                  "corrupt_image": "undecodable_image"}
 EXAMPLES = 5  # skip messages kept per reason
@@ -63,15 +64,24 @@ def convert(item: tuple[int, RawRecord], max_pixels: int = DEFAULT_MAX_PIXELS):
 class Progress:
     """Counts, and a line on stderr every `every` seconds."""
 
-    def __init__(self, enabled: bool, every: float = 2.0):
+    def __init__(self, enabled: bool, every: float = 2.0, skips: Path | None = None):
         self.enabled, self.every, self.t0, self.last = enabled, every, time.time(), 0.0
         self.written, self.skipped, self.examples = 0, Counter(), {}
+        self.skips, self.skips_file = skips, None  # every skip, one JSON line each (made on the first)
 
     def skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < EXAMPLES:
             self.examples[reason].append(message)
+        if self.skips is not None:
+            if self.skips_file is None:
+                self.skips_file = open(self.skips, "w")  # noqa: SIM115 - closed by close()
+            self.skips_file.write(json.dumps({"reason": reason, "message": message}) + "\n")
+
+    def close(self) -> None:
+        if self.skips_file is not None:
+            self.skips_file.close()
 
     def tick(self, force: bool = False) -> None:
         now = time.time()
@@ -115,7 +125,8 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
         for path in input_files(spec):
             check_input(path)
     records = enumerate(chain.from_iterable(read_input(s) for s in inputs))
-    prog = Progress(progress)
+    out.mkdir(parents=True, exist_ok=True)
+    prog = Progress(progress, skips=out / SKIPS)
     splits = ("train", "heldout") if heldout_every else ("",)
     writers = {s: MDSWriter(out=str(out / s), columns=COLUMNS, size_limit=size_limit) for s in splits}
     counts = Counter()
@@ -135,10 +146,12 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
                              f"skipped ({dict(sorted(prog.skipped.items())) or 'no records'}; "
                              f"examples: {prog.examples})")
     except BaseException:
+        prog.close()
         for writer in writers.values():
             writer.cancel_future_jobs()  # no index.json: a failed build is not a dataset
         _undo(out, existed)  # it was absent or empty: leave it so
         raise
+    prog.close()
     for writer in writers.values():
         writer.finish()
     prog.tick(force=True)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_build_converts_every_format_and_counts_skips(tmp_path):
                                   "oversize_image": 1, "undecodable_image": 1}
     assert summary["bytes"] > 0 and json.loads((tmp_path / "out" / "build_summary.json").read_text())
     assert any("missing.png" in m for m in summary["skip_examples"]["missing_file"])
+    skips = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert Counter(x["reason"] for x in skips) == summary["skipped"]  # every one, not 5 a reason
+    assert {x["message"] for x in skips} >= {
+        m for ms in summary["skip_examples"].values() for m in ms}
     samples = list(ShardReader(tmp_path / "out"))
     assert [s["kind"] for s in samples] == ["caption"] * 2 + ["conversation"] + ["interleaved"] * 2 \
         + ["caption"] * 2
