@@ -229,14 +229,14 @@ def warn_vocab(src: Source, tok, model_vocab: int) -> None:
     if hf_tokenizer.is_file():
         from tokenizers import Tokenizer
 
-        theirs = Tokenizer.from_file(str(hf_tokenizer)).get_vocab(with_added_tokens=True)
-        ours = tok.tokenizer.get_vocab(with_added_tokens=True)
-        moved = sum(ours.get(t) != i for t, i in theirs.items())
+        theirs = Tokenizer.from_file(str(hf_tokenizer))
+        moved = local.id_changes(theirs, tok.tokenizer)
         if moved:
             log.warning("from-hf: %d of the %d tokens of %s have other ids in the job's tokenizer "
                         "(data.path): the embedding rows would be read as other tokens; give the "
                         "data the model's tokenizer (`mmpretrain data tokenizer --from %s --out "
-                        "DATA`)", moved, len(theirs), hf_tokenizer, src.dir)
+                        "DATA`)", moved, theirs.get_vocab_size(with_added_tokens=True),
+                        hf_tokenizer, src.dir)
     image_id = src.config.get("image_token_index")
     if image_id is not None and image_id != tok.img_id:
         log.warning("from-hf: the HF image token id is %d, the tokenizer's [IMG] is %d",

@@ -65,7 +65,7 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
                           f"pass --tokenizer PATH to name tokenizer.json)")
     tok = TextTokenizer.load(path)
     if own is not None and own.is_file():
-        moved = id_changes(TextTokenizer.load(own), tok)
+        moved = id_changes(TextTokenizer.load(own).tokenizer, tok.tokenizer)
         if moved:
             raise ConversionError(f"--tokenizer {override}: {moved} of the tokens of {own} (the "
                                   f"tokenizer the checkpoint trained with) have other ids there; "
@@ -73,10 +73,10 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
     return tok
 
 
-def id_changes(ours: TextTokenizer, other: TextTokenizer) -> int:
-    """How many of `ours`'s tokens `other` lacks or gives another id."""
-    theirs = other.tokenizer.get_vocab(with_added_tokens=True)
-    return sum(theirs.get(t) != i for t, i in ours.tokenizer.get_vocab(with_added_tokens=True).items())
+def id_changes(ours, other) -> int:
+    """How many of `ours`'s tokens `other` lacks or gives another id (`tokenizers.Tokenizer`s)."""
+    theirs = other.get_vocab(with_added_tokens=True)
+    return sum(theirs.get(t) != i for t, i in ours.get_vocab(with_added_tokens=True).items())
 
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None):
