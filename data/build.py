@@ -168,10 +168,13 @@ def build(inputs: list[str], out: str | Path, workers: int = 0, max_pixels: int 
     return summary
 
 
-def adopt(pretrained: str | Path, out: str | Path) -> dict:
+def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
+          eos: str | None = None) -> dict:
     """`out`/tokenizer.json: a pretrained model's tokenizer.json (`pretrained`, or the one in that
-    directory) with the project's special tokens (`tokenizer.adopt_tokenizer`). Returns a summary."""
-    from mmpretrain.data.tokenizer import adopt_tokenizer
+    directory) with the project's special tokens (`tokenizer.adopt_tokenizer`). The model's own
+    BOS/EOS tokens (`bos`/`eos`, else its tokenizer_config.json's) take those roles, written to
+    `out`/tokenizer_roles.json. Returns a summary."""
+    from mmpretrain.data.tokenizer import TextTokenizer, adopt_tokenizer, write_roles
     from tokenizers import Tokenizer
 
     source, out = Path(pretrained), Path(out)
@@ -189,13 +192,40 @@ def adopt(pretrained: str | Path, out: str | Path) -> dict:
         raise ValueError(f"--from {source}: not a tokenizer.json the tokenizers library reads "
                          f"({e})") from None
     size = pretrained_tok.get_vocab_size(with_added_tokens=True)
-    tok, added = adopt_tokenizer(pretrained_tok)
+    roles = model_roles(source.parent / "tokenizer_config.json")
+    roles.update({r: t for r, t in (("bos", bos), ("eos", eos)) if t})
+    try:
+        adopted, added = adopt_tokenizer(pretrained_tok, roles)
+        tok = TextTokenizer(adopted, roles)
+    except ValueError as e:
+        raise ValueError(f"--from {source}: {e} (roles {roles}; name others with --bos/--eos)") from None
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
-    tok.save(str(tmp))
+    tok.tokenizer.save(str(tmp))
+    write_roles(out, tok.roles)
     tmp.replace(out / "tokenizer.json")
     return {"tokenizer": str(out / "tokenizer.json"), "from": str(source), "kept_ids": size,
-            "added": added, "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
+            "added": added,
+            "bos": tok.bos_token, "eos": tok.eos_token, "vocab_size": tok.vocab_size}
+
+
+def model_roles(config: Path) -> dict[str, str]:
+    """{"bos": token, "eos": token} a model's tokenizer_config.json names (a role it leaves null
+    or out is left out); {} without the file."""
+    if not config.is_file():
+        return {}
+    try:
+        fields = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not JSON ({e})") from None
+    roles = {}
+    for role in ("bos", "eos"):
+        value = fields.get(f"{role}_token") if isinstance(fields, dict) else None
+        if isinstance(value, dict):  # transformers' AddedToken form
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            roles[role] = value
+    return roles
 
 
 def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> dict:
@@ -203,7 +233,7 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
     their fixed ids) on the text of built datasets (`data build` outputs, or their train/ split)
     and write `out`/tokenizer.json, so that `data.path: out` tokenizes them. Returns a summary."""
     from mmpretrain.data.source import open_dataset
-    from mmpretrain.data.tokenizer import train_tokenizer
+    from mmpretrain.data.tokenizer import train_tokenizer, write_roles
 
     out = Path(out)
     if (out / "tokenizer.json").exists():
@@ -226,6 +256,7 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
     tok.save(str(tmp))
+    write_roles(out, {})  # a trained tokenizer's roles are the defaults
     tmp.replace(out / "tokenizer.json")
     return {"tokenizer": str(out / "tokenizer.json"), "samples": counts["samples"],
             "characters": counts["characters"],

@@ -96,7 +96,8 @@ def check_text(text: str) -> str:
 
 def build_sequence(sample: dict, tok, prepare_image: Callable, merge: int = 1,
                    design: str = "d") -> TokenSequence:
-    """<s> segments... </s>, with each image replaced by its tokens for `design` (d, x or h).
+    """BOS segments... EOS (`<s>`, `</s>` unless the tokenizer's roles name others), with each
+    image replaced by its tokens for `design` (d, x or h).
 
     `prepare_image(sample["images"][k])` returns one ImagePatches or a list (tiles)."""
     seq = TokenSequence([tok.bos_id], [False])

@@ -5,10 +5,16 @@ A tokenizer trained here (`train_tokenizer`: byte-level BPE) gives the special t
 (`adopt_tokenizer`, `data tokenizer --from`) keeps every id it had, its own `<s>` or `[IMG]`
 included, and takes the special tokens it lacks after its last id. Either way they are never split
 and never inserted automatically: `encode` returns exactly the ids of the text.
+
+The roles: every sample begins with the BOS token and ends with the EOS token, `<s>` and `</s>`
+unless the tokenizer's `ROLES_FILE` (beside its tokenizer.json) names the model's own, as an
+adopted Qwen tokenizer's `{"eos": "<|endoftext|>"}`: its pretrained row, not a new one, then ends
+each sample, and generation stops on it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +34,9 @@ SPECIAL_TOKENS: list[str] = [
     *[f"<tile_{i}>" for i in range(1, MAX_TILES + 1)],
     "<tile_global_thumbnail>",
 ]
+
+ROLES = {"bos": "<s>", "eos": "</s>"}  # the default token of each role
+ROLES_FILE = "tokenizer_roles.json"  # beside tokenizer.json: the roles naming other tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -53,18 +62,45 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def adopt_tokenizer(pretrained: Tokenizer) -> tuple[Tokenizer, list[str]]:
+def specials_of(roles: dict[str, str]) -> list[str]:
+    """The special tokens a tokenizer with `roles` ({role: token}) has: SPECIAL_TOKENS with each
+    role's default replaced by the token named for it."""
+    named = {ROLES[r]: t for r, t in roles.items()}
+    return list(dict.fromkeys(named.get(t, t) for t in SPECIAL_TOKENS))
+
+
+def adopt_tokenizer(pretrained: Tokenizer, roles: dict[str, str] | None = None
+                    ) -> tuple[Tokenizer, list[str]]:
     """`pretrained` (a model's tokenizer.json) with the project's special tokens: every id it
     has stays, so a pretrained embedding reads the data's ids as the tokens it learned; the
-    special tokens it lacks are added after its last id. Returns (tokenizer, the added ones)."""
-    added = [t for t in SPECIAL_TOKENS if pretrained.token_to_id(t) is None]
-    pretrained.add_special_tokens(list(SPECIAL_TOKENS))  # present ones keep their ids, never split
+    special tokens it lacks are added after its last id. `roles` names the model's own tokens
+    for BOS/EOS (they must be in it); their defaults are then not added. Returns (tokenizer, the
+    added ones)."""
+    roles = check_roles(roles or {})
+    lacking = [t for t in roles.values() if pretrained.token_to_id(t) is None]
+    if lacking:
+        raise ValueError(f"the pretrained tokenizer has no token {', '.join(map(repr, lacking))}")
+    specials = specials_of(roles)
+    added = [t for t in specials if pretrained.token_to_id(t) is None]
+    pretrained.add_special_tokens(specials)  # present ones keep their ids, never split
     return pretrained, added
 
 
-def _check_specials(tok: Tokenizer) -> None:
+def check_roles(roles: dict[str, str]) -> dict[str, str]:
+    """`roles` without its defaults; ValueError for an unknown role or a token with another use."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown token roles {', '.join(unknown)} (known: {', '.join(ROLES)})")
+    others = set(SPECIAL_TOKENS) - set(ROLES.values())
+    taken = {r: t for r, t in roles.items() if t in others}
+    if taken:
+        raise ValueError(f"token roles {taken}: those tokens have their own use (padding, images)")
+    return {r: t for r, t in roles.items() if t != ROLES[r]}
+
+
+def _check_specials(tok: Tokenizer, roles: dict[str, str]) -> None:
     """Raise ValueError unless every special token is in the tokenizer."""
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    missing = [t for t in specials_of(roles) if tok.token_to_id(t) is None]
     if missing:
         raise ValueError(f"the tokenizer lacks the special tokens {', '.join(missing)} (a pretrained "
                          f"model's tokenizer gets them with `mmpretrain data tokenizer --from`)")
@@ -73,14 +109,28 @@ def _check_specials(tok: Tokenizer) -> None:
 class TextTokenizer:
     """A byte-level BPE tokenizer with the project's special tokens at fixed ids."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        _check_specials(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, roles: dict[str, str] | None = None) -> None:
+        self.roles = check_roles(roles or {})  # the roles naming other tokens than ROLES's
+        _check_specials(tokenizer, self.roles)
         self.tokenizer = tokenizer
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
-        """Load a `tokenizer.json` file."""
-        return cls(Tokenizer.from_file(str(path)))
+        """Load a `tokenizer.json` file, with the ROLES_FILE beside it if there is one."""
+        path = Path(path)
+        roles_file = path.with_name(ROLES_FILE)
+        roles = {}
+        if roles_file.is_file():
+            try:
+                roles = json.loads(roles_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{roles_file}: not JSON ({e})") from None
+            if not isinstance(roles, dict) or not all(isinstance(t, str) for t in roles.values()):
+                raise ValueError(f'{roles_file}: expected {{"bos": TOKEN, "eos": TOKEN}}, got {roles!r}')
+        try:
+            return cls(Tokenizer.from_file(str(path)), roles)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> TextTokenizer:
@@ -88,8 +138,10 @@ class TextTokenizer:
         return cls(train_tokenizer(texts, vocab_size))
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer as a `tokenizer.json` file."""
+        """Write the tokenizer as a `tokenizer.json` file, and its roles beside it."""
+        path = Path(path)
         self.tokenizer.save(str(path))
+        write_roles(path.parent, self.roles)
 
     def encode(self, text: str, specials: bool = False) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added. A special token's string in the text (a
@@ -129,14 +181,29 @@ class TextTokenizer:
         return self.token_id("<pad>")
 
     @property
+    def specials(self) -> list[str]:
+        """The special tokens, the roles' own in place of `<s>`/`</s>`."""
+        return specials_of(self.roles)
+
+    @property
+    def bos_token(self) -> str:
+        """The token every sample begins with (`<s>` unless the roles name another)."""
+        return self.roles.get("bos", ROLES["bos"])
+
+    @property
+    def eos_token(self) -> str:
+        """The token every sample ends with (`</s>` unless the roles name another)."""
+        return self.roles.get("eos", ROLES["eos"])
+
+    @property
     def bos_id(self) -> int:
-        """Id of `<s>`."""
-        return self.token_id("<s>")
+        """Id of the BOS token."""
+        return self.tokenizer.token_to_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
-        """Id of `</s>`."""
-        return self.token_id("</s>")
+        """Id of the EOS token."""
+        return self.tokenizer.token_to_id(self.eos_token)
 
     @property
     def img_id(self) -> int:
@@ -162,3 +229,14 @@ class TextTokenizer:
     def thumbnail_id(self) -> int:
         """Id of `<tile_global_thumbnail>`."""
         return self.token_id("<tile_global_thumbnail>")
+
+
+def write_roles(directory: str | Path, roles: dict[str, str]) -> None:
+    """`directory`/ROLES_FILE with `roles`; none (a stale one removed) when they are the defaults."""
+    path = Path(directory) / ROLES_FILE
+    if roles:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(roles, indent=2) + "\n")
+        tmp.replace(path)
+    else:
+        path.unlink(missing_ok=True)

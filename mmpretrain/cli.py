@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a pretrained model's tokenizer.json (or its directory): its ids kept, "
                           "the special tokens it lacks added after them")
     k.add_argument("--out", required=True, help="directory for tokenizer.json")
+    for role, verb, default in (("bos", "begins", "<s>"), ("eos", "ends", "</s>")):
+        k.add_argument(f"--{role}", metavar="TOKEN",
+                       help=f"with --from: the model's token every sample {verb} with (default: "
+                            f"its tokenizer_config.json's {role}_token, else {default})")
     k.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary (default 32000)")
     _add_convert(sub)
     _add_plan(sub)
@@ -253,7 +257,9 @@ def _data(args) -> None:
         from mmpretrain.data.build import adopt, build_tokenizer
 
         if args.pretrained:
-            print(json.dumps(adopt(args.pretrained, args.out)))
+            print(json.dumps(adopt(args.pretrained, args.out, args.bos, args.eos)))
+        elif args.bos or args.eos:
+            raise ValueError("--bos/--eos name a pretrained model's tokens: they go with --from")
         else:
             print(json.dumps(build_tokenizer(args.input, args.out, args.vocab_size)))
     else:

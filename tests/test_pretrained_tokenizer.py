@@ -33,9 +33,9 @@ def pretrained_tokenizer(path: Path) -> Tokenizer:
     return tok
 
 
-def adopt_cli(source: Path, out: Path) -> subprocess.CompletedProcess:
+def adopt_cli(source: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmpretrain", "data", "tokenizer", "--from",
-                           str(source), "--out", str(out)], cwd=ROOT, capture_output=True,
+                           str(source), "--out", str(out), *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
@@ -105,3 +105,85 @@ def test_from_hf_warns_when_the_data_tokenizer_moves_the_models_ids(tmp_path, ca
     import_hf(tmp_path / "llm", tmp_path / "run", cfg)
     assert "have other ids in the job's tokenizer" in caplog.text
     assert f"data tokenizer --from {tmp_path / 'llm'}" in caplog.text
+
+
+def qwen_like_tokenizer(path: Path) -> Tokenizer:
+    """A Qwen-like tokenizer: byte-level BPE, no BOS, `<|endoftext|>` its EOS (tokenizer_config.json
+    says so), its control tokens after the merges."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 3, trainer=trainer)
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return tok
+
+
+def test_a_models_own_eos_takes_the_role(tmp_path):
+    """tokenizer_config.json's eos_token ends every sample (its pretrained id, no new `</s>`);
+    --eos names another; a token the model lacks, or one with another use, is refused."""
+    from mmpretrain.data.sequence import build_sequence
+    from mmpretrain.data.tokenizer import ROLES_FILE
+
+    pre = qwen_like_tokenizer(tmp_path / "llm")
+    r = adopt_cli(tmp_path / "llm", tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert (summary["bos"], summary["eos"]) == ("<s>", "<|endoftext|>")
+    assert "<s>" in summary["added"] and "</s>" not in summary["added"]
+    assert json.loads((tmp_path / "data" / ROLES_FILE).read_text()) == {"eos": "<|endoftext|>"}
+    tok = TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
+    assert tok.eos_id == pre.token_to_id("<|endoftext|>") and tok.tokenizer.token_to_id("</s>") is None
+    seq = build_sequence({"segments": [{"text": "a red circle"}], "images": []}, tok, None)
+    assert (seq.ids[0], seq.ids[-1], seq.is_text[-1]) == (tok.bos_id, tok.eos_id, True)
+
+    r = adopt_cli(tmp_path / "llm", tmp_path / "chat", "--eos", "<|im_end|>")
+    assert r.returncode == 0, r.stderr
+    assert TextTokenizer.load(tmp_path / "chat" / "tokenizer.json").eos_id == pre.token_to_id("<|im_end|>")
+    r = adopt_cli(tmp_path / "llm", tmp_path / "x", "--eos", "<nope>")
+    assert r.returncode == 2 and "has no token '<nope>'" in r.stderr and not (tmp_path / "x").exists()
+    r = adopt_cli(tmp_path / "llm", tmp_path / "x", "--bos", "[IMG]")
+    assert r.returncode == 2 and "their own use" in r.stderr
+    (tmp_path / "data" / ROLES_FILE).unlink()  # the roles lost: the tokenizer is incomplete
+    with pytest.raises(ValueError, match="lacks the special tokens </s>"):
+        TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
+
+
+def test_export_with_a_models_own_eos(small_dataset, tmp_path, capsys):
+    """The checkpoint keeps the roles with its tokenizer; the export's tokenizer, generation
+    config and model config name the model's EOS, and the processor's ids verify."""
+    from hf_helpers import design_config
+    from mmpretrain.data.tokenizer import ROLES_FILE
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from mmpretrain.cli import main
+    from mmpretrain.hf import ConversionError
+    from mmpretrain.hf.export import export
+
+    pre = qwen_like_tokenizer(tmp_path / "llm")
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    (data / "tokenizer.json").unlink()
+    assert adopt_cli(tmp_path / "llm", data).returncode == 0
+    tok = TextTokenizer.load(data / "tokenizer.json")
+    ckpt = random_checkpoint(tmp_path / "rand", design_config(data, "d"), tok, seed=3)
+    assert (ckpt / ROLES_FILE).is_file() and (ckpt / "tokenizer.json").is_file()
+    shutil.rmtree(data)  # the export reads the checkpoint's copies
+    chat = tmp_path / "chat"  # the same ids, another EOS: refused
+    assert adopt_cli(tmp_path / "llm", chat, "--eos", "<|im_end|>").returncode == 0
+    with pytest.raises(ConversionError, match=r"BOS/EOS <s> <\|im_end\|>, the checkpoint trained "
+                                              r"with <s> <\|endoftext\|>"):
+        export(ckpt, tmp_path / "hf", tokenizer=chat)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+    eos = pre.token_to_id("<|endoftext|>")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == eos
+    assert hf_tok("a red circle").input_ids[0] == tok.bos_id
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == eos
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["eos_token_id"] == eos

@@ -7,6 +7,7 @@ layout loads what another saved), plus files next to them:
     rng/rank{r}.pt      the RNG states of global rank r (restored when the layout is unchanged)
     config.yaml         the resolved config
     tokenizer.json      a copy of the tokenizer its token ids come from (data.path's), for exports
+    tokenizer_roles.json  (when data.path has one) the tokens taking the BOS/EOS roles
 
 Saving is synchronous, or asynchronous with megatron-core's own machinery (`AsyncSaves`,
 `checkpoint.async_save`): the tensors are planned and staged on the host while training waits,
@@ -45,6 +46,7 @@ from mmpretrain.checkpoint.files import (
     write_atomic,
 )
 from mmpretrain.config import Config, dump
+from mmpretrain.data.tokenizer import ROLES_FILE
 from mmpretrain.stop_signals import stop_signals_held
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,9 @@ def _describe(tmp: Path, cfg: Config) -> None:
     """config.yaml, and a copy of the tokenizer the run's token ids come from: an export takes it
     from the checkpoint, whatever became of data.path since."""
     dump(cfg, tmp / "config.yaml")
-    tokenizer = Path(cfg.data.path) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    for name in ("tokenizer.json", ROLES_FILE):
+        if (Path(cfg.data.path) / name).is_file():
+            shutil.copyfile(Path(cfg.data.path) / name, tmp / name)
 
 
 def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_state: dict,

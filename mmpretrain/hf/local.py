@@ -9,7 +9,7 @@ import torch
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
-from mmpretrain.data.tokenizer import TextTokenizer
+from mmpretrain.data.tokenizer import ROLES_FILE, TextTokenizer
 from mmpretrain.hf import ConversionError
 
 
@@ -65,11 +65,16 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
                           f"pass --tokenizer PATH to name tokenizer.json)")
     tok = TextTokenizer.load(path)
     if own is not None and own.is_file():
-        moved = id_changes(TextTokenizer.load(own).tokenizer, tok.tokenizer)
+        trained = TextTokenizer.load(own)
+        moved = id_changes(trained.tokenizer, tok.tokenizer)
         if moved:
             raise ConversionError(f"--tokenizer {override}: {moved} of the tokens of {own} (the "
                                   f"tokenizer the checkpoint trained with) have other ids there; "
                                   f"leave --tokenizer out to use the checkpoint's")
+        if (tok.bos_token, tok.eos_token) != (trained.bos_token, trained.eos_token):
+            raise ConversionError(f"--tokenizer {override}: BOS/EOS {tok.bos_token} {tok.eos_token}, "
+                                  f"the checkpoint trained with {trained.bos_token} {trained.eos_token} "
+                                  f"({own.with_name(ROLES_FILE)}); leave --tokenizer out")
     return tok
 
 

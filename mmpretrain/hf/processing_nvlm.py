@@ -15,7 +15,7 @@ becomes what the design puts in the decoder's token stream:
     D tiles   <tile_1> [IMG]... <tile_N> [IMG]... <tile_global_thumbnail> [IMG]...
     X         <image> (its tiles reach the decoder by cross-attention)
     H         <tile_1> ... <tile_N> <tile_global_thumbnail> [IMG]... (the thumbnail in stream)
-Outputs: `input_ids` (`<s>` first), `attention_mask`, and with images `pixel_values` [n, 3, H, W]
+Outputs: `input_ids` (the BOS token first), `attention_mask`, and with images `pixel_values` [n, 3, H, W]
 (normalised, zero-padded to the largest), `image_sizes` [n, 2] and `image_tiles` [n] (0: a whole
 image, k: its k-th tile, -1: its thumbnail), one row per tile or image in token order.
 """
@@ -102,7 +102,7 @@ class NVLMProcessor(ProcessorMixin):
         return [tok for x, k in parts for tok in [tag(k)] + img(x)]
 
     def ids(self, text: str, images: list) -> tuple[list[int], list[tuple[torch.Tensor, int]]]:
-        """`<s>` text... with each `<image>` replaced by its layout; the image parts in order."""
+        """BOS text... with each `<image>` replaced by its layout; the image parts in order."""
         pieces = text.split(IMAGE)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"{len(pieces) - 1} {IMAGE} in the text for {len(images)} images: "

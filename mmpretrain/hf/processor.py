@@ -3,9 +3,10 @@
 
 LLaVA exports (D at native resolution):
 The tokenizer is the dataset's `tokenizer.json` wrapped as a `PreTrainedTokenizerFast`, with a
-post-processor that puts `<s>` first, as every training sample begins. The processor is
-`PixtralProcessor` (`[IMG]` per patch, `[IMG_BREAK]` after each row, `[IMG_END]` last: the layout
-`data/sequence.py` trains on) over a `PixtralImageProcessor` with our CLIP mean/std.
+post-processor that puts the BOS token (`<s>` or the roles') first, as every training sample
+begins. The processor is `PixtralProcessor` (`[IMG]` per patch, `[IMG_BREAK]` after each row,
+`[IMG_END]` last: the layout `data/sequence.py` trains on) over a `PixtralImageProcessor` with
+our CLIP mean/std.
 
 The resize differs from ours: `data/images.py` scales an image to at most
 `data.image_token_budget` patches (enlarging small ones up to `data.max_upscale`, flooring to whole
@@ -22,26 +23,27 @@ from pathlib import Path
 
 from mmpretrain.config import Config
 from mmpretrain.data.resize import MEAN, STD
-from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from mmpretrain.data.tokenizer import TextTokenizer
 from mmpretrain.hf.configs import max_image_side
-
-NAMED = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
 def hf_tokenizer(tok: TextTokenizer, max_length: int):
-    """Our tokenizer as a PreTrainedTokenizerFast that prepends `<s>`."""
+    """Our tokenizer as a PreTrainedTokenizerFast that prepends the BOS token."""
     import copy
 
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    named = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": "<unk>",
+             "pad_token": "<pad>"}
     inner = copy.deepcopy(tok.tokenizer)
+    bos = tok.bos_token
     inner.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_id)])
-    extra = [t for t in SPECIAL_TOKENS if t not in NAMED.values()]
+        single=[bos, "$A"], pair=[bos, "$A", bos, "$B"], special_tokens=[(bos, tok.bos_id)])
+    extra = [t for t in tok.specials if t not in named.values()]
     return PreTrainedTokenizerFast(tokenizer_object=inner, additional_special_tokens=extra,
                                    model_max_length=max_length,
-                                   model_input_names=["input_ids", "attention_mask"], **NAMED)
+                                   model_input_names=["input_ids", "attention_mask"], **named)
 
 
 def hf_processor(cfg: Config, tokenizer):
