@@ -28,6 +28,7 @@ from streaming import MDSWriter
 log = logging.getLogger("mmpretrain")
 SUMMARY = "build_summary.json"
 SKIPS = "skipped.jsonl"  # every skipped record: reason and message
+PROGRESS_S = 10.0  # seconds between the progress lines of `data tokenizer`
 IMAGE_REASONS = {"image_too_large": "oversize_image", "empty_image": "undecodable_image",
                  "corrupt_image": "undecodable_image"}
 EXAMPLES = 5  # skip messages kept per reason
@@ -239,7 +240,13 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
     if (out / "tokenizer.json").exists():
         raise ValueError(f"--out {out}: already holds a tokenizer.json")
     readers = [open_dataset(d) for d in datasets]  # a clear error before the (long) training
-    counts = Counter()
+    counts, total, t0 = Counter(), sum(len(r) for r in readers), time.time()
+    shown = [t0]
+
+    def show(end: str = "") -> None:
+        shown[0] = time.time()
+        print(f"tokenizer: read {counts['samples']}/{total} samples, {counts['characters']} "
+              f"characters ({shown[0] - t0:.1f} s){end}", file=sys.stderr, flush=True)
 
     def texts():
         for reader in readers:
@@ -249,8 +256,11 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
                     if "text" in seg:
                         counts["characters"] += len(seg["text"])
                         yield seg["text"]
+                if time.time() - shown[0] >= PROGRESS_S:
+                    show()
+        show("; computing the merges")
 
-    tok = train_tokenizer(texts(), vocab_size)
+    tok = train_tokenizer(texts(), vocab_size, progress=sys.stderr.isatty())
     if not counts["characters"]:
         raise ValueError(f"--input {', '.join(datasets)}: no text to train a tokenizer on")
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,9 @@ ROLES = {"bos": "<s>", "eos": "</s>"}  # the default token of each role
 ROLES_FILE = "tokenizer_roles.json"  # beside tokenizer.json: the roles naming other tokens
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on `texts`; the specials get ids 0.. in SPECIAL_TOKENS order."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`; the specials get ids 0.. in SPECIAL_TOKENS order.
+    `progress`: the tokenizers library's progress bars (on a terminal)."""
     min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < min_size:
         raise ValueError(f"vocab_size={vocab_size} is below the minimum {min_size} (specials + 256 bytes)")
@@ -52,7 +53,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))

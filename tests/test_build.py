@@ -261,7 +261,7 @@ def test_users_data_with_its_own_tokenizer_and_heldout_split_trains_and_evaluate
     """`data build --heldout-every 3` writes train/ and heldout/; `data tokenizer` into the same
     directory trains the project's tokenizer (specials at their ids) on train/'s text; that
     directory is then a `data.path` that `train` and `eval` use."""
-    from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+    from mmpretrain.data.tokenizer import ROLES_FILE, SPECIAL_TOKENS, TextTokenizer
 
     src = make_inputs(tmp_path / "src")
     built = tmp_path / "built"
@@ -270,9 +270,12 @@ def test_users_data_with_its_own_tokenizer_and_heldout_split_trains_and_evaluate
     assert summary["written"] == 7 and summary["heldout"] == 2
     assert len(list(ShardReader(built / "train"))) == 5 and len(list(ShardReader(built / "heldout"))) == 2
     args = ["data", "tokenizer", "--input", str(built), "--out", str(built), "--vocab-size", "300"]
+    (built / ROLES_FILE).write_text('{"eos": "</s2>"}')  # left by an adopted tokenizer: removed
     assert main(args) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["samples"] == 5 and summary["characters"] > 0  # train/ only
+    assert "tokenizer: read 5/5 samples" in printed.err and not (built / ROLES_FILE).exists()
     tok = TextTokenizer.load(built / "tokenizer.json")
     assert [tok.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.decode(tok.encode("another pair")) == "another pair"
