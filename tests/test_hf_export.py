@@ -291,6 +291,7 @@ def test_export_refuses_an_out_it_cannot_own_before_loading(tiny, tmp_path, monk
         raise AssertionError("the checkpoint was loaded")
 
     monkeypatch.setattr(local, "load_cpu_model", no_load)
+    monkeypatch.setattr(local, "meta_model", no_load)
     for out, match in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "hf", "is a file"),
                        (tmp_path / "other", "holds other files"),
                        (tmp_path / "hub", "holds other files"),
@@ -381,3 +382,38 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
     assert main(["convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_export_reads_the_checkpoint_a_shard_at_a_time(tiny, tmp_path, monkeypatch):
+    """Without verification the model is never loaded whole: each output shard's tensors are read
+    alone, every tensor once, and the shards hold exactly what a full load gives."""
+    from mmpretrain import checkpoint
+
+    _, tok, ckpt, _ = tiny
+    reads, real = [], checkpoint.read_tensors
+
+    def spy(path, request):
+        got = real(path, request)
+        reads.append({n: t.numel() * t.element_size() for n, t in got.items()})
+        return got
+
+    def no_load(*args):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(checkpoint, "read_tensors", spy)
+    monkeypatch.setattr(local, "load_cpu_model", no_load)
+    export(ckpt, tmp_path / "hf", shard_size="40KB")
+    monkeypatch.undo()
+    full = local.load_cpu_model(ckpt, local.checkpoint_config(ckpt), tok).state_dict()
+    model_bytes = {n: t.numel() * t.element_size() for n, t in full.items() if not n.endswith("_extra_state")}
+    names = [n for r in reads for n in r]
+    assert sorted(names) == sorted(model_bytes)  # every tensor read once
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(reads) == len(shards) > 3
+    assert max(sum(r.values()) for r in reads) < sum(model_bytes.values()) / 3
+    for s in shards:
+        with safe_open(str(tmp_path / "hf" / s), "pt") as f, safe_open(
+                str(tiny[3] / s), "pt") as g:  # the module's export (verified against transformers)
+            assert set(f.keys()) == set(g.keys())
+            assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())

@@ -1,8 +1,10 @@
 """`mmpretrain convert to-hf CKPT OUT`: a dist checkpoint -> a transformers model directory.
 
-The checkpoint (saved under any TP/PP/DP layout) is loaded into one CPU process at TP=1/PP=1;
-its tensors are then converted group by group and written shard by shard, each source tensor
-released once converted, so memory peaks near one copy of the model plus one shard.
+The checkpoint (saved under any TP/PP/DP layout) is read in one process at TP=1/PP=1 and never
+whole: a model on the meta device names each tensor's shape and checkpoint key, and each output
+shard's tensors are read (`checkpoint.read_tensors`, fp32), converted group by group and written,
+so memory peaks near one output shard in fp32 plus its copy in the export's dtype. Verifying
+then loads the whole model beside the HF one.
 
 The embedding and output layer keep their padded rows (a multiple of 128, see
 `model/build.padded_vocab_size`): `text_config.vocab_size` is the padded size, so the logits
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mmpretrain import checkpoint
 from mmpretrain.config import Config
 from mmpretrain.hf import ConversionError, local
 from mmpretrain.hf.configs import check_exportable, llava_config
@@ -71,17 +74,20 @@ def convert_group(group: Group, sources: dict[str, torch.Tensor], dtype: torch.d
     return {name: t.to("cpu", dtype).contiguous() for name, t in zip(group.hf, outputs)}
 
 
-def write_weights(out: Path, groups: list[Group], sources: dict[str, torch.Tensor],
-                  dtype: torch.dtype, shard_bytes: int) -> int:
-    """Write all groups as safetensors shards plus the index; return the number of shards."""
+def write_weights(out: Path, groups: list[Group], shapes: dict[str, torch.Tensor],
+                  read: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype,
+                  shard_bytes: int) -> int:
+    """Write all groups as safetensors shards plus the index; return the number of shards.
+    `shapes`: our tensors (meta tensors will do); `read(names)`: those tensors' values."""
     from tqdm import tqdm
 
-    sizes = [group_bytes(g, sources, dtype) for g in groups]
+    sizes = [group_bytes(g, shapes, dtype) for g in groups]
     plan = plan_shards(sizes, shard_bytes)
     weight_map: dict[str, str] = {}
     with tqdm(total=len(groups), desc="to-hf", unit="group") as bar:
         for i, members in enumerate(plan):
             name, tensors = shard_name(i, len(plan)), {}
+            sources = read([n for k in members for n in groups[k].ours])
             for k in members:
                 tensors.update(convert_group(groups[k], sources, dtype))
                 bar.set_postfix_str(groups[k].label, refresh=False)
@@ -138,13 +144,19 @@ def replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_export(out: Path, cfg: Config, fmt: Format, sources: dict[str, torch.Tensor], tok,
-                 out_dtype: torch.dtype, shard_bytes: int, ckpt: Path) -> int:
-    """Every file of the export into the directory `out`; return the number of shards."""
+def write_export(out: Path, cfg: Config, fmt: Format, model, tok, out_dtype: torch.dtype,
+                 shard_bytes: int, ckpt: Path) -> int:
+    """Every file of the export into the directory `out`, the weights read from `ckpt` a shard at
+    a time for `model` (on the meta device); return the number of shards."""
     groups = fmt.groups(cfg)
-    check_covers(groups, sources)
-    vocab_size = sources["language_model.embedding.word_embeddings.weight"].shape[0]
-    n = write_weights(out, groups, sources, out_dtype, shard_bytes)
+    shapes, request = model_tensors(model.state_dict()), model.sharded_state_dict()
+    check_covers(groups, shapes)
+    checkpoint.check_files(ckpt)
+    checkpoint.check_shapes(ckpt, request)
+    vocab_size = shapes["language_model.embedding.word_embeddings.weight"].shape[0]
+    n = write_weights(out, groups, shapes,
+                      lambda names: checkpoint.read_tensors(ckpt, {k: request[k] for k in names}),
+                      out_dtype, shard_bytes)
     fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
     if fmt.code is not None:
         fmt.code(out)
@@ -177,15 +189,14 @@ def export(ckpt: str | Path, out: str | Path, shard_size: str = "5GB", dtype: st
     except OSError as e:
         raise ConversionError(f"{out}: cannot write there ({e.strerror})") from None
     try:
-        log.info("to-hf: loading %s on CPU", path)
-        model = local.load_cpu_model(path, cfg, tok)
-        sources = model_tensors(model.state_dict())
-        n = write_export(tmp, cfg, fmt, sources, tok, out_dtype, shard_bytes, path)
+        log.info("to-hf: reading %s a shard at a time", path)
+        n = write_export(tmp, cfg, fmt, local.meta_model(path, cfg, tok), tok, out_dtype,
+                         shard_bytes, path)
         if tol is not None:
             from mmpretrain.hf.verify import verify_model
 
-            del sources
-            verify_model(model, cfg, tok, tmp, tol)
+            log.info("to-hf: loading %s to verify the export", path)
+            verify_model(local.load_cpu_model(path, cfg, tok), cfg, tok, tmp, tol)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

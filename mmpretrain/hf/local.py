@@ -84,19 +84,27 @@ def id_changes(ours, other) -> int:
     return sum(theirs.get(t) != i for t, i in ours.get_vocab(with_added_tokens=True).items())
 
 
-def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None):
+def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None,
+                    meta: bool = False):
     """The model of `cfg` in one process, in eval mode (megatron initialised here): on CPU, or on
-    the GPU when one is present (megatron's layers then allocate there). Always the local spec
-    without FP8: the reference that exports and evaluations compare with. `vocab_size`: the
-    embedding's rows (default: the tokenizer's, padded as for `cfg`'s layout)."""
+    the GPU when one is present (megatron's layers then allocate there), or with `meta` on the
+    meta device. Always the local spec without FP8: the reference that exports and evaluations
+    compare with. `vocab_size`: the embedding's rows (default: the tokenizer's, padded as for
+    `cfg`'s layout)."""
     from mmpretrain.model.build import build_model
     from mmpretrain.parallel import cuda_to_cpu, init_distributed
 
     cfg = replace(cfg, model=replace(cfg.model, spec="local"), train=replace(cfg.train, fp8=None))
     init_distributed(seed=cfg.train.seed)
     with cuda_to_cpu():
-        model = build_model(cfg, vocab_size or tok.vocab_size, tok.img_id)
+        model = build_model(cfg, vocab_size or tok.vocab_size, tok.img_id, meta)
     return model.eval()
+
+
+def meta_model(ckpt: Path, cfg: Config, tok: TextTokenizer):
+    """The checkpoint's model on the meta device: its tensors' names, shapes and checkpoint keys
+    (`sharded_state_dict`) without memory, to read them a few at a time (`checkpoint.read_tensors`)."""
+    return build_cpu_model(cfg, tok, checkpoint_vocab(ckpt), meta=True)
 
 
 def load_cpu_model(ckpt: Path, cfg: Config, tok: TextTokenizer):

@@ -1,6 +1,7 @@
 """Build the model named by a Config; the one place that turns config and layout into modules."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,8 +44,8 @@ def set_frozen(module: torch.nn.Module | None, frozen: bool) -> None:
         p.requires_grad_(not frozen)
 
 
-def _configs(cfg: Config, spec: str):
-    dtype, gpu = param_dtype(cfg), torch.cuda.is_available()
+def _configs(cfg: Config, spec: str, meta: bool = False):
+    dtype, gpu = param_dtype(cfg), torch.cuda.is_available() and not meta
     p, v, d = cfg.parallel, cfg.vision, cfg.decoder
     # A TE run's config may build the local spec (CPU export, evaluation): it has no fused add.
     wgrad_fusion = cfg.train.gradient_accumulation_fusion and spec == "te"
@@ -103,26 +104,31 @@ def freeze_all_but_cross_attention(vision, decoder: LanguageDecoder) -> None:
         set_frozen(layer, False)
 
 
-def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int) -> list[NVLMDecoderOnly]:
-    """This rank's model chunks (one per virtual pipeline stage), on the current device."""
+def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int,
+                       meta: bool = False) -> list[NVLMDecoderOnly]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device; with
+    `meta`, on the meta device (shapes and checkpoint keys, no memory), CUDA or not."""
     spec = layer_spec_name(cfg)
-    vcfg, dcfg = _configs(cfg, spec)
+    vcfg, dcfg = _configs(cfg, spec, meta)  # meta: megatron's CPU init, which names no device
     specs = layer_specs(spec, cfg.model.te_fused_mlp)
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     chunks = []
     for vp_stage in stages:
-        chunk = build_chunk(cfg, vocab_size, image_token_id, vcfg, dcfg, vp_stage, specs)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            chunk = build_chunk(cfg, vocab_size, image_token_id, vcfg, dcfg, vp_stage, specs)
         # megatron's torch-norm fallback makes fp32 weights; the mixed-precision optimizer expects
         # every parameter in the model dtype (megatron's own trainer casts through Float16Module).
         chunk.to(dcfg.params_dtype)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not meta:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
 
 
-def build_model(cfg: Config, vocab_size: int, image_token_id: int) -> NVLMDecoderOnly:
-    """The whole model as one module (no pipeline parallelism), on the current device."""
+def build_model(cfg: Config, vocab_size: int, image_token_id: int,
+                meta: bool = False) -> NVLMDecoderOnly:
+    """The whole model as one module (no pipeline parallelism), on the current device (`meta`:
+    on the meta device)."""
     if cfg.parallel.pp != 1:
         raise ValueError("build_model builds an unpipelined model; use build_model_chunks for pp > 1")
-    return build_model_chunks(cfg, vocab_size, image_token_id)[0]
+    return build_model_chunks(cfg, vocab_size, image_token_id, meta)[0]
