@@ -21,7 +21,7 @@ train: venv
 	$(PY) -m mmpretrain eval --run $(RUN)
 
 test: venv shellcheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs data-synth

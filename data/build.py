@@ -175,7 +175,7 @@ def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
     directory) with the project's special tokens (`tokenizer.adopt_tokenizer`). The model's own
     BOS/EOS tokens (`bos`/`eos`, else its tokenizer_config.json's) take those roles, written to
     `out`/tokenizer_roles.json. Returns a summary."""
-    from mmpretrain.data.tokenizer import TextTokenizer, adopt_tokenizer, write_roles
+    from mmpretrain.data.tokenizer import TextTokenizer, adopt_tokenizer, model_roles, write_roles
     from tokenizers import Tokenizer
 
     source, out = Path(pretrained), Path(out)
@@ -208,25 +208,6 @@ def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
     return {"tokenizer": str(out / "tokenizer.json"), "from": str(source), "kept_ids": size,
             "added": added,
             "bos": tok.bos_token, "eos": tok.eos_token, "vocab_size": tok.vocab_size}
-
-
-def model_roles(config: Path) -> dict[str, str]:
-    """{"bos": token, "eos": token} a model's tokenizer_config.json names (a role it leaves null
-    or out is left out); {} without the file."""
-    if not config.is_file():
-        return {}
-    try:
-        fields = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: not JSON ({e})") from None
-    roles = {}
-    for role in ("bos", "eos"):
-        value = fields.get(f"{role}_token") if isinstance(fields, dict) else None
-        if isinstance(value, dict):  # transformers' AddedToken form
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            roles[role] = value
-    return roles
 
 
 def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> dict:

@@ -87,6 +87,26 @@ def adopt_tokenizer(pretrained: Tokenizer, roles: dict[str, str] | None = None
     return pretrained, added
 
 
+def model_roles(config: str | Path) -> dict[str, str]:
+    """{"bos": token, "eos": token} a model's tokenizer_config.json names (a role it leaves null
+    or out is left out); {} without the file."""
+    config = Path(config)
+    if not config.is_file():
+        return {}
+    try:
+        fields = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not JSON ({e})") from None
+    roles = {}
+    for role in ("bos", "eos"):
+        value = fields.get(f"{role}_token") if isinstance(fields, dict) else None
+        if isinstance(value, dict):  # transformers' AddedToken form
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            roles[role] = value
+    return roles
+
+
 def check_roles(roles: dict[str, str]) -> dict[str, str]:
     """`roles` without its defaults; ValueError for an unknown role or a token with another use."""
     unknown = sorted(set(roles) - set(ROLES))

@@ -92,8 +92,9 @@ def test_training_and_export_with_an_adopted_tokenizer(small_dataset, tmp_path, 
 
 
 def test_from_hf_warns_when_the_data_tokenizer_moves_the_models_ids(tmp_path, caplog):
-    """A causal LM whose tokenizer.json the job's tokenizer does not keep: the import says how
-    many of its tokens the data's ids would read as others, and how to adopt it."""
+    """A causal LM whose tokenizer.json the job's tokenizer does not keep, and whose EOS the
+    data's samples do not end with: the import says how many of its tokens the data's ids would
+    read as others, which role differs, and how to adopt the model's tokenizer."""
     from hf_helpers import save_causal_lm, write_dataset_tokenizer
 
     from mmpretrain.hf.import_ import import_hf
@@ -102,9 +103,13 @@ def test_from_hf_warns_when_the_data_tokenizer_moves_the_models_ids(tmp_path, ca
     write_dataset_tokenizer(tmp_path / "data")
     save_causal_lm(tmp_path / "llm", cfg)
     pretrained_tokenizer(tmp_path / "llm")
+    (tmp_path / "llm" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "<|endoftext|>"}))
     import_hf(tmp_path / "llm", tmp_path / "run", cfg)
     assert "have other ids in the job's tokenizer" in caplog.text
     assert f"data tokenizer --from {tmp_path / 'llm'}" in caplog.text
+    assert "the model's EOS is <|endoftext|>, the data's samples use </s>" in caplog.text
+    assert "the model's BOS" not in caplog.text  # the same <s>
 
 
 def qwen_like_tokenizer(path: Path) -> Tokenizer:
