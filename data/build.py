@@ -173,9 +173,10 @@ def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
           eos: str | None = None) -> dict:
     """`out`/tokenizer.json: a pretrained model's tokenizer.json (`pretrained`, or the one in that
     directory) with the project's special tokens (`tokenizer.adopt_tokenizer`). The model's own
-    BOS/EOS tokens (`bos`/`eos`, else its tokenizer_config.json's) take those roles, written to
-    `out`/tokenizer_roles.json. Returns a summary."""
-    from mmpretrain.data.tokenizer import TextTokenizer, adopt_tokenizer, model_roles, write_roles
+    BOS/EOS tokens (`bos`/`eos`, else those its files name: `specials.model_roles`) take those
+    roles, written to `out`/tokenizer_roles.json. Returns a summary."""
+    from mmpretrain.data.specials import ROLES, model_roles, write_roles
+    from mmpretrain.data.tokenizer import TextTokenizer, adopt_tokenizer
     from tokenizers import Tokenizer
 
     source, out = Path(pretrained), Path(out)
@@ -193,21 +194,25 @@ def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
         raise ValueError(f"--from {source}: not a tokenizer.json the tokenizers library reads "
                          f"({e})") from None
     size = pretrained_tok.get_vocab_size(with_added_tokens=True)
-    roles = model_roles(source.parent / "tokenizer_config.json")
+    roles = model_roles(source.parent, pretrained_tok)
     roles.update({r: t for r, t in (("bos", bos), ("eos", eos)) if t})
     try:
         adopted, added = adopt_tokenizer(pretrained_tok, roles)
         tok = TextTokenizer(adopted, roles)
     except ValueError as e:
         raise ValueError(f"--from {source}: {e} (roles {roles}; name others with --bos/--eos)") from None
+    for role, verb in (("bos", "begins"), ("eos", "ends")):
+        if role not in roles and ROLES[role] in added:
+            log.warning("data tokenizer: %s names no %s token: every sample %s with a new %s, "
+                        "learned from scratch (--%s TOKEN names one of the model's)", source.parent,
+                        role.upper(), verb, ROLES[role], role)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
     tok.tokenizer.save(str(tmp))
-    write_roles(out, tok.roles)
+    write_roles(out / "tokenizer.json", {"bos": tok.bos_token, "eos": tok.eos_token})
     tmp.replace(out / "tokenizer.json")
     return {"tokenizer": str(out / "tokenizer.json"), "from": str(source), "kept_ids": size,
-            "added": added,
-            "bos": tok.bos_token, "eos": tok.eos_token, "vocab_size": tok.vocab_size}
+            "added": added, "bos": tok.bos_token, "eos": tok.eos_token, "vocab_size": tok.vocab_size}
 
 
 def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> dict:
@@ -215,7 +220,8 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
     their fixed ids) on the text of built datasets (`data build` outputs, or their train/ split)
     and write `out`/tokenizer.json, so that `data.path: out` tokenizes them. Returns a summary."""
     from mmpretrain.data.source import open_dataset
-    from mmpretrain.data.tokenizer import train_tokenizer, write_roles
+    from mmpretrain.data.specials import write_roles
+    from mmpretrain.data.tokenizer import train_tokenizer
 
     out = Path(out)
     if (out / "tokenizer.json").exists():
@@ -247,7 +253,7 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
     tok.save(str(tmp))
-    write_roles(out, {})  # a trained tokenizer's roles are the defaults
+    write_roles(out / "tokenizer.json", None)  # a trained tokenizer's roles are the defaults
     tmp.replace(out / "tokenizer.json")
     return {"tokenizer": str(out / "tokenizer.json"), "samples": counts["samples"],
             "characters": counts["characters"],

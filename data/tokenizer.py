@@ -1,42 +1,29 @@
 """Text tokenizer (Hugging Face `tokenizers`) with the project's special tokens.
 
-A tokenizer trained here (`train_tokenizer`: byte-level BPE) gives the special tokens ids
-0..len(SPECIAL_TOKENS)-1 in the order below. One adopted from a pretrained model
+A tokenizer trained here (`train_tokenizer`: byte-level BPE) gives the special tokens
+(`specials.SPECIAL_TOKENS`) ids 0..len-1 in order. One adopted from a pretrained model
 (`adopt_tokenizer`, `data tokenizer --from`) keeps every id it had, its own `<s>` or `[IMG]`
-included, and takes the special tokens it lacks after its last id. Either way they are never split
-and never inserted automatically: `encode` returns exactly the ids of the text.
-
-The roles: every sample begins with the BOS token and ends with the EOS token, `<s>` and `</s>`
-unless the tokenizer's `ROLES_FILE` (beside its tokenizer.json) names the model's own, as an
-adopted Qwen tokenizer's `{"eos": "<|endoftext|>"}`: its pretrained row, not a new one, then ends
-each sample, and generation stops on it.
+included, takes the special tokens it lacks after its last id, and may give the BOS/EOS roles to
+the model's own tokens (`specials`). Either way they are never split and never inserted
+automatically: `encode` returns exactly the ids of the text.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from mmpretrain.data.specials import (
+    ROLES,
+    SPECIAL_TOKENS,
+    check_roles,
+    read_roles,
+    roles_path,
+    specials_of,
+    trained_here,
+    write_roles,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-MAX_TILES = 12
-
-SPECIAL_TOKENS: list[str] = [
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<unk>",
-    "[IMG]",
-    "[IMG_BREAK]",
-    "[IMG_END]",
-    "<image>",
-    *[f"<tile_{i}>" for i in range(1, MAX_TILES + 1)],
-    "<tile_global_thumbnail>",
-]
-
-ROLES = {"bos": "<s>", "eos": "</s>"}  # the default token of each role
-ROLES_FILE = "tokenizer_roles.json"  # beside tokenizer.json: the roles naming other tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Tokenizer:
@@ -63,13 +50,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = Fals
     return tok
 
 
-def specials_of(roles: dict[str, str]) -> list[str]:
-    """The special tokens a tokenizer with `roles` ({role: token}) has: SPECIAL_TOKENS with each
-    role's default replaced by the token named for it."""
-    named = {ROLES[r]: t for r, t in roles.items()}
-    return list(dict.fromkeys(named.get(t, t) for t in SPECIAL_TOKENS))
-
-
 def adopt_tokenizer(pretrained: Tokenizer, roles: dict[str, str] | None = None
                     ) -> tuple[Tokenizer, list[str]]:
     """`pretrained` (a model's tokenizer.json) with the project's special tokens: every id it
@@ -85,38 +65,6 @@ def adopt_tokenizer(pretrained: Tokenizer, roles: dict[str, str] | None = None
     added = [t for t in specials if pretrained.token_to_id(t) is None]
     pretrained.add_special_tokens(specials)  # present ones keep their ids, never split
     return pretrained, added
-
-
-def model_roles(config: str | Path) -> dict[str, str]:
-    """{"bos": token, "eos": token} a model's tokenizer_config.json names (a role it leaves null
-    or out is left out); {} without the file."""
-    config = Path(config)
-    if not config.is_file():
-        return {}
-    try:
-        fields = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: not JSON ({e})") from None
-    roles = {}
-    for role in ("bos", "eos"):
-        value = fields.get(f"{role}_token") if isinstance(fields, dict) else None
-        if isinstance(value, dict):  # transformers' AddedToken form
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            roles[role] = value
-    return roles
-
-
-def check_roles(roles: dict[str, str]) -> dict[str, str]:
-    """`roles` without its defaults; ValueError for an unknown role or a token with another use."""
-    unknown = sorted(set(roles) - set(ROLES))
-    if unknown:
-        raise ValueError(f"unknown token roles {', '.join(unknown)} (known: {', '.join(ROLES)})")
-    others = set(SPECIAL_TOKENS) - set(ROLES.values())
-    taken = {r: t for r, t in roles.items() if t in others}
-    if taken:
-        raise ValueError(f"token roles {taken}: those tokens have their own use (padding, images)")
-    return {r: t for r, t in roles.items() if t != ROLES[r]}
 
 
 def _check_specials(tok: Tokenizer, roles: dict[str, str]) -> None:
@@ -137,19 +85,20 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
-        """Load a `tokenizer.json` file, with the ROLES_FILE beside it if there is one."""
+        """Load a tokenizer file (`tokenizer.json`) and its roles file (`roles_path`): an
+        adopted tokenizer must have one, a tokenizer trained here may."""
         path = Path(path)
-        roles_file = path.with_name(ROLES_FILE)
-        roles = {}
-        if roles_file.is_file():
-            try:
-                roles = json.loads(roles_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{roles_file}: not JSON ({e})") from None
-            if not isinstance(roles, dict) or not all(isinstance(t, str) for t in roles.values()):
-                raise ValueError(f'{roles_file}: expected {{"bos": TOKEN, "eos": TOKEN}}, got {roles!r}')
+        tok, roles = Tokenizer.from_file(str(path)), {}
+        if roles_path(path).is_file():
+            roles = read_roles(roles_path(path))
+        elif not trained_here(tok) and all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS
+                                           if t not in ROLES.values()):
+            raise ValueError(f"{path}: an adopted tokenizer (its special tokens are not at ids "
+                             f"0..{len(SPECIAL_TOKENS) - 1}) without {roles_path(path).name}, which "
+                             f"names its BOS/EOS: copy that file beside it (or write "
+                             f'{{"bos": TOKEN, "eos": TOKEN}} there)')
         try:
-            return cls(Tokenizer.from_file(str(path)), roles)
+            return cls(tok, roles)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
@@ -159,10 +108,11 @@ class TextTokenizer:
         return cls(train_tokenizer(texts, vocab_size))
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer as a `tokenizer.json` file, and its roles beside it."""
-        path = Path(path)
+        """Write the tokenizer file (`tokenizer.json`), and its roles file unless it was trained
+        here with the default roles."""
         self.tokenizer.save(str(path))
-        write_roles(path.parent, self.roles)
+        plain = not self.roles and trained_here(self.tokenizer)
+        write_roles(path, None if plain else {"bos": self.bos_token, "eos": self.eos_token})
 
     def encode(self, text: str, specials: bool = False) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added. A special token's string in the text (a
@@ -193,7 +143,7 @@ class TextTokenizer:
         return tid
 
     def tile_id(self, index: int) -> int:
-        """Id of `<tile_{index}>` (1-based, up to MAX_TILES)."""
+        """Id of `<tile_{index}>` (1-based, up to specials.MAX_TILES)."""
         return self.token_id(f"<tile_{index}>")
 
     @property
@@ -252,12 +202,7 @@ class TextTokenizer:
         return self.token_id("<tile_global_thumbnail>")
 
 
-def write_roles(directory: str | Path, roles: dict[str, str]) -> None:
-    """`directory`/ROLES_FILE with `roles`; none (a stale one removed) when they are the defaults."""
-    path = Path(directory) / ROLES_FILE
-    if roles:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(roles, indent=2) + "\n")
-        tmp.replace(path)
-    else:
-        path.unlink(missing_ok=True)
+def id_changes(ours: Tokenizer, other: Tokenizer) -> int:
+    """How many of `ours`'s tokens `other` lacks or gives another id."""
+    theirs = other.get_vocab(with_added_tokens=True)
+    return sum(theirs.get(t) != i for t, i in ours.get_vocab(with_added_tokens=True).items())

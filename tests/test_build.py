@@ -261,7 +261,8 @@ def test_users_data_with_its_own_tokenizer_and_heldout_split_trains_and_evaluate
     """`data build --heldout-every 3` writes train/ and heldout/; `data tokenizer` into the same
     directory trains the project's tokenizer (specials at their ids) on train/'s text; that
     directory is then a `data.path` that `train` and `eval` use."""
-    from mmpretrain.data.tokenizer import ROLES_FILE, SPECIAL_TOKENS, TextTokenizer
+    from mmpretrain.data.specials import ROLES_FILE
+    from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
     src = make_inputs(tmp_path / "src")
     built = tmp_path / "built"

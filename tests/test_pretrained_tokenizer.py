@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from hf_helpers import TEXTS, random_checkpoint, tiny_config
-from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from mmpretrain.data.tokenizer import SPECIAL_TOKENS, TextTokenizer, adopt_tokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_a_models_own_eos_takes_the_role(tmp_path):
     """tokenizer_config.json's eos_token ends every sample (its pretrained id, no new `</s>`);
     --eos names another; a token the model lacks, or one with another use, is refused."""
     from mmpretrain.data.sequence import build_sequence
-    from mmpretrain.data.tokenizer import ROLES_FILE
+    from mmpretrain.data.specials import ROLES_FILE
 
     pre = qwen_like_tokenizer(tmp_path / "llm")
     r = adopt_cli(tmp_path / "llm", tmp_path / "data")
@@ -141,7 +141,9 @@ def test_a_models_own_eos_takes_the_role(tmp_path):
     summary = json.loads(r.stdout.splitlines()[-1])
     assert (summary["bos"], summary["eos"]) == ("<s>", "<|endoftext|>")
     assert "<s>" in summary["added"] and "</s>" not in summary["added"]
-    assert json.loads((tmp_path / "data" / ROLES_FILE).read_text()) == {"eos": "<|endoftext|>"}
+    assert "names no BOS token: every sample begins with a new <s>" in r.stderr  # bos_token: null
+    assert json.loads((tmp_path / "data" / ROLES_FILE).read_text()) == {"bos": "<s>",
+                                                                        "eos": "<|endoftext|>"}
     tok = TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
     assert tok.eos_id == pre.token_to_id("<|endoftext|>") and tok.tokenizer.token_to_id("</s>") is None
     seq = build_sequence({"segments": [{"text": "a red circle"}], "images": []}, tok, None)
@@ -154,16 +156,52 @@ def test_a_models_own_eos_takes_the_role(tmp_path):
     assert r.returncode == 2 and "has no token '<nope>'" in r.stderr and not (tmp_path / "x").exists()
     r = adopt_cli(tmp_path / "llm", tmp_path / "x", "--bos", "[IMG]")
     assert r.returncode == 2 and "their own use" in r.stderr
-    (tmp_path / "data" / ROLES_FILE).unlink()  # the roles lost: the tokenizer is incomplete
-    with pytest.raises(ValueError, match="lacks the special tokens </s>"):
-        TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
+    for name in ("data", "chat"):  # the roles lost: an adopted tokenizer does not load
+        (tmp_path / name / ROLES_FILE).unlink()
+        with pytest.raises(ValueError, match=f"an adopted tokenizer .* without {ROLES_FILE}"):
+            TextTokenizer.load(tmp_path / name / "tokenizer.json")
+
+
+@pytest.mark.parametrize("where", ["special_tokens_map.json", "config.json"])
+def test_roles_from_the_models_other_files(tmp_path, where):
+    """A GPT-2 style model whose tokenizer_config.json names no special tokens: the roles come
+    from special_tokens_map.json, else from config.json's token ids; tokenizer_config.json's
+    explicit null (no BOS) is not looked past."""
+    from mmpretrain.data.specials import model_roles
+
+    pre = qwen_like_tokenizer(tmp_path / "llm")
+    end = pre.token_to_id("<|endoftext|>")
+    (tmp_path / "llm" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+    files = {"special_tokens_map.json": {"bos_token": "<|endoftext|>",
+                                         "eos_token": {"content": "<|endoftext|>"}},
+             "config.json": {"bos_token_id": end, "eos_token_id": [end, end + 2]}}
+    (tmp_path / "llm" / where).write_text(json.dumps(files[where]))
+    r = adopt_cli(tmp_path / "llm", tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    tok = TextTokenizer.load(tmp_path / "data" / "tokenizer.json")
+    assert tok.bos_id == tok.eos_id == end and "names no" not in r.stderr
+    assert tok.tokenizer.token_to_id("<s>") is None and tok.tokenizer.token_to_id("</s>") is None
+    (tmp_path / "llm" / "tokenizer_config.json").write_text(json.dumps({"bos_token": None}))
+    assert model_roles(tmp_path / "llm", pre) == {"eos": "<|endoftext|>"}
+
+
+def test_the_exported_tokenizer_prepends_any_bos(tmp_path):
+    """The export's post-processor puts the BOS first whatever its text (tokenizers' templates
+    read `:` in a piece as a type id)."""
+    from mmpretrain.hf.processor import hf_tokenizer
+
+    pre = qwen_like_tokenizer(tmp_path / "llm")
+    pre.add_special_tokens(["<|turn:start|>"])
+    tok = TextTokenizer(adopt_tokenizer(pre, {"bos": "<|turn:start|>"})[0], {"bos": "<|turn:start|>"})
+    ids = hf_tokenizer(tok, 128)("a red circle").input_ids
+    assert ids[0] == tok.bos_id == pre.token_to_id("<|turn:start|>") and ids[1:] == tok.encode("a red circle")
 
 
 def test_export_with_a_models_own_eos(small_dataset, tmp_path, capsys):
     """The checkpoint keeps the roles with its tokenizer; the export's tokenizer, generation
     config and model config name the model's EOS, and the processor's ids verify."""
     from hf_helpers import design_config
-    from mmpretrain.data.tokenizer import ROLES_FILE
+    from mmpretrain.data.specials import ROLES_FILE
     from transformers import AutoTokenizer, GenerationConfig
 
     from mmpretrain.cli import main
@@ -192,3 +230,40 @@ def test_export_with_a_models_own_eos(small_dataset, tmp_path, capsys):
     assert hf_tok("a red circle").input_ids[0] == tok.bos_id
     assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == eos
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["eos_token_id"] == eos
+
+
+def test_a_run_refuses_a_data_tokenizer_that_moves_its_checkpoints_ids(small_dataset, tmp_path, caplog):
+    """Resuming or starting from a checkpoint (`checkpoint.init_from`) with data.path's tokenizer
+    giving the checkpoint's tokens other ids stops before the model is built; ids kept with
+    tokens added after them train on; a changed EOS is said."""
+    from hf_helpers import write_dataset_tokenizer
+
+    from mmpretrain.config import ConfigError, load
+    from mmpretrain.train.loop import train
+    from mmpretrain.train.resume import check_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    saved = write_dataset_tokenizer(ckpt)  # a checkpoint's copy: all check_tokenizer reads
+    check_tokenizer(ckpt, saved)
+    grown = TextTokenizer.load(ckpt / "tokenizer.json")
+    grown.tokenizer.add_tokens(["circle-ish", "squarely"])
+    check_tokenizer(ckpt, grown)
+    with pytest.raises(ConfigError, match=r"gives \d+ of the tokens of .*ckpt/tokenizer.json .* other ids"):
+        check_tokenizer(ckpt, write_dataset_tokenizer(tmp_path / "other", vocab_size=320))
+    qwen_like_tokenizer(tmp_path / "llm")
+    assert adopt_cli(tmp_path / "llm", tmp_path / "a").returncode == 0
+    assert adopt_cli(tmp_path / "llm", tmp_path / "b", "--eos", "<|im_end|>").returncode == 0
+    check_tokenizer(tmp_path / "a", TextTokenizer.load(tmp_path / "b" / "tokenizer.json"))
+    assert "end with <|im_end|>; the checkpoint trained with <s> and <|endoftext|>" in caplog.text
+
+    data = tmp_path / "data"  # init_from a run of small_dataset, on data with another tokenizer
+    shutil.copytree(small_dataset, data)
+    random_checkpoint(tmp_path / "first", tiny_config(small_dataset), TextTokenizer.load(
+        small_dataset / "tokenizer.json"))
+    write_dataset_tokenizer(data.with_name("other2"), vocab_size=320).save(data / "tokenizer.json")
+    cfg = load("jobs/tiny-d.yaml", [f"data.path={data}", f"checkpoint.init_from={tmp_path / 'first'}",
+                                    "train.steps=1", "logging.tensorboard=false"])
+    with pytest.raises(ConfigError, match="other ids"):
+        train(cfg, tmp_path / "second")
+    assert not (tmp_path / "second" / "checkpoints").exists() or not any(
+        (tmp_path / "second" / "checkpoints").iterdir())

@@ -12,7 +12,7 @@ from mmpretrain.checkpoint.files import (
     latest_checkpoint,
     stale_saves,
 )
-from mmpretrain.checkpoint.slices import read_tensors
+from mmpretrain.checkpoint.slices import CheckpointSlices
 from mmpretrain.checkpoint.store import (
     AsyncSaves,
     load_model,
@@ -22,7 +22,7 @@ from mmpretrain.checkpoint.store import (
     save_weights,
 )
 
-__all__ = ["LATEST", "AsyncSaves", "CheckpointError", "DamagedCheckpointError", "check_files",
-           "check_shapes", "checkpoint_root", "clear_stale_saves", "complete_before",
-           "latest_checkpoint", "load_model", "load_training", "model_state", "read_tensors",
-           "save", "save_weights", "stale_saves"]
+__all__ = ["LATEST", "AsyncSaves", "CheckpointError", "CheckpointSlices", "DamagedCheckpointError",
+           "check_files", "check_shapes", "checkpoint_root", "clear_stale_saves", "complete_before",
+           "latest_checkpoint", "load_model", "load_training", "model_state", "save",
+           "save_weights", "stale_saves"]

@@ -46,7 +46,7 @@ from mmpretrain.checkpoint.files import (
     write_atomic,
 )
 from mmpretrain.config import Config, dump
-from mmpretrain.data.tokenizer import ROLES_FILE
+from mmpretrain.data.specials import ROLES_FILE
 from mmpretrain.stop_signals import stop_signals_held
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 The checkpoint (saved under any TP/PP/DP layout) is read in one process at TP=1/PP=1 and never
 whole: a model on the meta device names each tensor's shape and checkpoint key, and each output
-shard's tensors are read (`checkpoint.read_tensors`, fp32), converted group by group and written,
+shard's tensors are read (`checkpoint.CheckpointSlices`, fp32), converted group by group and written,
 so memory peaks near one output shard in fp32 plus its copy in the export's dtype. Verifying
 then loads the whole model beside the HF one.
 
@@ -152,10 +152,11 @@ def write_export(out: Path, cfg: Config, fmt: Format, model, tok, out_dtype: tor
     shapes, request = model_tensors(model.state_dict()), model.sharded_state_dict()
     check_covers(groups, shapes)
     checkpoint.check_files(ckpt)
-    checkpoint.check_shapes(ckpt, request)
+    checkpoint.check_shapes(ckpt, request)  # the clearer messages (a padded vocabulary's)
+    slices = checkpoint.CheckpointSlices(ckpt)
+    slices.check({k: request[k] for k in shapes})  # every tensor, before anything is written
     vocab_size = shapes["language_model.embedding.word_embeddings.weight"].shape[0]
-    n = write_weights(out, groups, shapes,
-                      lambda names: checkpoint.read_tensors(ckpt, {k: request[k] for k in names}),
+    n = write_weights(out, groups, shapes, lambda names: slices.read({k: request[k] for k in names}),
                       out_dtype, shard_bytes)
     fmt.config(cfg, vocab_size, tok, DTYPE_NAMES[out_dtype]).save_pretrained(out)
     if fmt.code is not None:

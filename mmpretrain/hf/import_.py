@@ -237,28 +237,31 @@ def warn_vocab(src: Source, tok, model_vocab: int) -> None:
                         "data the model's tokenizer (`mmpretrain data tokenizer --from %s --out "
                         "DATA`)", moved, theirs.get_vocab_size(with_added_tokens=True),
                         hf_tokenizer, src.dir)
-    warn_roles(src.dir / "tokenizer_config.json", tok)
+    warn_roles(src, tok)
     image_id = src.config.get("image_token_index")
     if image_id is not None and image_id != tok.img_id:
         log.warning("from-hf: the HF image token id is %d, the tokenizer's [IMG] is %d",
                     image_id, tok.img_id)
 
 
-def warn_roles(config: Path, tok) -> None:
-    """Say when the model's tokenizer_config.json names a BOS/EOS the data's samples do not use."""
-    from mmpretrain.data.tokenizer import model_roles
+def warn_roles(src: Source, tok) -> None:
+    """Say when the model's files name a BOS/EOS the data's samples do not use."""
+    from tokenizers import Tokenizer
 
+    from mmpretrain.data.specials import model_roles
+
+    path = src.dir / "tokenizer.json"
     try:
-        theirs = model_roles(config)
-    except ValueError as e:
-        log.warning("from-hf: %s", e)
+        named = model_roles(src.dir, Tokenizer.from_file(str(path)) if path.is_file() else None)
+    except Exception as e:  # noqa: BLE001 - advice only: a file that does not read is left out
+        log.warning("from-hf: the model's BOS/EOS are not known (%s)", e)
         return
     ours = {"bos": tok.bos_token, "eos": tok.eos_token}
-    for role, token in theirs.items():
+    for role, token in named.items():
         if token != ours[role]:
             log.warning("from-hf: the model's %s is %s, the data's samples use %s; `mmpretrain data "
                         "tokenizer --from %s --out DATA` gives the data the model's", role.upper(),
-                        token, ours[role], config.parent)
+                        token, ours[role], src.dir)
 
 
 def check_new_run(out: Path) -> None:

@@ -9,7 +9,8 @@ import torch
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
-from mmpretrain.data.tokenizer import ROLES_FILE, TextTokenizer
+from mmpretrain.data.specials import ROLES_FILE
+from mmpretrain.data.tokenizer import TextTokenizer, id_changes  # noqa: F401 - local.id_changes
 from mmpretrain.hf import ConversionError
 
 
@@ -78,11 +79,6 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
     return tok
 
 
-def id_changes(ours, other) -> int:
-    """How many of `ours`'s tokens `other` lacks or gives another id (`tokenizers.Tokenizer`s)."""
-    theirs = other.get_vocab(with_added_tokens=True)
-    return sum(theirs.get(t) != i for t, i in ours.get_vocab(with_added_tokens=True).items())
-
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None,
                     meta: bool = False):
@@ -103,7 +99,7 @@ def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = No
 
 def meta_model(ckpt: Path, cfg: Config, tok: TextTokenizer):
     """The checkpoint's model on the meta device: its tensors' names, shapes and checkpoint keys
-    (`sharded_state_dict`) without memory, to read them a few at a time (`checkpoint.read_tensors`)."""
+    (`sharded_state_dict`) without memory, to read them a few at a time (`checkpoint.CheckpointSlices`)."""
     return build_cpu_model(cfg, tok, checkpoint_vocab(ckpt), meta=True)
 
 

@@ -37,9 +37,9 @@ def hf_tokenizer(tok: TextTokenizer, max_length: int):
     named = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": "<unk>",
              "pad_token": "<pad>"}
     inner = copy.deepcopy(tok.tokenizer)
-    bos = tok.bos_token
-    inner.post_processor = processors.TemplateProcessing(
-        single=[bos, "$A"], pair=[bos, "$A", bos, "$B"], special_tokens=[(bos, tok.bos_id)])
+    bos = {"id": "BOS", "ids": [tok.bos_id], "tokens": [tok.bos_token]}  # a name the template
+    inner.post_processor = processors.TemplateProcessing(  # parses, whatever the token's text
+        single=["BOS", "$A"], pair=["BOS", "$A", "BOS", "$B"], special_tokens=[bos])
     extra = [t for t in tok.specials if t not in named.values()]
     return PreTrainedTokenizerFast(tokenizer_object=inner, additional_special_tokens=extra,
                                    model_max_length=max_length,

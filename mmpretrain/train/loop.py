@@ -23,7 +23,7 @@ from mmpretrain.train.metrics import MetricsLogger
 from mmpretrain.train.optim import build_optimizer, build_scheduler, trainable_parameters, wrap_ddp
 from mmpretrain.train.preempt import REQUEUE_EXIT_CODE, STOPPED_FILE, PreemptionHandler
 from mmpretrain.train.profile import StepProfiler
-from mmpretrain.train.resume import Start, data_changes, start_point
+from mmpretrain.train.resume import Start, check_tokenizer, data_changes, start_point
 from mmpretrain.train.step import SkippedSteps, device, train_step
 from mmpretrain.train.validate import HeldoutLoss
 
@@ -232,6 +232,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     if _finished(cfg, begin):  # a requeue of a finished run: nothing built, nothing loaded
         preempt.uninstall()
         return {}
+    check_tokenizer(begin.checkpoint, tok)
     chunks, ddps, optimizer, scheduler = build_state(cfg, tok)
     for line in advisories(cfg) if is_rank0() else ():
         log.warning("%s", line)

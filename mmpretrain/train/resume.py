@@ -12,6 +12,7 @@ import yaml
 
 from mmpretrain.checkpoint import CheckpointError, checkpoint_root, clear_stale_saves, latest_checkpoint
 from mmpretrain.config import Config, ConfigError, to_dict
+from mmpretrain.parallel import is_rank0
 
 log = logging.getLogger("mmpretrain")
 
@@ -107,3 +108,25 @@ def data_changes(ckpt: Path, cfg: Config, saved_sizes: list[int] | None, sizes: 
     if saved_sizes is not None and list(saved_sizes) != list(sizes):
         changes.append(f"dataset sizes {list(saved_sizes)} -> {list(sizes)}")
     return changes
+
+
+def check_tokenizer(ckpt: Path | None, tok) -> None:
+    """The data's tokenizer `tok` gives every token of checkpoint `ckpt`'s copy (the tokenizer its
+    weights trained with) the id it had there, else a ConfigError: the embedding rows would be
+    read as other tokens. Tokens added after them are fine; a changed BOS/EOS is a warning."""
+    from mmpretrain.data.tokenizer import TextTokenizer, id_changes
+
+    if ckpt is None or not (ckpt / "tokenizer.json").is_file():
+        return  # none to compare with (a checkpoint saved before the copies)
+    saved = TextTokenizer.load(ckpt / "tokenizer.json")
+    moved = id_changes(saved.tokenizer, tok.tokenizer)
+    if moved:
+        raise ConfigError(f"data.path's tokenizer gives {moved} of the tokens of "
+                          f"{ckpt / 'tokenizer.json'} (the tokenizer the checkpoint's weights "
+                          f"trained with) other ids or none: its embedding rows would be read as "
+                          f"other tokens; train with that tokenizer (copy it, and its roles file if "
+                          f"it has one, into data.path)")
+    if (saved.bos_token, saved.eos_token) != (tok.bos_token, tok.eos_token) and is_rank0():
+        log.warning("the samples now begin with %s and end with %s; the checkpoint trained with %s "
+                    "and %s (%s)", tok.bos_token, tok.eos_token, saved.bos_token, saved.eos_token,
+                    ckpt / "tokenizer.json")
