@@ -209,7 +209,7 @@ def adopt(pretrained: str | Path, out: str | Path, bos: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
     tok.tokenizer.save(str(tmp))
-    write_roles(out / "tokenizer.json", {"bos": tok.bos_token, "eos": tok.eos_token})
+    write_roles(out / "tokenizer.json", tok.role_tokens)
     tmp.replace(out / "tokenizer.json")
     return {"tokenizer": str(out / "tokenizer.json"), "from": str(source), "kept_ids": size,
             "added": added, "bos": tok.bos_token, "eos": tok.eos_token, "vocab_size": tok.vocab_size}
@@ -228,12 +228,13 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
         raise ValueError(f"--out {out}: already holds a tokenizer.json")
     readers = [open_dataset(d) for d in datasets]  # a clear error before the (long) training
     counts, total, t0 = Counter(), sum(len(r) for r in readers), time.time()
-    shown = [t0]
+    shown = t0
 
     def show(end: str = "") -> None:
-        shown[0] = time.time()
+        nonlocal shown
+        shown = time.time()
         print(f"tokenizer: read {counts['samples']}/{total} samples, {counts['characters']} "
-              f"characters ({shown[0] - t0:.1f} s){end}", file=sys.stderr, flush=True)
+              f"characters ({shown - t0:.1f} s){end}", file=sys.stderr, flush=True)
 
     def texts():
         for reader in readers:
@@ -243,7 +244,7 @@ def build_tokenizer(datasets: list[str], out: str | Path, vocab_size: int) -> di
                     if "text" in seg:
                         counts["characters"] += len(seg["text"])
                         yield seg["text"]
-                if time.time() - shown[0] >= PROGRESS_S:
+                if time.time() - shown >= PROGRESS_S:
                     show()
         show("; computing the merges")
 

@@ -112,7 +112,7 @@ class TextTokenizer:
         here with the default roles."""
         self.tokenizer.save(str(path))
         plain = not self.roles and trained_here(self.tokenizer)
-        write_roles(path, None if plain else {"bos": self.bos_token, "eos": self.eos_token})
+        write_roles(path, None if plain else self.role_tokens)
 
     def encode(self, text: str, specials: bool = False) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added. A special token's string in the text (a
@@ -165,6 +165,11 @@ class TextTokenizer:
     def eos_token(self) -> str:
         """The token every sample ends with (`</s>` unless the roles name another)."""
         return self.roles.get("eos", ROLES["eos"])
+
+    @property
+    def role_tokens(self) -> dict[str, str]:
+        """{"bos": token, "eos": token}, defaults included."""
+        return {"bos": self.bos_token, "eos": self.eos_token}
 
     @property
     def bos_id(self) -> int:

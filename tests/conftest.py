@@ -1,4 +1,5 @@
-"""Shared fixtures: a megatron world of one process on CPU, and a small synthetic dataset."""
+"""Shared fixtures: a megatron world of one process on CPU, a small synthetic dataset, and a
+tiny D checkpoint with its export."""
 from __future__ import annotations
 
 import os
@@ -28,3 +29,20 @@ def small_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "synth"
     synthesize(out, samples=160, seed=3, heldout=32, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config, tokenizer, checkpoint, export dir) of a random tiny D model."""
+    from hf_helpers import random_checkpoint, tiny_config, write_dataset_tokenizer
+    from mmpretrain.parallel import init_distributed
+
+    from mmpretrain.hf.export import export
+
+    init_distributed(1, 1, None, seed=1234)
+    root = tmp_path_factory.mktemp("hf_export")
+    tok = write_dataset_tokenizer(root / "data")
+    cfg = tiny_config(root / "data")
+    ckpt = random_checkpoint(root / "run", cfg, tok)
+    export(root / "run", root / "hf", shard_size="40KB")
+    return cfg, tok, ckpt, root / "hf"

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import Config
+from mmpretrain.data.tokenizer import id_changes
 from mmpretrain.hf import ConversionError, local
 from mmpretrain.hf.configs import (
     check_llava_config,
@@ -230,7 +231,7 @@ def warn_vocab(src: Source, tok, model_vocab: int) -> None:
         from tokenizers import Tokenizer
 
         theirs = Tokenizer.from_file(str(hf_tokenizer))
-        moved = local.id_changes(theirs, tok.tokenizer)
+        moved = id_changes(theirs, tok.tokenizer)
         if moved:
             log.warning("from-hf: %d of the %d tokens of %s have other ids in the job's tokenizer "
                         "(data.path): the embedding rows would be read as other tokens; give the "
@@ -256,7 +257,7 @@ def warn_roles(src: Source, tok) -> None:
     except Exception as e:  # noqa: BLE001 - advice only: a file that does not read is left out
         log.warning("from-hf: the model's BOS/EOS are not known (%s)", e)
         return
-    ours = {"bos": tok.bos_token, "eos": tok.eos_token}
+    ours = tok.role_tokens
     for role, token in named.items():
         if token != ours[role]:
             log.warning("from-hf: the model's %s is %s, the data's samples use %s; `mmpretrain data "

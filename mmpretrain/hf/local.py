@@ -10,7 +10,7 @@ import torch
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, ParallelConfig, load
 from mmpretrain.data.specials import ROLES_FILE
-from mmpretrain.data.tokenizer import TextTokenizer, id_changes  # noqa: F401 - local.id_changes
+from mmpretrain.data.tokenizer import TextTokenizer, id_changes
 from mmpretrain.hf import ConversionError
 
 
@@ -72,12 +72,11 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
             raise ConversionError(f"--tokenizer {override}: {moved} of the tokens of {own} (the "
                                   f"tokenizer the checkpoint trained with) have other ids there; "
                                   f"leave --tokenizer out to use the checkpoint's")
-        if (tok.bos_token, tok.eos_token) != (trained.bos_token, trained.eos_token):
+        if tok.role_tokens != trained.role_tokens:
             raise ConversionError(f"--tokenizer {override}: BOS/EOS {tok.bos_token} {tok.eos_token}, "
                                   f"the checkpoint trained with {trained.bos_token} {trained.eos_token} "
                                   f"({own.with_name(ROLES_FILE)}); leave --tokenizer out")
     return tok
-
 
 
 def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None,

@@ -126,7 +126,7 @@ def check_tokenizer(ckpt: Path | None, tok) -> None:
                           f"trained with) other ids or none: its embedding rows would be read as "
                           f"other tokens; train with that tokenizer (copy it, and its roles file if "
                           f"it has one, into data.path)")
-    if (saved.bos_token, saved.eos_token) != (tok.bos_token, tok.eos_token) and is_rank0():
+    if saved.role_tokens != tok.role_tokens and is_rank0():
         log.warning("the samples now begin with %s and end with %s; the checkpoint trained with %s "
                     "and %s (%s)", tok.bos_token, tok.eos_token, saved.bos_token, saved.eos_token,
                     ckpt / "tokenizer.json")
