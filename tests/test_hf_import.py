@@ -250,3 +250,69 @@ def test_an_hf_vocabulary_larger_than_the_jobs_model_is_one_clear_error(tmp_path
     assert tok.vocab_size == 420 and not (tmp_path / "run" / "checkpoints").exists()
     cfg.decoder.vocab_size = 1000  # as the error says
     assert local.checkpoint_vocab(import_hf(tmp_path / "lm", tmp_path / "run", cfg)) == 1024
+
+
+def test_the_model_is_never_whole_and_each_hf_tensor_is_read_once(env, monkeypatch):
+    """The job's model is only built on the meta device; the checkpoint writer asks for each
+    tensor, and each HF tensor is read from disk once."""
+    from collections import Counter
+
+    from mmpretrain.hf.shards import WeightReader
+
+    root, cfg, tok = env
+    save_llava(root / "llava_once", cfg, tok)
+    build, get, reads = local.build_cpu_model, WeightReader.get, Counter()
+
+    def meta_only(*args, meta=False, **kwargs):
+        assert meta, "from-hf built the model whole"
+        return build(*args, meta=meta, **kwargs)
+
+    def counted(self, name):
+        reads[name] += 1
+        return get(self, name)
+
+    monkeypatch.setattr(local, "build_cpu_model", meta_only)
+    monkeypatch.setattr(WeightReader, "get", counted)
+    import_hf(root / "llava_once", root / "from_llava_once", cfg)
+    names = set(WeightReader(root / "llava_once").names())
+    assert set(reads) == names and set(reads.values()) == {1}
+
+
+def test_parts_no_source_provides_come_from_the_jobs_seed(env):
+    """A causal LM and a tower leave the projector, and the embedding rows beyond the HF
+    vocabulary, to their initialisation: the same seed gives the same values, another seed
+    others (the rest unchanged), and each is initialised as the whole model initialises it
+    (constants equal, spread alike)."""
+    import copy
+
+    root, cfg, tok = env
+    save_causal_lm(root / "lm_seeded", cfg, "llama")
+    save_pixtral(root / "pixtral_seeded", cfg)
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        job = copy.deepcopy(cfg)
+        job.train.seed = seed
+        ckpt = import_hf(root / "lm_seeded", root / f"seeded_{name}", job,
+                         vision_tower=root / "pixtral_seeded")
+        runs[name] = model_tensors(imported(ckpt, job, tok).state_dict())
+    whole = model_tensors(local.build_cpu_model(local.single_process(copy.deepcopy(cfg)), tok).state_dict())
+    fresh = [n for n in runs["a"] if n.startswith("projector.")]
+    assert fresh
+    random = [n for n in fresh if whole[n].std() > 0]  # the weights; biases are constants
+    assert random
+    rows = 300  # the HF vocabulary, the tokenizer's ids; the job pads them to 384 rows
+    vocab = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
+    for name, a in runs["a"].items():
+        b, c = runs["b"][name], runs["c"][name]
+        assert torch.equal(a, b), name
+        if name in vocab:
+            assert torch.equal(a[:rows], c[:rows]) and not torch.equal(a[rows:], c[rows:]), name
+            assert 0.8 < a[rows:].std() / whole[name][rows:].std() < 1.25, name
+        else:
+            assert torch.equal(a, c) != (name in random), name
+    for name in fresh:
+        w, a = whole[name], runs["a"][name]
+        if name in random:
+            assert 0.8 < a.std() / w.std() < 1.25, name
+        else:
+            assert torch.equal(a, w), name

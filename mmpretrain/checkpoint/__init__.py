@@ -20,9 +20,10 @@ from mmpretrain.checkpoint.store import (
     model_state,
     save,
     save_weights,
+    save_weights_streamed,
 )
 
 __all__ = ["LATEST", "AsyncSaves", "CheckpointError", "CheckpointSlices", "DamagedCheckpointError",
            "check_files", "check_shapes", "checkpoint_root", "clear_stale_saves", "complete_before",
            "latest_checkpoint", "load_model", "load_training", "model_state", "save",
-           "save_weights", "stale_saves"]
+           "save_weights", "save_weights_streamed", "stale_saves"]

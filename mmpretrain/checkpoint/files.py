@@ -23,6 +23,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, damaged, or not matching the model."""
 
 
+def dcp_causes(e) -> list[BaseException]:
+    """The errors behind torch's CheckpointException (a BaseException whose text names only
+    ranks): its failures are (error, traceback) pairs or errors."""
+    return [c[0] if isinstance(c, tuple) else c for c in e.failures.values()]
+
+
 class DamagedCheckpointError(CheckpointError):
     """A file of the checkpoint is missing, truncated or unreadable."""
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from mmpretrain.checkpoint.files import CheckpointError
+from mmpretrain.checkpoint.files import CheckpointError, dcp_causes
 
 Slot = tuple[str, tuple[int, ...]]  # (global key, offset of the slice)
 
@@ -139,9 +139,8 @@ class CheckpointSlices:
         fresh, factories, dests = _slices(request, allocate=True)
         try:
             dcp.load({}, storage_reader=self.reader, planner=_SlicePlanner(dests), no_dist=True)
-        except dcp.CheckpointException as e:  # a BaseException, whose text names only ranks
-            causes = [c[0] if isinstance(c, tuple) else c for c in e.failures.values()]  # (error,
-            causes = "; ".join(f"{type(c).__name__}: {c}" for c in causes)  # its traceback)
+        except dcp.CheckpointException as e:
+            causes = "; ".join(f"{type(c).__name__}: {c}" for c in dcp_causes(e))
             raise CheckpointError(f"checkpoint {self.path}: its tensors do not read ({causes})") from None
         dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, fresh)
         return apply_factory_merges(fresh, factories)

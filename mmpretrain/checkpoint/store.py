@@ -45,6 +45,7 @@ from mmpretrain.checkpoint.files import (
     step_dir,
     write_atomic,
 )
+from mmpretrain.checkpoint.streamed import save_streamed
 from mmpretrain.config import Config, dump
 from mmpretrain.data.specials import ROLES_FILE
 from mmpretrain.stop_signals import stop_signals_held
@@ -57,6 +58,27 @@ def model_state(chunks) -> dict:
     carry global keys, so any layout (tp, pp, virtual stages) can load what another saved."""
     chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _start_adam_state(optimizer) -> None:
+    """Give torch's Adam, inside megatron's distributed optimizer, the state its first update
+    would create (step 0, zero moments) where it has none yet: without TE or apex, megatron
+    cannot describe a distributed optimizer before its first update (an assertion), as after a
+    first step whose update was skipped. The next update runs as it would have."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or type(adam) not in (torch.optim.Adam,
+                                                                         torch.optim.AdamW):
+            continue
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+                    if group["amsgrad"]:
+                        adam.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
 
 def _load_into(chunks, state: dict) -> None:
@@ -157,6 +179,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
         tmp.mkdir(parents=True)
     dist.barrier()
     state = model_state(chunks)
+    _start_adam_state(optimizer)
     state["optimizer"] = optimizer.sharded_state_dict(dict(state))
     with stop_signals_held():  # the helper processes the save starts must outlive a stop signal
         request = dist_checkpointing.save(state, str(tmp),
@@ -322,11 +345,25 @@ def save_weights(run_dir: str | Path, step: int, chunks, cfg: Config, source: st
     """A weights-only checkpoint (no optimizer, schedule or data position) published as
     `latest`, from one process; `mmpretrain train` on the run directory starts from it.
     `source` says where the weights came from (recorded in state.json)."""
+    return _publish_weights(run_dir, step, cfg, source,
+                            lambda tmp: dist_checkpointing.save(model_state(chunks), str(tmp)))
+
+
+def save_weights_streamed(run_dir: str | Path, step: int, request: dict, value, cfg: Config,
+                          source: str) -> Path:
+    """`save_weights` of a model that is never whole: `request` is its `sharded_state_dict()`
+    (on the meta device), `value(name)` computes one tensor when the writer needs it
+    (`streamed.save_streamed`)."""
+    return _publish_weights(run_dir, step, cfg, source,
+                            lambda tmp: save_streamed(tmp, request, value))
+
+
+def _publish_weights(run_dir: str | Path, step: int, cfg: Config, source: str, write) -> Path:
     root = checkpoint_root(run_dir)
     final, tmp = step_dir(root, step), root / (TMP_PREFIX + step_dir(root, step).name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dist_checkpointing.save(model_state(chunks), str(tmp))
+    write(tmp)
     meta = {"step": step, "consumed_samples": 0, "weights_only": True, "source": source}
     (tmp / "state.json").write_text(json.dumps(meta))
     _describe(tmp, cfg)

@@ -5,11 +5,13 @@ Sources: a LLaVA model with a Pixtral tower (all three parts), this project's re
 (`model_type: nvlm`: all parts and the cross-attention layers of X/H; its config is read as JSON,
 its code never run), or a Llama/Mistral causal LM (the decoder) plus, with `--vision-tower`, a
 Pixtral vision model or another LLaVA's tower. What no source provides (the projector, or the
-cross-attention layers of an X/H job fed from LLaVA) keeps the fresh initialisation of the job's
-seed.
+cross-attention layers of an X/H job fed from LLaVA) is initialised from the job's seed.
 
-The model is built from the job config at TP=1/PP=1 on CPU, filled tensor group by tensor group
-(read lazily from safetensors), and saved as a weights-only dist checkpoint
+The model is never whole in memory: a model of the job config at TP=1/PP=1 on the meta device
+names each tensor's shape and checkpoint key, and the checkpoint writer asks for one tensor at a
+time (`checkpoint.save_weights_streamed`), converted from its HF group (read lazily from
+safetensors) when it is needed. The parts no source provides are built alone, each from the job's
+seed and its name (`local.build_cpu_parts`). The result is a weights-only dist checkpoint
 `OUT/checkpoints/step_00000000`: training loads it under any layout and starts at step 1 with a
 fresh optimizer, learning-rate schedule and data order.
 
@@ -186,20 +188,10 @@ def check_unused(src: Source, groups: list[Group]) -> None:
                               f"the job config's model")
 
 
-def copy_group(group: Group, src: Source, ours: dict[str, torch.Tensor]) -> None:
-    """Convert one group and copy it into our parameters."""
-    values = group.from_hf(*(src.get(n) for n in group.hf))
-    with torch.no_grad():
-        for name, value in zip(group.ours, values):
-            ours[name][:value.shape[0]].copy_(value)  # vocab tensors may fill only the first rows
-
-
-def fill(model, sources: list[Source], cfg: Config) -> dict[str, str]:
-    """Copy every part the sources provide into the model; return {part: source dir}."""
-    from tqdm import tqdm
-
-    ours = model_tensors(model.state_dict())
-    groups = nvlm_groups(cfg)  # LLaVA's groups, plus the cross-attention layers of X/H
+def plan_copies(sources: list[Source], groups: list[Group], ours: dict[str, torch.Tensor],
+                cfg: Config) -> list[tuple[Group, Source]]:
+    """(group, source) of every group a source provides, after checking every shape and that
+    no HF tensor of a used part is left over."""
     check_covers(groups, ours)
     plan = []
     for src in sources:
@@ -208,9 +200,55 @@ def fill(model, sources: list[Source], cfg: Config) -> dict[str, str]:
             check_shapes(g, src, ours, cfg)
         check_unused(src, mine)
         plan += [(g, src) for g in mine]
-    for g, src in tqdm(plan, desc="from-hf", unit="group"):
-        copy_group(g, src, ours)
-    return {part: str(src.dir) for src in sources for part in src.parts}
+    return plan
+
+
+def fresh_prefixes(plan: list[tuple[Group, Source]], ours: dict[str, torch.Tensor],
+                   cfg: Config) -> set[str]:
+    """The model parts (`model.build.part_prefixes`) whose initialisation some tensor keeps:
+    those no source provides, and the embedding and output layer when the HF vocabulary has
+    fewer rows."""
+    from mmpretrain.model.build import part_prefixes
+
+    def prefix(name: str) -> str:
+        found = [p for p in part_prefixes(cfg) if name.startswith(p + ".")]
+        if not found:
+            raise ConversionError(f"from-hf: no source provides {name}, and it is in no part "
+                                  f"that can be initialised alone")
+        return found[0]
+
+    provided = {n for g, _ in plan for n in g.ours}
+    keep = [n for n in ours if n not in provided]
+    for g, src in plan:
+        if any(h in VOCAB_TENSORS and src.shape(h)[0] < ours[o].shape[0] for h, o in zip(g.hf, g.ours)):
+            keep += g.ours
+    return {prefix(n) for n in keep}
+
+
+class Filler:
+    """Each tensor of the job's model when the checkpoint writer asks for it: converted from its
+    HF group (the group's other tensors are kept for the next asks), else the fresh
+    initialisation of its part; a smaller HF vocabulary fills the first rows of the fresh one."""
+
+    def __init__(self, plan: list[tuple[Group, Source]], fresh: dict[str, torch.Tensor], bar):
+        self.source = {n: (g, src) for g, src in plan for n in g.ours}
+        self.fresh, self.bar = fresh, bar
+        self.converted: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        self.bar.update()
+        if name not in self.source:
+            return self.fresh.pop(name)
+        g, src = self.source[name]
+        if name not in self.converted:
+            self.bar.set_postfix_str(g.label, refresh=False)
+            self.converted = dict(zip(g.ours, g.from_hf(*(src.get(n) for n in g.hf))))
+        value = self.converted.pop(name)
+        if name in self.fresh:
+            base = self.fresh.pop(name)
+            base[:value.shape[0]] = value
+            return base
+        return value
 
 
 def warn_vocab(src: Source, tok, model_vocab: int) -> None:
@@ -279,6 +317,8 @@ def check_new_run(out: Path) -> None:
 def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: str | Path | None = None,
               trust_pickle: bool = False) -> Path:
     """Write OUT/checkpoints/step_00000000 (and `latest`, OUT/config.yaml) from HF weights."""
+    from tqdm import tqdm
+
     from mmpretrain import checkpoint
     from mmpretrain.config import dump
     from mmpretrain.dataset import model_vocab_size
@@ -306,14 +346,19 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     tok = local.open_tokenizer(build_cfg)
     # the embedding rows the job trains with, padded for its layout's tp, built at TP=1
     rows = padded_vocab_size(model_vocab_size(build_cfg, tok), cfg.parallel.tp)
-    model = local.build_cpu_model(build_cfg, tok, rows)
+    model = local.build_cpu_model(build_cfg, tok, rows, meta=True)  # names, shapes, keys
     warn_vocab(main, tok, model.language_model.vocab_size)
-    parts = fill(model, sources, build_cfg)
-    every = {g.part for g in nvlm_groups(build_cfg)}
-    log.info("from-hf: %s; fresh: %s", ", ".join(f"{k} <- {v}" for k, v in sorted(parts.items())),
-             ", ".join(sorted(every - set(parts))) or "nothing")
-    with cuda_to_cpu():
-        ckpt = checkpoint.save_weights(out, 0, model, cfg, source=str(Path(hf_dir).resolve()))
+    ours = model_tensors(model.state_dict())
+    plan = plan_copies(sources, nvlm_groups(build_cfg), ours, build_cfg)
+    prefixes = fresh_prefixes(plan, ours, build_cfg)
+    parts = ", ".join(f"{part} <- {src.dir}" for src in sources for part in sorted(src.parts))
+    log.info("from-hf: %s; initialised from the job's seed: %s", parts,
+             ", ".join(sorted(prefixes)) or "nothing")
+    fresh = local.build_cpu_parts(build_cfg, rows, prefixes)
+    with cuda_to_cpu(), tqdm(total=len(ours), desc="from-hf", unit="tensor") as bar:
+        ckpt = checkpoint.save_weights_streamed(out, 0, model.sharded_state_dict(),
+                                                Filler(plan, fresh, bar), cfg,
+                                                source=str(Path(hf_dir).resolve()))
     dump(cfg, out / "config.yaml")
     log.info("from-hf: wrote %s; `mmpretrain train %s --run-dir %s` (or the job config, with "
              "the same --set) starts from it", ckpt, Path(out) / "config.yaml", out)

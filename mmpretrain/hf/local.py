@@ -2,6 +2,7 @@
 TP=1/PP=1 and load the weights (a dist checkpoint reshards from any saved layout)."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +80,11 @@ def open_tokenizer(cfg: Config, override: str | Path | None = None,
     return tok
 
 
+def reference(cfg: Config) -> Config:
+    """`cfg` with the local spec and without FP8: the model exports and evaluations compare with."""
+    return replace(cfg, model=replace(cfg.model, spec="local"), train=replace(cfg.train, fp8=None))
+
+
 def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = None,
                     meta: bool = False):
     """The model of `cfg` in one process, in eval mode (megatron initialised here): on CPU, or on
@@ -89,11 +95,34 @@ def build_cpu_model(cfg: Config, tok: TextTokenizer, vocab_size: int | None = No
     from mmpretrain.model.build import build_model
     from mmpretrain.parallel import cuda_to_cpu, init_distributed
 
-    cfg = replace(cfg, model=replace(cfg.model, spec="local"), train=replace(cfg.train, fp8=None))
+    cfg = reference(cfg)
     init_distributed(seed=cfg.train.seed)
     with cuda_to_cpu():
         model = build_model(cfg, vocab_size or tok.vocab_size, tok.img_id, meta)
     return model.eval()
+
+
+def part_seed(seed: int, prefix: str) -> int:
+    """The seed a part of the model is initialised from alone: the job's, and the part's name."""
+    return (seed * 1_000_003 + zlib.crc32(prefix.encode())) % 2**31
+
+
+def build_cpu_parts(cfg: Config, vocab_size: int, prefixes) -> dict[str, torch.Tensor]:
+    """The tensors of the model parts `prefixes` (`model.build.part_builders`' names), each built
+    alone on CPU from its own seed (`part_seed`) in `cfg`'s dtype: {state-dict name: tensor}."""
+    from mmpretrain.hf.mapping import model_tensors
+    from mmpretrain.model.build import param_dtype, part_builders
+    from mmpretrain.parallel import cuda_to_cpu, init_distributed
+
+    cfg = reference(cfg)
+    init_distributed(seed=cfg.train.seed)
+    builders, out = part_builders(cfg, vocab_size, cpu=True), {}
+    with cuda_to_cpu():
+        for prefix in sorted(prefixes):
+            torch.manual_seed(part_seed(cfg.train.seed, prefix))
+            module = builders[prefix]().to(param_dtype(cfg))
+            out.update({f"{prefix}.{k}": v.detach() for k, v in model_tensors(module.state_dict()).items()})
+    return out
 
 
 def meta_model(ckpt: Path, cfg: Config, tok: TextTokenizer):

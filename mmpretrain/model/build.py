@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from megatron.core import parallel_state as ps
@@ -14,7 +15,8 @@ from mmpretrain.config import (
     decoder_thd,
     layer_spec_name,
 )
-from mmpretrain.model.decoder import LanguageDecoder
+from mmpretrain.model.cross_attention import GatedCrossAttentionLayer
+from mmpretrain.model.decoder import LanguageDecoder, make_embedding, make_output_layer
 from mmpretrain.model.nvlm import NVLMDecoderOnly
 from mmpretrain.model.nvlm_x import NVLMCrossAttention
 from mmpretrain.model.projector import Projector
@@ -65,6 +67,16 @@ def _configs(cfg: Config, spec: str, meta: bool = False):
     return vcfg, dcfg
 
 
+def _vision(cfg: Config, vcfg, specs: LayerSpecs) -> VisionEncoder:
+    v = cfg.vision
+    return VisionEncoder(vcfg, v.patch_size, v.rope_theta, specs, pad_to=FP8_MULTIPLE if vcfg.fp8 else 1)
+
+
+def _projector(cfg: Config, vcfg) -> Projector:
+    hidden = cfg.projector.hidden_size or cfg.decoder.hidden_size
+    return Projector(vcfg, cfg.vision.hidden_size, hidden, cfg.decoder.hidden_size, cfg.projector.merge)
+
+
 def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
                 vp_stage: int | None, specs: LayerSpecs) -> NVLMDecoderOnly:
     """The model chunk of this pipeline rank for virtual stage `vp_stage`."""
@@ -73,10 +85,7 @@ def build_chunk(cfg: Config, vocab_size: int, image_token_id: int, vcfg, dcfg,
     v, d = cfg.vision, cfg.decoder
     vision = projector = None
     if first:
-        vision = VisionEncoder(vcfg, v.patch_size, v.rope_theta, specs,
-                               pad_to=FP8_MULTIPLE if vcfg.fp8 else 1)
-        hidden = cfg.projector.hidden_size or d.hidden_size
-        projector = Projector(vcfg, v.hidden_size, hidden, d.hidden_size, cfg.projector.merge)
+        vision, projector = _vision(cfg, vcfg, specs), _projector(cfg, vcfg)
     design = cfg.model.design
     cross = tuple(cross_attention_positions(cfg)) if design in ("x", "h") else ()
     decoder = LanguageDecoder(dcfg, padded_vocab_size(vocab_size, cfg.parallel.tp),
@@ -123,6 +132,32 @@ def build_model_chunks(cfg: Config, vocab_size: int, image_token_id: int,
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def part_builders(cfg: Config, vocab_size: int,
+                  cpu: bool = False) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Constructors of the parts of the whole (unpipelined) model that can be initialised apart,
+    by their prefix in its state dict: the vision encoder, the projector, the word embeddings,
+    the output layer and each cross-attention layer. Each is initialised from the current RNG
+    state as `build_model` would; with `cpu`, by megatron's CPU initialisation even where CUDA
+    is present."""
+    spec = layer_spec_name(cfg)
+    vcfg, dcfg = _configs(cfg, spec, meta=cpu)
+    specs = layer_specs(spec, cfg.model.te_fused_mlp)
+    vocab = padded_vocab_size(vocab_size, cfg.parallel.tp)
+    make = [lambda: _vision(cfg, vcfg, specs), lambda: _projector(cfg, vcfg),
+            lambda: make_embedding(dcfg, vocab, cfg.data.seq_length),
+            lambda: make_output_layer(dcfg, vocab)]
+    prefixes = part_prefixes(cfg)
+    make += [lambda: GatedCrossAttentionLayer(dcfg, specs)] * (len(prefixes) - len(make))
+    return dict(zip(prefixes, make, strict=True))
+
+
+def part_prefixes(cfg: Config) -> list[str]:
+    """The names of `part_builders`' parts: their prefixes in the whole model's state dict."""
+    cross = cross_attention_positions(cfg) if cfg.model.design in ("x", "h") else []
+    return ["vision", "projector", "language_model.embedding", "language_model.output_layer",
+            *(f"language_model.cross_attention_{p}" for p in cross)]
 
 
 def build_model(cfg: Config, vocab_size: int, image_token_id: int,

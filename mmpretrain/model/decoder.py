@@ -25,6 +25,21 @@ from mmpretrain.model.rope import text_rope, with_rope
 from mmpretrain.model.specs import LayerSpecs, layer_specs, without_wgrad_fusion
 
 
+def make_embedding(config: TransformerConfig, vocab_size: int,
+                   max_seq_len: int) -> LanguageModelEmbedding:
+    """The word embeddings; they stay [s, b, h] unscattered so images can be placed before
+    sequence parallel."""
+    return LanguageModelEmbedding(config, vocab_size, max_seq_len, position_embedding_type="rope",
+                                  scatter_to_sequence_parallel=False)
+
+
+def make_output_layer(config: TransformerConfig, vocab_size: int):
+    """The output projection to the (tensor-parallel split) vocabulary."""
+    return tensor_parallel.ColumnParallelLinear(
+        config.hidden_size, vocab_size, config=without_wgrad_fusion(config),
+        init_method=config.init_method, bias=False, gather_output=False)
+
+
 class LanguageDecoder(MegatronModule):
     """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), untied input and output embeddings."""
 
@@ -37,18 +52,13 @@ class LanguageDecoder(MegatronModule):
         self.vocab_size, self.rope_theta = vocab_size, rope_theta
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
-            # Stays [s, b, h] unscattered so images can be placed before sequence parallel.
-            self.embedding = LanguageModelEmbedding(config, vocab_size, max_seq_len,
-                                                    position_embedding_type="rope",
-                                                    scatter_to_sequence_parallel=False)
+            self.embedding = make_embedding(config, vocab_size, max_seq_len)
         self.block = TransformerBlock(config, specs.decoder_layer, post_layer_norm=post_process,
                                       pre_process=pre_process, post_process=post_process,
                                       vp_stage=vp_stage)
         self.cross_layers = self._add_cross_layers(config, set(cross_positions), specs)
         if post_process:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=without_wgrad_fusion(config),
-                init_method=config.init_method, bias=False, gather_output=False)
+            self.output_layer = make_output_layer(config, vocab_size)
 
     def _add_cross_layers(self, config: TransformerConfig, positions: set[int],
                           specs: LayerSpecs) -> list[GatedCrossAttentionLayer]:

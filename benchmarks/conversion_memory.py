@@ -1,6 +1,6 @@
-"""Peak host memory of `convert to-hf` against the size of the model it exports. On CPU.
+"""Peak host memory of `convert to-hf` and `convert from-hf` against the model's size. On CPU.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_memory.py [--layers 16 --hidden 1024]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conversion_memory.py [--layers 16 --hidden 1024]
 
 Saves a checkpoint of a freshly initialised tiny-d model whose decoder is --layers x --hidden
 (fp32), then runs, each in a process of its own (its peak resident memory above what it held
@@ -9,6 +9,7 @@ after the imports: Linux's VmHWM, reset once they are done):
     whole   the model loaded whole, as verification holds it (and as the export did before it
             read the checkpoint a shard at a time)
     export  `convert to-hf --no-verify --shard-size S`
+    import  `convert from-hf` of that export into a new run (the job config the checkpoint holds)
 and prints the model's bytes, each peak, and each peak above `start` as a fraction of the model.
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ model = local.load_cpu_model(ckpt, cfg, local.open_tokenizer(cfg, None, ckpt))
 """
 EXPORT = """
 assert main(["convert", "to-hf", {run!r}, {out!r}, "--no-verify", "--shard-size", {shard!r}]) == 0
+"""
+IMPORT = """
+assert main(["convert", "from-hf", {out!r}, {back!r}, "--config", {run!r} + "/config.yaml"]) == 0
 """
 
 
@@ -91,9 +95,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run, size = make_checkpoint(Path(tmp), args.layers, args.hidden)
-        kw = dict(run=str(run), out=str(Path(tmp) / "hf"), shard=args.shard_size)
-        peaks = {name: peak(script.format(**kw)) for name, script in
-                 (("start", START), ("whole", WHOLE), ("export", EXPORT))}
+        kw = dict(run=str(run), out=str(Path(tmp) / "hf"), back=str(Path(tmp) / "back"),
+                  shard=args.shard_size)
+        peaks = {name: peak(script.format(**kw)) for name, script in  # the import reads the export
+                 (("start", START), ("whole", WHOLE), ("export", EXPORT), ("import", IMPORT))}
     print(f"model: {size / MiB:.0f} MiB fp32 ({args.layers} x {args.hidden} decoder); "
           f"export shards of {args.shard_size}")
     for name, value in peaks.items():
