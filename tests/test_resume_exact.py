@@ -81,7 +81,8 @@ def kill_after_checkpoint(cmd, run_dir: Path, step: int) -> None:
     (2, []),  # DP2
     (2, ["parallel.pp=2", "model.design=x", "model.cross_attention_every=2",
          "model.cross_attention_gate_lr_mult=20", "data.max_patches=256"]),
-], ids=["single", "tp2", "pp2", "dp2", "x_pp2_gate_lr"])
+    (2, ["parallel.distributed_optimizer=true"]),
+], ids=["single", "tp2", "pp2", "dp2", "x_pp2_gate_lr", "dp2_distopt"])
 def test_kill_and_restart_gives_bitwise_identical_losses(tmp_path, small_dataset, world, sets):
     sets = [*sets, f"train.steps={2 * N}", f"checkpoint.every={N}"]
     run(command(world, tmp_path / "a", small_dataset, sets))
@@ -116,6 +117,25 @@ def test_checkpoint_from_tp2_pp2_resumes_at_other_layouts(tmp_path, small_datase
         resume(world, layout, tmp_path / name, ckpt, 3)
     # the DP2 run's own checkpoint (each rank saved the state of its micro-batch slot) at 1 rank
     resume(1, [], tmp_path / "dp2-one", tmp_path / "dp2" / "checkpoints" / "step_00000003", 4)
+
+def test_a_distributed_optimizer_checkpoint_reshards_over_dp_only(tmp_path, small_dataset):
+    """A DP2 distributed-optimizer checkpoint resumes at one rank (the first resumed loss is the
+    original layout's); at TP2 it is one clear error, as is resuming it without the distributed
+    optimizer."""
+    sets = ["checkpoint.every=2", "train.min_lr=2e-3", "parallel.distributed_optimizer=true"]
+    orig = tmp_path / "orig"
+    run(command(2, orig, small_dataset, [*sets, "train.steps=3"]))
+    want, ckpt = losses(orig)[3], orig / "checkpoints" / "step_00000002"
+    run(command(1, tmp_path / "one", small_dataset, [*sets, "train.steps=3"], "--resume", str(ckpt)))
+    assert abs(losses(tmp_path / "one")[3] - want) <= 1e-5 * abs(want), (losses(tmp_path / "one"), want)
+    for world, changed, message in (
+            (2, ["parallel.tp=2"], "saved at tp=1 pp=1 vpp=1 and resumes only there (any dp)"),
+            (1, ["parallel.distributed_optimizer=false"], "resume with parallel.distributed_optimizer=true")):
+        r = subprocess.run(command(world, tmp_path / "refused", small_dataset,
+                                   [*sets, *changed, "train.steps=3"], "--resume", str(ckpt)),
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]  # torchrun: 1
+
 
 def test_data_metrics_count_every_data_parallel_rank(tmp_path, small_dataset):
     """Each rank reads only its slots' samples: the logged skip/truncation counts and packing

@@ -232,3 +232,35 @@ def test_a_finished_run_restarts_without_building_the_model(megatron_world, smal
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     with pytest.raises(AssertionError, match="the model was built"):  # one more step: it builds
         loop.train(small_cfg(small_dataset, "train.steps=3", "logging.tensorboard=false"), tmp_path)
+
+
+@pytest.mark.parametrize("distributed", ["false", "true"])
+def test_a_checkpoint_after_a_skipped_first_update_resumes_exactly(
+        megatron_world, small_dataset, tmp_path, monkeypatch, distributed):
+    """After a first step whose update was skipped torch's Adam has no state yet: megatron's
+    plain optimizer saved none and could not resume, its distributed one (without TE or apex)
+    could not save. Both save, and the run resumed there ends with the uninterrupted run's
+    weights."""
+    import mmpretrain.train.step as step_module
+    from mmpretrain import checkpoint
+    from mmpretrain.train.loop import train
+
+    calls, finite = [0], step_module.loss_func
+
+    def loss_func(mask, per_token):  # one micro-batch per step: call n is step n
+        calls[0] += 1
+        return finite(mask, per_token * (float("inf") if calls[0] == 1 else 1.0))
+
+    monkeypatch.setattr(step_module, "loss_func", loss_func)
+    sets = ("train.warmup_steps=0", "logging.tensorboard=false", "checkpoint.every=1",
+            f"parallel.distributed_optimizer={distributed}")
+    train(small_cfg(small_dataset, "train.steps=3", *sets), tmp_path / "whole")
+    calls[0] = 0
+    train(small_cfg(small_dataset, "train.steps=1", *sets), tmp_path / "parts")
+    train(small_cfg(small_dataset, "train.steps=3", *sets), tmp_path / "parts")
+    models = []
+    for run in ("whole", "parts"):
+        _, _, (model,), *_ = setup(small_cfg(small_dataset, *sets))
+        checkpoint.load_model(checkpoint.latest_checkpoint(tmp_path / run), model)
+        models.append(model)
+    assert not changed(models[1], snapshot(models[0]))

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from mmpretrain.checkpoint import rng
+from mmpretrain.checkpoint import optim_state, rng
 from mmpretrain.checkpoint.files import (
     LATEST,
     REPLACED,
@@ -58,27 +58,6 @@ def model_state(chunks) -> dict:
     carry global keys, so any layout (tp, pp, virtual stages) can load what another saved."""
     chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _start_adam_state(optimizer) -> None:
-    """Give torch's Adam, inside megatron's distributed optimizer, the state its first update
-    would create (step 0, zero moments) where it has none yet: without TE or apex, megatron
-    cannot describe a distributed optimizer before its first update (an assertion), as after a
-    first step whose update was skipped. The next update runs as it would have."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = getattr(opt, "optimizer", None)
-        if not isinstance(opt, DistributedOptimizer) or type(adam) not in (torch.optim.Adam,
-                                                                         torch.optim.AdamW):
-            continue
-        for group in adam.param_groups:
-            for p in group["params"]:
-                if not adam.state[p]:
-                    adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                         exp_avg_sq=torch.zeros_like(p))
-                    if group["amsgrad"]:
-                        adam.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
 
 def _load_into(chunks, state: dict) -> None:
@@ -179,8 +158,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
         tmp.mkdir(parents=True)
     dist.barrier()
     state = model_state(chunks)
-    _start_adam_state(optimizer)
-    state["optimizer"] = optimizer.sharded_state_dict(dict(state))
+    state["optimizer"] = optim_state.to_save(optimizer, dict(state), cfg)
     with stop_signals_held():  # the helper processes the save starts must outlive a stop signal
         request = dist_checkpointing.save(state, str(tmp),
                                           async_sharded_save=async_saves is not None)
@@ -189,7 +167,7 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
         meta = {"step": step, "consumed_samples": consumed_samples,
                 "skipped_in_a_row": skipped_in_a_row,
                 "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
-                "layout": _layout()}
+                "layout": _layout(), "optimizer": optim_state.save_format(cfg)}
         (tmp / "state.json").write_text(json.dumps(meta))
         _describe(tmp, cfg)
 
@@ -258,11 +236,11 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
         return _load_weights_only(path, chunks, optimizer, meta)
     request = model_state(chunks)
     check_shapes(path, request)
-    request["optimizer"] = optimizer.sharded_state_dict(dict(request), is_loading=True)
+    request["optimizer"] = optim_state.to_load(optimizer, dict(request), path, meta, _layout())
     state = dist_checkpointing.load(request, str(path))
     _load_into(chunks, state)
     lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]  # the config's
-    optimizer.load_state_dict(state["optimizer"])
+    optim_state.load(optimizer, state["optimizer"])
     for group, (max_lr, min_lr) in zip(optimizer.param_groups, lrs, strict=True):
         group["max_lr"], group["min_lr"] = max_lr, min_lr  # not the saved ones: the config holds
     scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
