@@ -254,7 +254,8 @@ def test_an_hf_vocabulary_larger_than_the_jobs_model_is_one_clear_error(tmp_path
 
 def test_the_model_is_never_whole_and_each_hf_tensor_is_read_once(env, monkeypatch):
     """The job's model is only built on the meta device; the checkpoint writer asks for each
-    tensor, and each HF tensor is read from disk once."""
+    tensor, each HF tensor is read from disk once, and the parts no source provides are built one
+    at a time. A save killed before (its temporary directory left) does not block the import."""
     from collections import Counter
 
     from mmpretrain.hf.shards import WeightReader
@@ -271,11 +272,21 @@ def test_the_model_is_never_whole_and_each_hf_tensor_is_read_once(env, monkeypat
         reads[name] += 1
         return get(self, name)
 
+    parts, built = local.build_cpu_parts, []
+
+    def one_part_at_a_time(cfg, rows, prefixes):
+        built.append(sorted(prefixes))
+        return parts(cfg, rows, prefixes)
+
     monkeypatch.setattr(local, "build_cpu_model", meta_only)
+    monkeypatch.setattr(local, "build_cpu_parts", one_part_at_a_time)
     monkeypatch.setattr(WeightReader, "get", counted)
+    (root / "from_llava_once" / "checkpoints" / ".tmp-step_00000000").mkdir(parents=True)  # killed
     import_hf(root / "llava_once", root / "from_llava_once", cfg)
     names = set(WeightReader(root / "llava_once").names())
     assert set(reads) == names and set(reads.values()) == {1}
+    # the rows past the HF vocabulary (300 ids, 384 rows): each part built when it is needed
+    assert built == [["language_model.embedding"], ["language_model.output_layer"]]
 
 
 def test_parts_no_source_provides_come_from_the_jobs_seed(env):

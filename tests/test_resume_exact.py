@@ -119,15 +119,18 @@ def test_checkpoint_from_tp2_pp2_resumes_at_other_layouts(tmp_path, small_datase
     resume(1, [], tmp_path / "dp2-one", tmp_path / "dp2" / "checkpoints" / "step_00000003", 4)
 
 def test_a_distributed_optimizer_checkpoint_reshards_over_dp_only(tmp_path, small_dataset):
-    """A DP2 distributed-optimizer checkpoint resumes at one rank (the first resumed loss is the
-    original layout's); at TP2 it is one clear error, as is resuming it without the distributed
-    optimizer."""
+    """A DP2 distributed-optimizer checkpoint resumes at one rank (the resumed losses are the
+    original layout's, the second after an update from the loaded state); at TP2 it is one clear
+    error, as is resuming it without the distributed optimizer."""
     sets = ["checkpoint.every=2", "train.min_lr=2e-3", "parallel.distributed_optimizer=true"]
     orig = tmp_path / "orig"
-    run(command(2, orig, small_dataset, [*sets, "train.steps=3"]))
-    want, ckpt = losses(orig)[3], orig / "checkpoints" / "step_00000002"
-    run(command(1, tmp_path / "one", small_dataset, [*sets, "train.steps=3"], "--resume", str(ckpt)))
-    assert abs(losses(tmp_path / "one")[3] - want) <= 1e-5 * abs(want), (losses(tmp_path / "one"), want)
+    run(command(2, orig, small_dataset, [*sets, "train.steps=4"]))
+    want, ckpt = losses(orig), orig / "checkpoints" / "step_00000002"
+    run(command(1, tmp_path / "one", small_dataset, [*sets, "train.steps=4"], "--resume", str(ckpt)))
+    got = losses(tmp_path / "one")  # step 4's loss follows the update the loaded state made
+    assert list(got) == [3, 4], got
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (got, want)
     for world, changed, message in (
             (2, ["parallel.tp=2"], "saved at tp=1 pp=1 vpp=1 and resumes only there (any dp)"),
             (1, ["parallel.distributed_optimizer=false"], "resume with parallel.distributed_optimizer=true")):

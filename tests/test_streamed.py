@@ -93,3 +93,16 @@ def test_a_tensor_computed_with_a_wrong_shape_is_named(model, tmp_path):
 
     with pytest.raises(CheckpointError, match=rf"{bad}: computed shape \[\d+, \d+\], the model's is"):
         save_streamed(tmp_path / "ckpt", meta.sharded_state_dict(), value)
+
+
+def test_an_interrupt_stays_an_interrupt_and_leaves_no_files(model, tmp_path):
+    """Ctrl-C while a tensor is computed: the KeyboardInterrupt comes through torch's writer, and
+    the half-written checkpoint is removed."""
+    _, cfg, _, _, meta = model
+
+    def value(name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_weights_streamed(tmp_path / "run", 0, meta.sharded_state_dict(), value, cfg, "t")
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []

@@ -252,9 +252,9 @@ def test_a_checkpoint_after_a_skipped_first_update_resumes_exactly(
         return finite(mask, per_token * (float("inf") if calls[0] == 1 else 1.0))
 
     monkeypatch.setattr(step_module, "loss_func", loss_func)
-    sets = ("train.warmup_steps=0", "logging.tensorboard=false", "checkpoint.every=1",
+    sets = ("train.warmup_steps=0", "logging.tensorboard=false",
             f"parallel.distributed_optimizer={distributed}")
-    train(small_cfg(small_dataset, "train.steps=3", *sets), tmp_path / "whole")
+    train(small_cfg(small_dataset, "train.steps=3", *sets), tmp_path / "whole")  # saved at the end
     calls[0] = 0
     train(small_cfg(small_dataset, "train.steps=1", *sets), tmp_path / "parts")
     train(small_cfg(small_dataset, "train.steps=3", *sets), tmp_path / "parts")
@@ -264,3 +264,16 @@ def test_a_checkpoint_after_a_skipped_first_update_resumes_exactly(
         checkpoint.load_model(checkpoint.latest_checkpoint(tmp_path / run), model)
         models.append(model)
     assert not changed(models[1], snapshot(models[0]))
+
+
+def test_a_distributed_optimizer_state_that_does_not_fit_is_named(megatron_world, small_dataset,
+                                                                  tmp_path):
+    """Resuming a distributed optimizer's state after the trainable parameters changed (the
+    vision encoder frozen since) is one CheckpointError that names the likely causes."""
+    from mmpretrain.checkpoint import CheckpointError
+    from mmpretrain.train.loop import train
+
+    sets = ("logging.tensorboard=false", "parallel.distributed_optimizer=true")
+    train(small_cfg(small_dataset, "train.steps=1", *sets), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="does not fit this run's trainable parameters"):
+        train(small_cfg(small_dataset, "train.steps=2", "vision.freeze=true", *sets), tmp_path / "run")

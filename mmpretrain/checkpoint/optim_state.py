@@ -1,6 +1,7 @@
 """The optimizer's side of a checkpoint: the distributed optimizer's save format, and what
-megatron-core 0.16.1's optimizers need around torch's Adam (without TE or apex: CPU runs) to save
-and load a state exactly."""
+megatron-core 0.16.1's optimizers need around torch's Adam (megatron's choice without TE or
+apex: CPU runs) to save and load a state exactly. TE's FusedAdam is not touched (a checkpoint
+after a skipped first update is not handled there: not run on a GPU yet)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,8 @@ import torch
 
 from mmpretrain.checkpoint.files import CheckpointError
 from mmpretrain.config import Config
+
+ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # torch's; TE's FusedAdam is left alone
 
 
 def is_distributed(optimizer) -> bool:
@@ -55,7 +58,13 @@ def check_format(path: Path, meta: dict, distributed: bool, layout: list[int]) -
 def _adams(optimizer) -> list[torch.optim.Optimizer]:
     """The torch Adam(W) optimizers inside megatron's (chained, distributed or not) optimizer."""
     inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [o for o in inner if type(o) in (torch.optim.Adam, torch.optim.AdamW)]
+    return [o for o in inner if type(o) in ADAMS]
+
+
+def _step(value: float, p: torch.Tensor, group: dict) -> torch.Tensor:
+    """A step tensor as torch's Adam makes it: on the parameter's device when fused or capturable."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(value, dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
 def start_adam_state(optimizer) -> None:
@@ -68,17 +77,21 @@ def start_adam_state(optimizer) -> None:
         for group in adam.param_groups:
             for p in group["params"]:
                 if not adam.state[p]:
-                    adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                    adam.state[p].update(step=_step(0.0, p, group), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
                     if group["amsgrad"]:
                         adam.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
 
-def keep_zero_step(sharded: dict) -> None:
+def keep_zero_step(sharded: dict, optimizer) -> None:
     """megatron's plain optimizers leave a step of 0 (`start_adam_state`'s) out of the state
-    they save (`if step:`), and then cannot load it (torch's Adam needs it): record it."""
+    they save (`if step:`), and then cannot load it (torch's Adam needs it): record it, for torch's
+    Adam only (TE's FusedAdam keeps its step in its param groups and takes none per parameter)."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
     parts = sharded.values() if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
-    for part in parts:  # one per chained optimizer
+    for part, opt in zip(parts, chained, strict=True):  # one per chained optimizer
+        if type(getattr(opt, "optimizer", None)) not in ADAMS:
+            continue
         state = part.get("optimizer", part).get("state")  # mixed precision / fp32
         if state and "common_step" not in state:
             state["common_step"] = torch.tensor(0.0)
@@ -95,7 +108,7 @@ def restore_adam_steps(optimizer) -> None:
         for group in adam.param_groups:
             for p in group["params"]:
                 if "step" in group and "step" in adam.state.get(p, {}):
-                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
+                    adam.state[p]["step"] = _step(float(group["step"]), p, group)
 
 
 def to_save(optimizer, model_state: dict, cfg: Config) -> dict:
@@ -103,7 +116,7 @@ def to_save(optimizer, model_state: dict, cfg: Config) -> dict:
     start_adam_state(optimizer)
     out = optimizer.sharded_state_dict(model_state, metadata=save_format(cfg))
     if not is_distributed(optimizer):
-        keep_zero_step(out)
+        keep_zero_step(out, optimizer)
     return out
 
 
@@ -111,11 +124,43 @@ def to_load(optimizer, model_state: dict, path: Path, meta: dict, layout: list[i
     """The optimizer's request to load from checkpoint `path` (state.json `meta`) at `layout`."""
     saved = check_format(path, meta, is_distributed(optimizer), layout)
     start_adam_state(optimizer)  # the saved state replaces it
-    return optimizer.sharded_state_dict(model_state, is_loading=True, metadata=saved)
+    request = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=saved)
+    if is_distributed(optimizer):
+        _check_buckets(path, request)
+    return request
 
 
-def load(optimizer, state: dict) -> None:
-    """Put the loaded state into the optimizer."""
-    with torch.no_grad():  # fp32 distributed: the main parameters are views of the weights
-        optimizer.load_state_dict(state)
+def load(optimizer, state: dict, path: Path) -> None:
+    """Put the state loaded from checkpoint `path` into the optimizer."""
+    try:
+        with torch.no_grad():  # fp32 distributed: the main parameters are views of the weights
+            optimizer.load_state_dict(state)
+    except AssertionError as e:  # the distributed optimizer's buffers are laid out otherwise
+        if not is_distributed(optimizer):
+            raise
+        raise _misfit(path, str(e) or "megatron-core asserts") from None
     restore_adam_steps(optimizer)
+
+
+def _misfit(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path}: its distributed optimizer's state does not fit this run's trainable "
+        f"parameters ({why}); did a freeze flag, the cross-attention layers or "
+        f"parallel.first_stage_decoder_layers change? Resume with the saved config, or start "
+        f"from its weights with a fresh optimizer (checkpoint.init_from)")
+
+
+def _check_buckets(path: Path, request: dict) -> None:
+    """The distributed optimizer's buffers (one tensor per bucket) have the saved shapes."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for sh in nested_values(request):
+        if not isinstance(sh, ShardedTensor):
+            continue
+        held = getattr(saved.get(sh.key), "size", None)
+        if held is None or tuple(held) != tuple(sh.global_shape):
+            raise _misfit(path, f"{sh.key}: saved {list(held) if held else 'none'}, this run "
+                                f"{list(sh.global_shape)}")

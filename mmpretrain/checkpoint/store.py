@@ -1,8 +1,9 @@
 """Saving and loading with megatron dist_checkpointing (torch_dist), layout-independent.
 
 A checkpoint holds the model and optimizer (sharded tensors under global names: any tp/pp/vpp/dp
-layout loads what another saved), plus files next to them:
-    state.json          step, consumed samples, LR schedule (rank 0)
+layout loads what another saved; the distributed optimizer's state only at the same tp/pp/vpp,
+see optim_state.py), plus files next to them:
+    state.json          step, consumed samples, LR schedule, optimizer format (rank 0)
     loader_dp{r}.json   the data loader's state of data-parallel rank r (its micro-batch slots)
     rng/rank{r}.pt      the RNG states of global rank r (restored when the layout is unchanged)
     config.yaml         the resolved config
@@ -240,7 +241,7 @@ def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
     state = dist_checkpointing.load(request, str(path))
     _load_into(chunks, state)
     lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]  # the config's
-    optim_state.load(optimizer, state["optimizer"])
+    optim_state.load(optimizer, state["optimizer"], path)
     for group, (max_lr, min_lr) in zip(optimizer.param_groups, lrs, strict=True):
         group["max_lr"], group["min_lr"] = max_lr, min_lr  # not the saved ones: the config holds
     scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
@@ -341,7 +342,11 @@ def _publish_weights(run_dir: str | Path, step: int, cfg: Config, source: str, w
     final, tmp = step_dir(root, step), root / (TMP_PREFIX + step_dir(root, step).name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     meta = {"step": step, "consumed_samples": 0, "weights_only": True, "source": source}
     (tmp / "state.json").write_text(json.dumps(meta))
     _describe(tmp, cfg)

@@ -136,7 +136,8 @@ class _Writer(dcp.FileSystemWriter):
     writer keeps each file's tensors until the file is complete, and sorts them by size)."""
 
     def __init__(self, path: str, file_bytes: int):
-        super().__init__(path, single_file_per_rank=True, thread_count=1)
+        # no copy-ahead: on a CUDA machine torch's overlapping loader would sort by size
+        super().__init__(path, single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0)
         self.file_bytes = file_bytes
 
     def write_data(self, plan: SavePlan, planner: SavePlanner):
@@ -180,7 +181,6 @@ def save_streamed(path: str | Path, request: dict, value: Callable[[str], torch.
     try:
         dcp.save({}, storage_writer=_Writer(str(path), file_bytes), planner=planner, no_dist=True)
     except dcp.CheckpointException as e:
-        cause = dcp_causes(e)[0]
-        raise cause if isinstance(cause, Exception) else CheckpointError(str(cause)) from None
+        raise dcp_causes(e)[0] from None  # a KeyboardInterrupt stays one
     torch.save({}, Path(path) / "common.pt")  # what megatron keeps beside the tensors: nothing
     save_config(CheckpointingConfig("torch_dist"), str(path))

@@ -225,12 +225,32 @@ def fresh_prefixes(plan: list[tuple[Group, Source]], ours: dict[str, torch.Tenso
     return {prefix(n) for n in keep}
 
 
+class FreshParts:
+    """The tensors of the parts no source provides: each part is built (`local.build_cpu_parts`,
+    from its own seed) when its first tensor is asked for, and its tensors leave with the asks."""
+
+    def __init__(self, cfg: Config, rows: int, prefixes: set[str]):
+        self.cfg, self.rows, self.prefixes = cfg, rows, prefixes
+        self.built: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return self._prefix(name) is not None
+
+    def _prefix(self, name: str) -> str | None:
+        return next((p for p in self.prefixes if name.startswith(p + ".")), None)
+
+    def pop(self, name: str) -> torch.Tensor:
+        if name not in self.built:
+            self.built.update(local.build_cpu_parts(self.cfg, self.rows, {self._prefix(name)}))
+        return self.built.pop(name)
+
+
 class Filler:
     """Each tensor of the job's model when the checkpoint writer asks for it: converted from its
     HF group (the group's other tensors are kept for the next asks), else the fresh
     initialisation of its part; a smaller HF vocabulary fills the first rows of the fresh one."""
 
-    def __init__(self, plan: list[tuple[Group, Source]], fresh: dict[str, torch.Tensor], bar):
+    def __init__(self, plan: list[tuple[Group, Source]], fresh: FreshParts, bar):
         self.source = {n: (g, src) for g, src in plan for n in g.ours}
         self.fresh, self.bar = fresh, bar
         self.converted: dict[str, torch.Tensor] = {}
@@ -306,10 +326,11 @@ def warn_roles(src: Source, tok) -> None:
 def check_new_run(out: Path) -> None:
     """OUT can take a new run: not a file, no checkpoints in it; else a ConversionError."""
     from mmpretrain.checkpoint import checkpoint_root
+    from mmpretrain.checkpoint.files import TMP_PREFIX
 
     local.check_not_under_file(out)
-    root = checkpoint_root(out)
-    if root.is_dir() and any(root.iterdir()):
+    root = checkpoint_root(out)  # a save killed midway leaves only its temporary directory
+    if root.is_dir() and any(not p.name.startswith(TMP_PREFIX) for p in root.iterdir()):
         raise ConversionError(f"{out} already holds a run ({root} is not empty); from-hf starts a "
                               f"new run: pick an empty or new directory")
 
@@ -354,7 +375,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, cfg: Config, vision_tower: st
     parts = ", ".join(f"{part} <- {src.dir}" for src in sources for part in sorted(src.parts))
     log.info("from-hf: %s; initialised from the job's seed: %s", parts,
              ", ".join(sorted(prefixes)) or "nothing")
-    fresh = local.build_cpu_parts(build_cfg, rows, prefixes)
+    fresh = FreshParts(build_cfg, rows, prefixes)
     with cuda_to_cpu(), tqdm(total=len(ours), desc="from-hf", unit="tensor") as bar:
         ckpt = checkpoint.save_weights_streamed(out, 0, model.sharded_state_dict(),
                                                 Filler(plan, fresh, bar), cfg,
