@@ -203,6 +203,11 @@ def plan_copies(sources: list[Source], groups: list[Group], ours: dict[str, torc
     return plan
 
 
+def part_of(name: str, prefixes) -> str | None:
+    """The prefix in `prefixes` that names the part tensor `name` belongs to, or None."""
+    return next((p for p in prefixes if name.startswith(p + ".")), None)
+
+
 def fresh_prefixes(plan: list[tuple[Group, Source]], ours: dict[str, torch.Tensor],
                    cfg: Config) -> set[str]:
     """The model parts (`model.build.part_prefixes`) whose initialisation some tensor keeps:
@@ -211,11 +216,11 @@ def fresh_prefixes(plan: list[tuple[Group, Source]], ours: dict[str, torch.Tenso
     from mmpretrain.model.build import part_prefixes
 
     def prefix(name: str) -> str:
-        found = [p for p in part_prefixes(cfg) if name.startswith(p + ".")]
-        if not found:
+        found = part_of(name, part_prefixes(cfg))
+        if found is None:
             raise ConversionError(f"from-hf: no source provides {name}, and it is in no part "
                                   f"that can be initialised alone")
-        return found[0]
+        return found
 
     provided = {n for g, _ in plan for n in g.ours}
     keep = [n for n in ours if n not in provided]
@@ -234,14 +239,11 @@ class FreshParts:
         self.built: dict[str, torch.Tensor] = {}
 
     def __contains__(self, name: str) -> bool:
-        return self._prefix(name) is not None
-
-    def _prefix(self, name: str) -> str | None:
-        return next((p for p in self.prefixes if name.startswith(p + ".")), None)
+        return part_of(name, self.prefixes) is not None
 
     def pop(self, name: str) -> torch.Tensor:
         if name not in self.built:
-            self.built.update(local.build_cpu_parts(self.cfg, self.rows, {self._prefix(name)}))
+            self.built.update(local.build_cpu_parts(self.cfg, self.rows, {part_of(name, self.prefixes)}))
         return self.built.pop(name)
 
 
