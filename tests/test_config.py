@@ -133,3 +133,14 @@ def test_every_field_has_a_docstring():
                 ok = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
                     and isinstance(nxt.value.value, str)
                 assert ok, f"{node.name}.{stmt.target.id} has no docstring"
+
+
+def test_a_distributed_optimizer_format_without_it_is_an_advisory():
+    """checkpoint.optimizer_format only applies to the distributed optimizer: set without it,
+    the run starts and says so."""
+    from mmpretrain.config import advisories
+
+    sets = ["checkpoint.optimizer_format=fully_reshardable"]
+    assert any("checkpoint.optimizer_format" in a for a in advisories(load(None, sets)))
+    assert advisories(load(None, [*sets, "parallel.distributed_optimizer=true"])) == []
+    assert advisories(load(None, [])) == []

@@ -118,19 +118,31 @@ def test_checkpoint_from_tp2_pp2_resumes_at_other_layouts(tmp_path, small_datase
     # the DP2 run's own checkpoint (each rank saved the state of its micro-batch slot) at 1 rank
     resume(1, [], tmp_path / "dp2-one", tmp_path / "dp2" / "checkpoints" / "step_00000003", 4)
 
-def test_a_distributed_optimizer_checkpoint_reshards_over_dp_only(tmp_path, small_dataset):
-    """A DP2 distributed-optimizer checkpoint resumes at one rank (the resumed losses are the
-    original layout's, the second after an update from the loaded state); at TP2 it is one clear
-    error, as is resuming it without the distributed optimizer."""
+def test_distributed_optimizer_checkpoints_reshard_as_their_format_allows(tmp_path, small_dataset):
+    """A DP2 distributed-optimizer checkpoint (dp_reshardable) resumes at one rank and at DP2
+    (the resumed losses are the original run's, the second after an update from the loaded
+    state); at TP2 it is one clear error, as is resuming it without the distributed optimizer.
+    Those two resumed runs save as fully_reshardable, at one rank and at DP2, and their
+    checkpoints resume at PP2 with two virtual stages each and at TP2."""
     sets = ["checkpoint.every=2", "train.min_lr=2e-3", "parallel.distributed_optimizer=true"]
     orig = tmp_path / "orig"
-    run(command(2, orig, small_dataset, [*sets, "train.steps=4"]))
+    run(command(2, orig, small_dataset, [*sets, "train.steps=6", "checkpoint.keep=0"]))
     want, ckpt = losses(orig), orig / "checkpoints" / "step_00000002"
-    run(command(1, tmp_path / "one", small_dataset, [*sets, "train.steps=4"], "--resume", str(ckpt)))
-    got = losses(tmp_path / "one")  # step 4's loss follows the update the loaded state made
-    assert list(got) == [3, 4], got
-    for step in (3, 4):
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (got, want)
+
+    def resume(world: int, changed: list[str], out: Path, ckpt: Path, steps: list[int]) -> Path:
+        run(command(world, out, small_dataset, [*sets, *changed, f"train.steps={steps[-1]}"],
+                    "--resume", str(ckpt)))
+        got = losses(out)  # the second step follows an update from the loaded state
+        assert list(got) == steps, got
+        for step in steps:
+            assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (out.name, got, want)
+        return out / "checkpoints" / f"step_{steps[-1]:08d}"
+
+    full = ["checkpoint.optimizer_format=fully_reshardable"]
+    saved = {world: resume(world, full, tmp_path / f"full{world}", ckpt, [3, 4]) for world in (1, 2)}
+    state = json.loads((saved[2] / "state.json").read_text())
+    assert state["optimizer"] == {"distrib_optim_sharding_type": "fully_reshardable"}
+    assert state["layout"][-1] == 2  # saved at dp 2
     for world, changed, message in (
             (2, ["parallel.tp=2"], "saved at tp=1 pp=1 vpp=1 and resumes only there (any dp)"),
             (1, ["parallel.distributed_optimizer=false"], "resume with parallel.distributed_optimizer=true")):
@@ -138,6 +150,8 @@ def test_a_distributed_optimizer_checkpoint_reshards_over_dp_only(tmp_path, smal
                                    [*sets, *changed, "train.steps=3"], "--resume", str(ckpt)),
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]  # torchrun: 1
+    resume(2, ["parallel.pp=2", "parallel.vpp=2"], tmp_path / "vpp2", saved[1], [5, 6])
+    resume(2, ["parallel.tp=2"], tmp_path / "tp2", saved[2], [5, 6])
 
 
 def test_data_metrics_count_every_data_parallel_rank(tmp_path, small_dataset):

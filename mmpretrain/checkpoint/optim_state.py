@@ -1,17 +1,17 @@
 """The optimizer's side of a checkpoint: the distributed optimizer's save format, and what
-megatron-core 0.16.1's optimizers need around torch's Adam (megatron's choice without TE or
-apex: CPU runs) to save and load a state exactly. TE's FusedAdam is not touched (a checkpoint
-after a skipped first update is not handled there: not run on a GPU yet)."""
+megatron-core 0.16.1's optimizers need around Adam to save and load a state exactly, mostly
+around torch's Adam (megatron's choice without TE or apex: CPU runs). With TE's FusedAdam only
+a state after a skipped first update is filled in (`start_adam_state`; not run on a GPU yet)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from mmpretrain.checkpoint.files import CheckpointError
+from mmpretrain.checkpoint.optim_checks import check_buckets, check_format, check_groups, misfit
 from mmpretrain.config import Config
 
-ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # torch's; TE's FusedAdam is left alone
+ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # torch's (TE's FusedAdam needs less of this)
 
 
 def is_distributed(optimizer) -> bool:
@@ -24,35 +24,14 @@ def is_distributed(optimizer) -> bool:
 
 def save_format(cfg: Config) -> dict:
     """The optimizer's save format, as megatron's `sharded_state_dict(metadata=...)` takes it
-    (and state.json records it): {} without the distributed optimizer. The distributed one saves
-    as "dp_reshardable" (Megatron-LM's default: each rank writes its own shards, no
-    communication), which resumes at the same tp, pp and vpp with any dp. megatron-core 0.16.1's
-    other formats fail here: its default "fully_sharded_model_space" is refused by its own
-    torch_dist writer (flattened ranges), and "fully_reshardable" does not load into torch's
-    Adam (a KeyError for `step`) where TE and apex are absent."""
+    (and state.json records it): {} without the distributed optimizer, else
+    `checkpoint.optimizer_format`. "dp_reshardable" (Megatron-LM's default) resumes at the same
+    tp, pp and vpp with any dp; "fully_reshardable" at any layout (its load into torch's Adam
+    needs `_load_fully_reshardable`). megatron-core 0.16.1's own default,
+    "fully_sharded_model_space", is refused by its torch_dist writer (flattened ranges)."""
     if not cfg.parallel.distributed_optimizer:
         return {}
-    return {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def check_format(path: Path, meta: dict, distributed: bool, layout: list[int]) -> dict:
-    """The saved optimizer format, after checking this run can load it: the same kind of
-    optimizer and, for the distributed one, the same tp, pp and vpp; else a CheckpointError."""
-    saved = meta.get("optimizer", {})
-    kind = saved.get("distrib_optim_sharding_type")
-    if bool(kind) != distributed:
-        raise CheckpointError(
-            f"checkpoint {path} holds the state of {'a distributed' if kind else 'a non-distributed'}"
-            f" optimizer, this run has {'a distributed' if distributed else 'a non-distributed'} one:"
-            f" resume with parallel.distributed_optimizer={str(bool(kind)).lower()}, or start from "
-            f"its weights with a fresh optimizer (checkpoint.init_from)")
-    if kind == "dp_reshardable" and meta["layout"][:3] != layout[:3]:
-        tp, pp, vpp = meta["layout"][:3]
-        raise CheckpointError(
-            f"checkpoint {path}: its distributed optimizer's state was saved at tp={tp} pp={pp} "
-            f"vpp={vpp} and resumes only there (any dp); resume at that layout, or start from its "
-            f"weights with a fresh optimizer (checkpoint.init_from)")
-    return saved
+    return {"distrib_optim_sharding_type": cfg.checkpoint.optimizer_format}
 
 
 def _adams(optimizer) -> list[torch.optim.Optimizer]:
@@ -68,12 +47,21 @@ def _step(value: float, p: torch.Tensor, group: dict) -> torch.Tensor:
 
 
 def start_adam_state(optimizer) -> None:
-    """Give torch's Adam the state its first update would create (step 0, zero moments) where
-    it has none yet, as after a first step whose update was skipped: megatron's optimizers
-    cannot save a state that is not there (the plain one leaves it out of the checkpoint, which
-    then does not resume; the distributed one fails an assertion without TE or apex, also when
-    loading into a fresh one). The next update runs as it would have."""
-    for adam in _adams(optimizer):
+    """Give Adam the state its first update would create where it has none yet, as after a
+    first step whose update was skipped: megatron's optimizers cannot save a state that is not
+    there (the plain one leaves it out of the checkpoint, which then does not resume; the
+    distributed one fails an assertion without TE or apex, also when loading into a fresh one;
+    both then ask for moments the checkpoint lacks). torch's Adam gets step 0 and zero moments;
+    another (TE's FusedAdam, which keeps its step in the param groups) what megatron's own
+    `init_state_fn` gives it before a load. The next update runs as it would have."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(opt, "optimizer", None)
+        if adam is None:
+            continue
+        if type(adam) not in ADAMS:
+            if getattr(opt, "init_state_fn", None) is not None:
+                opt.init_state_fn(adam, opt.config)  # only where a parameter has no state
+            continue
         for group in adam.param_groups:
             for p in group["params"]:
                 if not adam.state[p]:
@@ -83,13 +71,19 @@ def start_adam_state(optimizer) -> None:
                         adam.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
 
 
+def _per_optimizer(optimizer, state: dict) -> list[tuple]:
+    """(optimizer, its part of `state`) for each chained optimizer, as ChainedOptimizer lays a
+    state out: one optimizer's is the state itself, several are keyed by their index."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(chained) == 1 else [state[k] for k in sorted(state)]
+    return list(zip(chained, parts, strict=True))
+
+
 def keep_zero_step(sharded: dict, optimizer) -> None:
     """megatron's plain optimizers leave a step of 0 (`start_adam_state`'s) out of the state
     they save (`if step:`), and then cannot load it (torch's Adam needs it): record it, for torch's
     Adam only (TE's FusedAdam keeps its step in its param groups and takes none per parameter)."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    parts = sharded.values() if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
-    for part, opt in zip(parts, chained, strict=True):  # one per chained optimizer
+    for opt, part in _per_optimizer(optimizer, sharded):
         if type(getattr(opt, "optimizer", None)) not in ADAMS:
             continue
         state = part.get("optimizer", part).get("state")  # mixed precision / fp32
@@ -123,44 +117,46 @@ def to_save(optimizer, model_state: dict, cfg: Config) -> dict:
 def to_load(optimizer, model_state: dict, path: Path, meta: dict, layout: list[int]) -> dict:
     """The optimizer's request to load from checkpoint `path` (state.json `meta`) at `layout`."""
     saved = check_format(path, meta, is_distributed(optimizer), layout)
+    check_groups(path, meta, optimizer)
     start_adam_state(optimizer)  # the saved state replaces it
     request = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=saved)
     if is_distributed(optimizer):
-        _check_buckets(path, request)
+        check_buckets(path, request)
     return request
 
 
 def load(optimizer, state: dict, path: Path) -> None:
     """Put the state loaded from checkpoint `path` into the optimizer."""
+    deferred = _pop_fully_reshardable(optimizer, state)
     try:
         with torch.no_grad():  # fp32 distributed: the main parameters are views of the weights
             optimizer.load_state_dict(state)
+            for opt, param_state in deferred:
+                _load_fully_reshardable(opt, param_state)
     except AssertionError as e:  # the distributed optimizer's buffers are laid out otherwise
         if not is_distributed(optimizer):
             raise
-        raise _misfit(path, str(e) or "megatron-core asserts") from None
+        raise misfit(path, str(e) or "megatron-core asserts") from None
     restore_adam_steps(optimizer)
 
 
-def _misfit(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {path}: its distributed optimizer's state does not fit this run's trainable "
-        f"parameters ({why}); did a freeze flag, the cross-attention layers or "
-        f"parallel.first_stage_decoder_layers change? Resume with the saved config, or start "
-        f"from its weights with a fresh optimizer (checkpoint.init_from)")
+def _pop_fully_reshardable(optimizer, state: dict) -> list[tuple]:
+    """(distributed optimizer, its parameter state) for each one around torch's Adam whose
+    state in `state` is "fully_reshardable": taken out of `state`, to be loaded on their own."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [(opt, part.pop("param_state")) for opt, part in _per_optimizer(optimizer, state)
+            if isinstance(opt, DistributedOptimizer) and type(opt.optimizer) in ADAMS
+            and part.get("param_state_sharding_type") == "fully_reshardable"]
 
 
-def _check_buckets(path: Path, request: dict) -> None:
-    """The distributed optimizer's buffers (one tensor per bucket) have the saved shapes."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    for sh in nested_values(request):
-        if not isinstance(sh, ShardedTensor):
-            continue
-        held = getattr(saved.get(sh.key), "size", None)
-        if held is None or tuple(held) != tuple(sh.global_shape):
-            raise _misfit(path, f"{sh.key}: saved {list(held) if held else 'none'}, this run "
-                                f"{list(sh.global_shape)}")
+def _load_fully_reshardable(opt, param_state: dict) -> None:
+    """megatron-core 0.16.1 loads a fully_reshardable state by copying into every tensor of
+    torch's Adam state, `step` too, which the saved state has none of (a KeyError): load it
+    with the steps set aside (`restore_adam_steps` then gives each parameter the saved one)."""
+    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from mmpretrain.checkpoint import optim_state, rng
+from mmpretrain.checkpoint import optim_checks, optim_state, rng
 from mmpretrain.checkpoint.files import (
     LATEST,
     REPLACED,
@@ -168,7 +168,8 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
         meta = {"step": step, "consumed_samples": consumed_samples,
                 "skipped_in_a_row": skipped_in_a_row,
                 "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
-                "layout": _layout(), "optimizer": optim_state.save_format(cfg)}
+                "layout": _layout(), "optimizer": optim_state.save_format(cfg),
+                "optimizer_groups": optim_checks.group_ids(optimizer)}
         (tmp / "state.json").write_text(json.dumps(meta))
         _describe(tmp, cfg)
 

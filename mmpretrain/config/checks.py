@@ -47,6 +47,10 @@ def advisories(cfg: Config) -> list[str]:
         out.append("decoder.freeze also freezes the cross-attention layers (they are part of the "
                    "decoder), so their gates stay where they start (closed when new): set "
                    "model.train_only_cross_attention: true to train them")
+    if cfg.checkpoint.optimizer_format != "dp_reshardable" and not cfg.parallel.distributed_optimizer:
+        out.append(f"checkpoint.optimizer_format: {cfg.checkpoint.optimizer_format} is the "
+                   "distributed optimizer's format; without parallel.distributed_optimizer the "
+                   "optimizer's state is saved by parameter and resumes at any layout anyway")
     return out
 
 

@@ -231,6 +231,14 @@ class CheckpointConfig:
     """Weights-only start (a checkpoint or a run dir's latest) when the run has no checkpoint yet."""
     async_save: bool = False
     """Write checkpoint tensors in a background process while training goes on (megatron-core)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is saved. "dp_reshardable": each rank writes its
+    own shards, no communication; resumes at the same tp, pp and vpp with any dp.
+    "fully_reshardable": gathered over dp into the parameters' own shapes at every save;
+    resumes at any layout. Each rank then holds its tp x pp part of the whole fp32 state on the
+    host: 12 bytes per parameter (about 20 at the peak of a save, and 4 more on the GPU while
+    gathering) at a save, 12 at a load. A run saves in its own format, whatever the format it
+    resumed from."""
 
 
 @dataclass
