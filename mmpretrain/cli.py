@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 from mmpretrain.config import ConfigError
 from mmpretrain.hf import VerificationError
@@ -229,11 +231,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _stop_on_term() -> None:
-    """SIGTERM (a time limit, `timeout`, `docker stop`) ends this command as Ctrl-C does."""
+@contextlib.contextmanager
+def _stop_on_term() -> Iterator[None]:
+    """SIGTERM (a time limit, `timeout`, `docker stop`) ends this command as Ctrl-C does; the
+    process's own handler is back afterwards."""
     import signal
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _data(args) -> None:
@@ -244,12 +252,12 @@ def _data(args) -> None:
         from mmpretrain.data.cache import parse_size
 
         size = parse_size(args.shard_size, "--shard-size")
-        _stop_on_term()  # a time limit's SIGTERM cleans up as Ctrl-C does: no partial output
         if not 0 < size < 1 << 32:
             raise ValueError(f"--shard-size {args.shard_size}: between 1 byte and 4 GiB (MDS "
                              "offsets are 32-bit)")
-        summary = build(args.input, args.out, args.workers, args.max_pixels, size,
-                        heldout_every=args.heldout_every)
+        with _stop_on_term():  # a time limit's SIGTERM cleans up as Ctrl-C does: no partial output
+            summary = build(args.input, args.out, args.workers, args.max_pixels, size,
+                            heldout_every=args.heldout_every)
         print(json.dumps(summary))
     elif args.data_command == "tokenizer":
         import json

@@ -3,6 +3,7 @@ tiny D checkpoint with its export."""
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -10,6 +11,21 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_restored():
+    """Each test leaves this process's stop-signal handlers as it found them: a handler left by
+    code under test that only records SIGTERM kept a later test's forked workers alive, and a
+    library caller's process would no longer stop on it."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    yield
+    left = [signal.Signals(s).name for s in STOP_SIGNALS if signal.getsignal(s) != before[s]]
+    for s in STOP_SIGNALS:
+        signal.signal(s, before[s])
+    assert not left, f"the test left its own handler for {', '.join(left)}"
 
 
 @pytest.fixture

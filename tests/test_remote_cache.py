@@ -3,12 +3,12 @@ process reads, never past the limit, safe for processes sharing one cache; clear
 limit is too small. The "remote" is a plain directory, downloaded by streaming's local downloader."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import random
 import time
 
 import pytest
+from forked import forked_map
 from mmpretrain.data.cache import CacheLimitError, parse_size
 from mmpretrain.data.remote import ShardFetcher, cache_metrics
 from mmpretrain.data.shards import ShardReader, write_shards
@@ -142,8 +142,7 @@ def _read_all(args):
 def test_processes_share_a_limited_cache(remote, tmp_path):
     path, sizes, index = remote
     limit = index + 3 * max(sizes.values())  # each process: one shard read or downloading
-    with mp.get_context("fork").Pool(3) as pool:  # forked: a spawned child imports for seconds
-        results = pool.map(_read_all, [(path, tmp_path / "cache", limit, s) for s in range(3)])
+    results = forked_map(_read_all, [(path, tmp_path / "cache", limit, s) for s in range(3)])
     assert [w for w, _ in results] == [0, 0, 0]
     assert max(p for _, p in results) <= limit
     stats = ShardFetcher(str(path), tmp_path / "cache" / "ds").cache.stats()

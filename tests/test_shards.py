@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
 
 import pytest
+from forked import forked_map
 from mmpretrain.data.shards import ShardReader, pack_images, unpack_images, write_shards
 
 
@@ -142,8 +142,7 @@ def _read_all(path: str) -> list[str]:
 def test_several_processes_read_at_once(tmp_path):
     write_shards(tmp_path / "ds", _samples(30), size_limit=4096)
     before = set(os.listdir(tmp_path))
-    with mp.get_context("fork").Pool(2) as pool:
-        results = pool.map(_read_all, [str(tmp_path / "ds")] * 4)
+    results = forked_map(_read_all, [str(tmp_path / "ds")] * 4, processes=2)
     assert all(r == [f"s{i}" for i in range(30)] for r in results)
     assert set(os.listdir(tmp_path)) == before
     assert "index.json" in os.listdir(tmp_path / "ds")

@@ -223,14 +223,21 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
     """Train per `cfg` into `run_dir`, from its latest checkpoint if it has one (see
     `start_checkpoint` for `resume`, `fresh` and `overwrite`, `start_point` for
     checkpoint.init_from); return the last logged record. `preempt`: a handler the caller
-    installed earlier (the CLI does, before its slow imports), else one is installed now."""
+    installed earlier (the CLI does, before its slow imports), else one is installed now; either
+    way the process's own handlers are back when this returns or raises."""
     check_trainable(cfg)
     preempt = (preempt or PreemptionHandler()).install()  # SIGTERM/SIGUSR1: save after a step, exit
-    run_dir = Path(run_dir)
+    try:
+        return _train(cfg, Path(run_dir), resume, fresh, overwrite, preempt)
+    finally:
+        preempt.uninstall()
+
+
+def _train(cfg: Config, run_dir: Path, resume: str | None, fresh: bool, overwrite: bool,
+           preempt: PreemptionHandler) -> dict:
     layout, tok = start_processes(cfg)
     begin = start_point(run_dir, resume, fresh, overwrite, is_rank0(), cfg.checkpoint.init_from)
     if _finished(cfg, begin):  # a requeue of a finished run: nothing built, nothing loaded
-        preempt.uninstall()
         return {}
     check_tokenizer(begin.checkpoint, tok)
     chunks, ddps, optimizer, scheduler = build_state(cfg, tok)
@@ -293,7 +300,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, fresh: bo
             _end_early(run_dir, step, metrics, skipped.error(step) if diverged else None)
     profiler.close()
     batches.close()
-    preempt.uninstall()
     if metrics:
         metrics.close()
     return record
