@@ -234,17 +234,30 @@ def test_a_finished_run_restarts_without_building_the_model(megatron_world, smal
         loop.train(small_cfg(small_dataset, "train.steps=3", "logging.tensorboard=false"), tmp_path)
 
 
-def test_a_distributed_optimizer_state_that_does_not_fit_is_named(megatron_world, small_dataset,
-                                                                  tmp_path):
-    """Resuming a distributed optimizer's state after the trainable parameters changed (the
-    vision encoder frozen since) is one CheckpointError that names the likely causes."""
-    from mmpretrain.checkpoint import CheckpointError
+@pytest.mark.parametrize("distributed", ["false", "true"])
+def test_an_optimizer_state_of_other_trainable_parameters_is_named(megatron_world, small_dataset,
+                                                                   tmp_path, distributed):
+    """Resuming after the trainable parameters changed (the vision encoder frozen since) is one
+    CheckpointError naming the change (state.json "trains"); for a checkpoint without that
+    record, a distributed optimizer's buffers of other sizes are one naming the likely causes."""
+    import json
+
+    from mmpretrain.checkpoint import CheckpointError, latest_checkpoint
     from mmpretrain.train.loop import train
 
-    sets = ("logging.tensorboard=false", "parallel.distributed_optimizer=true")
+    sets = ("logging.tensorboard=false", f"parallel.distributed_optimizer={distributed}")
     train(small_cfg(small_dataset, "train.steps=1", *sets), tmp_path / "run")
-    with pytest.raises(CheckpointError, match="does not fit this run's trainable parameters"):
-        train(small_cfg(small_dataset, "train.steps=2", "vision.freeze=true", *sets), tmp_path / "run")
+    frozen = small_cfg(small_dataset, "train.steps=2", "vision.freeze=true", *sets)
+    with pytest.raises(CheckpointError, match="the vision encoder trained when saved and is "
+                                              "frozen now"):
+        train(frozen, tmp_path / "run")
+    if distributed == "true":
+        state = latest_checkpoint(tmp_path / "run") / "state.json"
+        meta = json.loads(state.read_text())
+        del meta["trains"]  # as saved before the record
+        state.write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="does not fit this run's trainable parameters"):
+            train(frozen, tmp_path / "run")
 
 
 @pytest.mark.parametrize("distributed", ["false", "true"])

@@ -56,6 +56,38 @@ def check_groups(path: Path, meta: dict, optimizer) -> None:
             f"(checkpoint.init_from)")
 
 
+PARTS = {"vision": "the vision encoder", "projector": "the projector", "decoder": "the decoder",
+         "xattn": "the cross-attention layers"}
+
+
+def trains(cfg) -> dict[str, bool]:
+    """Which parts of the model train (state.json "trains"): the freeze flags and
+    model.train_only_cross_attention, as the model's build applies them."""
+    import dataclasses
+
+    from mmpretrain.planner.params import Trains
+
+    return dataclasses.asdict(Trains.of(cfg))
+
+
+def check_trains(path: Path, meta: dict, cfg) -> None:
+    """The parts that train are the saved ones (when the checkpoint records them), else a
+    CheckpointError naming each change: the optimizer's state belongs to the saved parameters
+    (a distributed optimizer's buffers of equal size would even load onto others)."""
+    saved = meta.get("trains")
+    if saved is None:
+        return
+    now = trains(cfg)
+    changed = [f"{PARTS.get(k, k)} {'trained' if saved.get(k) else 'was frozen'} when saved and "
+               f"{'trains' if on else 'is frozen'} now" for k, on in now.items() if saved.get(k) != on]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path}: its optimizer's state belongs to other trainable parameters: "
+            f"{'; '.join(changed)} (vision.freeze, projector.freeze, decoder.freeze, "
+            f"model.train_only_cross_attention). Resume with the saved settings, or start from its "
+            f"weights with a fresh optimizer (checkpoint.init_from)")
+
+
 def misfit(path: Path, why: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {path}: its distributed optimizer's state does not fit this run's trainable "

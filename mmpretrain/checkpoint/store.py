@@ -169,7 +169,8 @@ def save(run_dir: str | Path, step: int, chunks, optimizer, scheduler, loader_st
                 "skipped_in_a_row": skipped_in_a_row,
                 "scheduler": schedule_state(scheduler), "world_size": dist.get_world_size(),
                 "layout": _layout(), "optimizer": optim_state.save_format(cfg),
-                "optimizer_groups": optim_checks.group_ids(optimizer)}
+                "optimizer_groups": optim_checks.group_ids(optimizer),
+                "trains": optim_checks.trains(cfg)}
         (tmp / "state.json").write_text(json.dumps(meta))
         _describe(tmp, cfg)
 
@@ -229,13 +230,15 @@ def _load_checked_model(path: Path, chunks, fresh_cross_attention: bool = False
     return fresh, left_out
 
 
-def load_training(path: Path, chunks, optimizer, scheduler) -> dict:
+def load_training(path: Path, chunks, optimizer, scheduler, cfg: Config | None = None) -> dict:
     """Load model, optimizer, schedule and (same layout) RNG states; return state.json plus this
     rank's loader position. A weights-only checkpoint (`save_weights`) loads the model and keeps
-    the fresh optimizer."""
+    the fresh optimizer. `cfg`, the run's config, is checked to train the saved parts."""
     meta = check_files(path)
     if meta.get("weights_only"):
         return _load_weights_only(path, chunks, optimizer, meta)
+    if cfg is not None:
+        optim_checks.check_trains(path, meta, cfg)
     request = model_state(chunks)
     check_shapes(path, request)
     request["optimizer"] = optim_state.to_load(optimizer, dict(request), path, meta, _layout())

@@ -79,7 +79,7 @@ def _resume(cfg: Config, ckpt, chunks, optimizer, scheduler, loader) -> tuple[in
     """Load a checkpoint into the training state; (step, consumed samples, non-finite steps
     skipped in a row) it was saved at. A warning names the data settings that changed."""
     with cuda_to_cpu():
-        meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler)
+        meta = checkpoint.load_training(ckpt, chunks, optimizer, scheduler, cfg)
     if meta["loader"] is not None:
         loader.load_state_dict(meta["loader"])
         changes = data_changes(ckpt, cfg, loader.saved_sizes, loader.sizes)
